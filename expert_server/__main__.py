@@ -1,0 +1,3 @@
+from expert_server.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The expert server's one validated config object."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_common.model_source import DEFAULT_CACHE_DIR
+
+GROUP_EXECUTORS = ("sequential", "threads")
+
+
+@dataclass
+class ExpertServerConfig:
+    # --- model ---
+    model: str  # --model: checkpoint directory, hub id or preset
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    # --- serving ---
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_workers: int = 16  # gRPC handler threads
+    # --- compute ---
+    device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
+    dtype: str = "float32"  # compute dtype of the expert weights
+    # How the groups (experts) of one RunExperts call are run: one after another with
+    # all intra-op threads, or concurrently on a thread pool. benchmarks/expert_groups.py measures both.
+    group_executor: str = "sequential"
+    # --- experts held at start; the gateway may assign others later ---
+    # "" = none until assigned; "all"; or "L:E,L:E-E,..." (layer:expert or layer:first-last).
+    experts: str = ""
+    # Or a shard of the default home placement: (index, count).
+    shard: tuple[int, int] | None = None
+    preload: list[tuple[int, int]] = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
+        if self.group_executor not in GROUP_EXECUTORS:
+            raise ValueError(f"--group-executor must be one of {GROUP_EXECUTORS}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port {self.port} is out of range")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= index < count")
+        if self.experts and self.shard is not None:
+            raise ValueError("give --experts or --shard, not both")
+        if self.experts not in ("", "all"):
+            parse_expert_list(self.experts)  # fail now, not after loading the model
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_expert_list(text: str) -> list[tuple[int, int]]:
+    """"0:1,0:4-6,2:0" -> [(0, 1), (0, 4), (0, 5), (0, 6), (2, 0)]."""
+    out: list[tuple[int, int]] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = re.fullmatch(r"(\d+):(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise ValueError(f"--experts item {item!r} is not LAYER:EXPERT or LAYER:FIRST-LAST")
+        layer, first = int(m[1]), int(m[2])
+        last = int(m[3]) if m[3] else first
+        if last < first:
+            raise ValueError(f"--experts item {item!r}: range runs backwards")
+        out.extend((layer, e) for e in range(first, last + 1))
+    return out

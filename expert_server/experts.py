@@ -1,0 +1,137 @@
+"""The expert store: the logical experts this server holds and the FFN that runs them.
+
+Plain torch, no gRPC. An expert is the Switch FFN ``wo(act(wi(x)))`` with no biases,
+computed with the same ops as HF's SwitchTransformersDenseActDense so that the
+distributed model reproduces the single-process one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+
+from moe_common.checkpoint import Checkpoint, SparseLayer, sparse_layers
+from moe_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from moe_common.model_source import ModelSource
+
+log = logging.getLogger(__name__)
+
+ExpertKey = tuple[int, int]  # (sparse layer, expert)
+
+
+class ExpertStore:
+    """Holds expert weights of some logical experts and runs them.
+
+    Thread-safe: RunExperts calls read a snapshot of the weight dict; assign()
+    builds a new dict and swaps it in, so running experts are never blocked by loading.
+    """
+
+    def __init__(self, source: ModelSource, device: str = "cpu", dtype: str = "float32", group_executor: str = "sequential"):
+        from transformers import SwitchTransformersConfig
+        from transformers.activations import ACT2FN
+
+        self.source = source
+        self.config = SwitchTransformersConfig.from_pretrained(source.path)
+        self.layers: list[SparseLayer] = sparse_layers(self.config)
+        self.num_experts: int = self.config.num_experts
+        self.d_model: int = self.config.d_model
+        self.device = torch.device(device)
+        self.dtype: torch.dtype = getattr(torch, dtype)
+        self.act = ACT2FN[self.config.dense_act_fn]
+        self.checkpoint = Checkpoint(source.path)
+        self._weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._assign_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" else None
+
+    # ---- which experts are held ----
+
+    def held(self) -> list[ExpertKey]:
+        return sorted(self._weights)
+
+    def weight_bytes(self) -> int:
+        return sum(wi.nbytes + wo.nbytes for wi, wo in self._weights.values())
+
+    def check_model(self, model_id: str) -> None:
+        if model_id and model_id != self.source.model_id:
+            raise FailedPrecondition(
+                f"caller runs model {model_id}, this expert server holds model {self.source.model_id} "
+                f"({self.source.spec}): start both from the same checkpoint"
+            )
+
+    def _check_key(self, layer: int, expert: int) -> None:
+        if not 0 <= layer < len(self.layers):
+            raise InvalidArgument(f"sparse layer {layer} does not exist (the model has {len(self.layers)})")
+        if not 0 <= expert < self.num_experts:
+            raise InvalidArgument(f"expert {expert} does not exist (layers have {self.num_experts} experts)")
+
+    def assign(self, experts: list[ExpertKey]) -> tuple[int, int]:
+        """Hold exactly `experts` afterwards: load the missing ones, drop the others.
+
+        Returns (loaded, dropped). Loading reads only those experts' tensors.
+        """
+        for layer, expert in experts:
+            self._check_key(layer, expert)
+        wanted = set(experts)
+        with self._assign_lock:
+            current = self._weights
+            new = {k: v for k, v in current.items() if k in wanted}
+            missing = sorted(wanted - set(current))
+            for layer, expert in missing:
+                wi, wo = self.checkpoint.expert_weights(self.layers[layer], expert, self.dtype)
+                new[(layer, expert)] = (wi.to(self.device).contiguous(), wo.to(self.device).contiguous())
+            self._weights = new  # atomic swap: in-flight runs keep their snapshot
+        dropped = len(current) - (len(new) - len(missing))
+        log.info("assigned %d experts (%d loaded, %d dropped, %.1f MB)", len(new), len(missing), dropped, self.weight_bytes() / 1e6)
+        return len(missing), dropped
+
+    # ---- running experts ----
+
+    def ffn(self, x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+        """x [n, d_model] -> [n, d_model]; the ops of SwitchTransformersDenseActDense (eval mode)."""
+        return F.linear(self.act(F.linear(x, wi)), wo)
+
+    def run(self, layer: int, groups: list[tuple[int, int]], hidden: torch.Tensor) -> torch.Tensor:
+        """Run one sparse layer's experts.
+
+        groups: [(expert, num_tokens)] in row order; hidden: [sum num_tokens, d_model].
+        Returns [sum num_tokens, d_model] in the compute dtype, on CPU.
+        """
+        if hidden.dim() != 2 or hidden.shape[1] != self.d_model:
+            raise InvalidArgument(f"hidden_states must have shape [tokens, {self.d_model}], got {list(hidden.shape)}")
+        if not groups:
+            raise InvalidArgument("no expert groups given")
+        total = 0
+        weights = self._weights  # snapshot
+        for expert, n in groups:
+            self._check_key(layer, expert)
+            if n == 0:
+                raise InvalidArgument(f"expert group for expert {expert} has 0 tokens")
+            if (layer, expert) not in weights:
+                raise NotFound(f"expert {expert} of sparse layer {layer} is not held by this server")
+            total += n
+        if total != hidden.shape[0]:
+            raise InvalidArgument(f"expert groups cover {total} tokens but hidden_states has {hidden.shape[0]} rows")
+
+        x = hidden.to(device=self.device, dtype=self.dtype)
+        bounds = []
+        start = 0
+        for expert, n in groups:
+            bounds.append((expert, start, start + n))
+            start += n
+
+        def one(b):
+            expert, a, z = b
+            wi, wo = weights[(layer, expert)]
+            return self.ffn(x[a:z], wi, wo)
+
+        with torch.inference_mode():
+            if self._pool is not None and len(bounds) > 1:
+                outs = list(self._pool.map(one, bounds))
+            else:
+                outs = [one(b) for b in bounds]
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out.cpu()

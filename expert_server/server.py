@@ -1,0 +1,102 @@
+"""moe-expert-server: serve the experts of one shard over gRPC.
+
+    moe-expert-server --model tiny --port 50061                 # experts assigned by the gateway
+    moe-expert-server --model tiny --port 50061 --shard 0/2     # preload shard 0 of 2 (home placement)
+    moe-expert-server --model DIR --experts 0:0-3,1:0-3         # preload these (layer:expert)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from expert_server.config import ExpertServerConfig, parse_expert_list
+from expert_server.experts import ExpertStore
+from expert_server.servicer import ExpertServicer
+from moe_common import model_source, serving
+from moe_common.placement import experts_of_server, home_placement
+from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
+
+
+def initial_experts(config: ExpertServerConfig, store: ExpertStore) -> list[tuple[int, int]]:
+    if config.experts == "all":
+        return [(layer, e) for layer in range(len(store.layers)) for e in range(store.num_experts)]
+    if config.experts:
+        return parse_expert_list(config.experts)
+    if config.shard is not None:
+        index, count = config.shard
+        return experts_of_server(home_placement(len(store.layers), store.num_experts, count), index)
+    return []
+
+
+def create_server(config: ExpertServerConfig):
+    """Load the model's experts named by config and start serving. Returns (server, port, store)."""
+    source = model_source.resolve(config.model, config.cache_dir)
+    store = ExpertStore(source, config.device, config.dtype, config.group_executor)
+    server, port, health = serving.create_server(
+        config.address,
+        [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(store), s)],
+        [SERVICE_NAME],
+        max_workers=config.max_workers,
+    )
+    store.assign(initial_experts(config, store))
+    serving.set_serving(health, [SERVICE_NAME])
+    return server, port, store
+
+
+def parse_args(argv=None) -> ExpertServerConfig:
+    p = argparse.ArgumentParser(prog="moe-expert-server", description="Serve expert FFNs of a Switch Transformer over gRPC.")
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR, help="where presets are built")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (0 = any free port, printed at start)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="compute dtype of expert weights")
+    p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"])
+    p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
+    p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
+    p.add_argument("--max-workers", type=int, default=16)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    serving.configure_logging(a.log_level)
+    shard = None
+    if a.shard:
+        index, _, count = a.shard.partition("/")
+        shard = (int(index), int(count))
+    try:
+        return ExpertServerConfig(
+            model=a.model,
+            cache_dir=a.cache_dir,
+            host=a.host,
+            port=a.port,
+            device=a.device,
+            dtype=a.dtype,
+            group_executor=a.group_executor,
+            experts=a.experts,
+            shard=shard,
+            max_workers=a.max_workers,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    server, port, store = create_server(config)
+    log.info(
+        "expert server on %s:%d: model %s (%s), %d experts held, %.1f MB, device %s",
+        config.host, port, config.model, store.source.model_id, len(store.held()), store.weight_bytes() / 1e6, store.device,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    server.stop(grace=2).wait()
+    return 0

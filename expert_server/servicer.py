@@ -1,0 +1,45 @@
+"""gRPC servicer of moe.expert.v1.ExpertService: decode, call the ExpertStore, encode."""
+
+from __future__ import annotations
+
+import time
+
+from expert_server.experts import ExpertStore
+from moe_common import tensor_codec
+from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    def __init__(self, store: ExpertStore):
+        self.store = store
+
+    def RunExperts(self, request, context):
+        self.store.check_model(request.model_id)
+        t0 = time.perf_counter_ns()
+        hidden = tensor_codec.decode(request.hidden_states)
+        t1 = time.perf_counter_ns()
+        out = self.store.run(request.layer, [(g.expert, g.num_tokens) for g in request.groups], hidden)
+        t2 = time.perf_counter_ns()
+        wire = tensor_codec.wire_dtype_name(request.hidden_states.dtype)
+        reply = expert_pb2.RunExpertsResponse(outputs=tensor_codec.encode(out, wire), compute_ns=t2 - t1)
+        reply.codec_ns = (t1 - t0) + (time.perf_counter_ns() - t2)
+        return reply
+
+    def AssignExperts(self, request, context):
+        self.store.check_model(request.model_id)
+        loaded, dropped = self.store.assign([(r.layer, r.expert) for r in request.experts])
+        return expert_pb2.AssignExpertsResponse(loaded=loaded, dropped=dropped, weight_bytes=self.store.weight_bytes())
+
+    def GetInfo(self, request, context):
+        s = self.store
+        return expert_pb2.GetInfoResponse(
+            model_id=s.source.model_id,
+            model_source=s.source.spec,
+            d_model=s.d_model,
+            num_sparse_layers=len(s.layers),
+            num_experts=s.num_experts,
+            experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in s.held()],
+            weight_bytes=s.weight_bytes(),
+            device=str(s.device),
+            dtype=str(s.dtype).removeprefix("torch."),
+        )

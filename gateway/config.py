@@ -1,0 +1,55 @@
+"""The gateway's one validated config object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_common.model_source import DEFAULT_CACHE_DIR
+from moe_common.tensor_codec import WIRE_DTYPES
+
+
+@dataclass
+class GatewayConfig:
+    # --- model ---
+    model: str  # --model: checkpoint directory, hub id or preset
+    expert_servers: list[str] = field(default_factory=list)  # host:port of each expert server, placement order
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    model_name: str = "switch"  # name clients use (Open Inference Protocol model name)
+    # --- serving ---
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_workers: int = 32
+    # --- batching ---
+    max_batch_size: int = 8  # prompts per forward batch (a bigger single request runs alone)
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    # --- limits ---
+    max_input_tokens: int = 512
+    max_new_tokens_limit: int = 512
+    default_max_new_tokens: int = 32
+    # --- expert path ---
+    wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
+    expert_timeout_s: float = 60.0  # deadline of one RunExperts call
+    startup_timeout_s: float = 600.0  # waiting for expert servers to be SERVING and load their experts
+
+    def __post_init__(self):
+        if not self.expert_servers:
+            raise ValueError("give at least one expert server (--expert-servers host:port,...)")
+        if len(set(self.expert_servers)) != len(self.expert_servers):
+            raise ValueError(f"expert servers listed twice: {self.expert_servers}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"--wire-dtype must be one of {sorted(WIRE_DTYPES)}")
+        if self.max_batch_size < 1:
+            raise ValueError("--max-batch-size must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("--max-wait-ms must be >= 0")
+        if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("--default-max-new-tokens must be within 0..--max-new-tokens-limit")
+        if self.max_input_tokens < 1:
+            raise ValueError("--max-input-tokens must be >= 1")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port {self.port} is out of range")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,191 @@
+"""Dispatch of routed tokens to expert servers, and the module that stands in for
+HF's experts inside the gateway's model.
+
+Glossary: a *logical expert* is expert e of sparse layer l; its *home server* holds
+it under the placement ``home[l][e]``. For every sparse layer the model's own router
+(HF code, untouched) picks each token's expert and drops tokens over capacity;
+``RemoteExperts`` receives exactly what HF's ``SwitchTransformersExperts`` would,
+sends each server the tokens of the experts it is home to (all servers at once)
+and combines the outputs with the same ops HF uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from torch import nn
+
+from moe_common import tensor_codec
+from moe_common.errors import MoEError, Unavailable
+from moe_common.serving import message_options
+from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DispatchStats:
+    """Counters of the expert path, summed over calls. Times in nanoseconds."""
+
+    calls: int = 0  # sparse-layer dispatches
+    rpcs: int = 0
+    tokens: int = 0  # routed tokens sent (dropped tokens are not sent)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    dispatch_ns: int = 0  # wall time inside RemoteExperts.forward
+    rpc_wall_ns: int = 0  # from first send to last reply, per layer
+    server_compute_ns: int = 0  # max over servers of their compute, per layer (the critical path)
+    server_codec_ns: int = 0  # max over servers of their tensor codec time, per layer
+    gateway_codec_ns: int = 0  # encoding requests and decoding replies in the gateway
+    tokens_per_server: list[int] = field(default_factory=list)
+
+    def reset(self) -> None:
+        fresh = DispatchStats()
+        self.__dict__.update(fresh.__dict__)
+
+
+class ExpertServerError(MoEError):
+    """An expert server answered with an error the gateway did not expect (a bug)."""
+
+
+class ExpertClients:
+    """Channels to the expert servers plus the home placement.
+
+    home[l][e] is an index into `addresses`.
+    """
+
+    def __init__(self, addresses: list[str], home: list[list[int]], model_id: str,
+                 wire_dtype: str = "float32", timeout_s: float = 60.0):
+        if wire_dtype not in tensor_codec.WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {sorted(tensor_codec.WIRE_DTYPES)}")
+        self.addresses = list(addresses)
+        self.home = home
+        self.model_id = model_id
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.channels = [grpc.insecure_channel(a, options=message_options()) for a in self.addresses]
+        self.stubs = [expert_pb2_grpc.ExpertServiceStub(c) for c in self.channels]
+        self.stats = DispatchStats(tokens_per_server=[0] * len(self.addresses))
+        self._stats_lock = threading.Lock()
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
+
+    def assign_home_experts(self, timeout_s: float = 600.0) -> None:
+        """Tell every server to hold exactly the experts it is home to (loads them)."""
+        calls = []
+        for s, stub in enumerate(self.stubs):
+            refs = [expert_pb2.ExpertRef(layer=layer, expert=e)
+                    for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == s]
+            req = expert_pb2.AssignExpertsRequest(experts=refs, model_id=self.model_id)
+            calls.append(stub.AssignExperts.future(req, timeout=timeout_s))
+        for s, call in enumerate(calls):
+            self._result(s, call)
+
+    def info(self, server: int, timeout_s: float = 2.0) -> expert_pb2.GetInfoResponse:
+        return self._result(server, self.stubs[server].GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
+
+    def _result(self, server: int, call):
+        try:
+            return call.result()
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details()
+            where = f"expert server {self.addresses[server]}"
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                raise Unavailable(f"{where} is unavailable ({code.name}: {details})") from None
+            exc = ExpertServerError(f"{where} failed: {code.name}: {details}")
+            exc.code = code
+            raise exc from None
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Run one sparse layer's experts remotely.
+
+        hidden: [N, d_model]; token_lists: [(expert, token indices [n_e])] with n_e > 0.
+        Returns {expert: outputs [n_e, d_model]} (not yet scaled by router probabilities).
+        """
+        t0 = time.perf_counter_ns()
+        by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for expert, tokens in token_lists:
+            by_server.setdefault(self.home[layer][expert], []).append((expert, tokens))
+        calls = []
+        sent = 0
+        for server, items in by_server.items():
+            rows = torch.cat([hidden[tokens] for _, tokens in items])  # [n_server, d_model]
+            req = expert_pb2.RunExpertsRequest(
+                layer=layer,
+                groups=[expert_pb2.ExpertGroup(expert=e, num_tokens=len(t)) for e, t in items],
+                hidden_states=tensor_codec.encode(rows, self.wire_dtype),
+                model_id=self.model_id,
+            )
+            sent += len(req.hidden_states.data)
+            calls.append((server, items, self.stubs[server].RunExperts.future(req, timeout=self.timeout_s)))
+        t_sent = time.perf_counter_ns()
+        outputs: dict[int, torch.Tensor] = {}
+        compute = codec = received = 0
+        decode_ns = 0
+        for server, items, call in calls:
+            reply = self._result(server, call)
+            compute = max(compute, reply.compute_ns)
+            codec = max(codec, reply.codec_ns)
+            received += len(reply.outputs.data)
+            td = time.perf_counter_ns()
+            out = tensor_codec.decode(reply.outputs).to(hidden.dtype)
+            decode_ns += time.perf_counter_ns() - td
+            start = 0
+            for expert, tokens in items:
+                outputs[expert] = out[start:start + len(tokens)]
+                start += len(tokens)
+        t1 = time.perf_counter_ns()
+        with self._stats_lock:
+            st = self.stats
+            st.calls += 1
+            st.rpcs += len(calls)
+            st.tokens += sum(len(t) for _, t in token_lists)
+            st.bytes_sent += sent
+            st.bytes_received += received
+            st.rpc_wall_ns += t1 - t_sent + (t_sent - t0)
+            st.server_compute_ns += compute
+            st.server_codec_ns += codec
+            st.gateway_codec_ns += (t_sent - t0) + decode_ns
+            for server, items, _ in calls:
+                st.tokens_per_server[server] += sum(len(t) for _, t in items)
+        return outputs
+
+
+class RemoteExperts(nn.Module):
+    """Drop-in for HF's SwitchTransformersExperts of one sparse layer; holds no weights."""
+
+    def __init__(self, layer: int, clients: ExpertClients | None = None):
+        super().__init__()
+        self.layer = layer
+        self.clients = clients
+
+    def forward(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [N, d_model]; selected_experts [N, 1, E] one-hot, all-zero for
+        tokens dropped over capacity; routing_weights [N, 1] top-1 router probability.
+        Returns [N, d_model]: zero for dropped tokens, else expert(x) * probability."""
+        if self.clients is None:
+            raise RuntimeError("RemoteExperts used before the gateway connected it to expert servers")
+        t0 = time.perf_counter_ns()
+        final = torch.zeros_like(hidden_states)
+        # [E, 1, N] as in HF; experts in ascending order, tokens in ascending order.
+        expert_mask = selected_experts.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        token_lists = []
+        for expert_idx in expert_hit.flatten().tolist():
+            _, top_x = torch.where(expert_mask[expert_idx])
+            token_lists.append((expert_idx, top_x))
+        if token_lists:
+            outputs = self.clients.run_layer(self.layer, hidden_states, token_lists)
+            for expert_idx, top_x in token_lists:
+                # Same ops and order as SwitchTransformersExperts.forward.
+                scaled = outputs[expert_idx] * routing_weights[top_x, 0, None]
+                final.index_add_(0, top_x, scaled.to(hidden_states.dtype))
+        self.clients.stats.dispatch_ns += time.perf_counter_ns() - t0
+        return final

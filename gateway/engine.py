@@ -1,0 +1,228 @@
+"""The gateway's domain core: the distributed model and batched generation.
+
+``Engine`` owns the gateway's model (HF modules with RemoteExperts in the sparse
+layers), the tokenizer and the expert clients. ``generate_batch`` runs HF's own
+``generate`` on it, so greedy search, sampling and the KV cache are exactly HF's.
+No gRPC types here; servicers translate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from gateway.config import GatewayConfig
+from gateway.dispatch import ExpertClients
+from gateway.model import load_gateway_model, remote_experts
+from moe_common import model_source
+from moe_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from moe_common.placement import home_placement
+from moe_common.serving import wait_for_serving
+
+log = logging.getLogger(__name__)
+
+# on_token(row, token_id, finish_reason or None)
+TokenCallback = Callable[[int, int, "str | None"], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding parameters a batch must share (max_new_tokens may differ per row)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 keeps all tokens
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise InvalidArgument(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+
+
+class _RowLimits(StoppingCriteria):
+    """Stops each row at its own max_new_tokens (HF's max_new_tokens is per batch)."""
+
+    def __init__(self, limits: list[int]):
+        self.limits = torch.tensor(limits)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        generated = input_ids.shape[1] - 1  # minus the decoder start token
+        return torch.full((input_ids.shape[0],), generated) >= self.limits
+
+
+class _RowStreamer(BaseStreamer):
+    """Collects generated tokens per row and reports each one as it is produced."""
+
+    def __init__(self, limits: list[int], eos_token_id: int, on_token: TokenCallback | None):
+        self.limits = limits
+        self.eos = eos_token_id
+        self.on_token = on_token
+        self.rows = [RowResult([], "length") for _ in limits]
+        self.done = [limit == 0 for limit in limits]
+        self.started = False
+        self.first_token_ns: int | None = None
+
+    def put(self, value):
+        if not self.started:  # generate() first puts the decoder start tokens [B, 1]
+            self.started = True
+            return
+        if self.first_token_ns is None:
+            self.first_token_ns = time.perf_counter_ns()
+        for row, token in enumerate(value.tolist()):
+            if self.done[row]:
+                continue
+            result = self.rows[row]
+            result.token_ids.append(token)
+            reason = None
+            if token == self.eos:
+                reason = "eos"
+            elif len(result.token_ids) >= self.limits[row]:
+                reason = "length"
+            if reason:
+                result.finish_reason = reason
+                self.done[row] = True
+            if self.on_token is not None:
+                self.on_token(row, token, reason)
+
+    def end(self):
+        pass
+
+
+class Engine:
+    """The distributed Switch Transformer as the gateway runs it."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.source = model_source.resolve(config.model, config.cache_dir)
+        self.model, self.tokenizer, self.layers = load_gateway_model(self.source)
+        mc = self.model.config
+        self.num_experts: int = mc.num_experts
+        self.vocab_size: int = mc.vocab_size
+        self.pad_token_id: int = mc.pad_token_id
+        self.eos_token_id: int = mc.eos_token_id
+        self.home = home_placement(len(self.layers), self.num_experts, len(config.expert_servers))
+        self.clients = ExpertClients(
+            config.expert_servers, self.home, self.source.model_id, config.wire_dtype, config.expert_timeout_s
+        )
+        for module in remote_experts(self.model):
+            module.clients = self.clients
+
+    def connect(self) -> None:
+        """Wait for every expert server, check it runs our model, and assign home experts."""
+        for address in self.config.expert_servers:
+            wait_for_serving(address, self.config.startup_timeout_s)
+        for server in range(len(self.config.expert_servers)):
+            info = self.clients.info(server, timeout_s=30)
+            if info.model_id != self.source.model_id:
+                raise FailedPrecondition(
+                    f"expert server {self.config.expert_servers[server]} serves model {info.model_id} "
+                    f"({info.model_source}); the gateway runs {self.source.model_id} ({self.source.spec})"
+                )
+        t0 = time.monotonic()
+        self.clients.assign_home_experts(self.config.startup_timeout_s)
+        log.info("expert servers hold their home experts (%.1f s)", time.monotonic() - t0)
+
+    def close(self) -> None:
+        self.clients.close()
+
+    # ---- requests ----
+
+    def check_model_name(self, name: str) -> None:
+        if name and name != self.config.model_name:
+            raise NotFound(f"model {name!r} is not served here; this gateway serves {self.config.model_name!r}")
+
+    def prompt_ids(self, prompts: list[str], token_ids: list[list[int]]) -> list[list[int]]:
+        """Validate a request's prompts and return their encoder token ids."""
+        if prompts and token_ids:
+            raise InvalidArgument("give prompts as text or as token ids, not both")
+        if not prompts and not token_ids:
+            raise InvalidArgument("the request has no prompts")
+        if prompts:
+            ids = [list(x) for x in self.tokenizer(list(prompts))["input_ids"]]
+        else:
+            ids = [list(x) for x in token_ids]
+        limit = self.config.max_input_tokens
+        for i, row in enumerate(ids):
+            if not row:
+                raise InvalidArgument(f"prompt {i} has no tokens")
+            if len(row) > limit:
+                raise InvalidArgument(f"prompt {i} has {len(row)} tokens; the maximum is {limit}")
+            bad = [t for t in row if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidArgument(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def max_new_tokens(self, requested: int | None) -> int:
+        if requested is None:
+            return self.config.default_max_new_tokens
+        if requested < 0:
+            raise InvalidArgument(f"max_new_tokens must be >= 0, got {requested}")
+        if requested > self.config.max_new_tokens_limit:
+            raise InvalidArgument(f"max_new_tokens {requested} exceeds this gateway's limit of {self.config.max_new_tokens_limit}")
+        return requested
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- the model ----
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad rows as the HF tokenizer does -> (input_ids [B, S], attention_mask [B, S])."""
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return input_ids, mask
+
+    @torch.inference_mode()
+    def generate_batch(self, rows: list[list[int]], limits: list[int], sampling: Sampling,
+                       on_token: TokenCallback | None = None) -> tuple[list[RowResult], int | None]:
+        """Generate for a batch of prompts (token ids) with per-row max_new_tokens.
+
+        Returns (results per row, perf_counter_ns of the first generated token or None).
+        """
+        streamer = _RowStreamer(limits, self.eos_token_id, on_token)
+        if max(limits) == 0:
+            return streamer.rows, None
+        input_ids, attention_mask = self.pad(rows)
+        kwargs = dict(
+            max_new_tokens=max(limits),
+            stopping_criteria=StoppingCriteriaList([_RowLimits(limits)]),
+            streamer=streamer,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        if sampling.do_sample:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            else:
+                torch.seed()
+        else:
+            kwargs.update(do_sample=False)
+        self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return streamer.rows, streamer.first_token_ns
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        """One teacher-forced forward pass -> logits [B, T, vocab]."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits

@@ -1,0 +1,87 @@
+"""Domain errors and the one interceptor that maps them to gRPC status codes.
+
+Domain code raises these; servicers never pick status codes themselves. Anything
+else that escapes a handler is a bug and becomes INTERNAL (logged with traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class MoEError(Exception):
+    """Base class: an error a client can act on, with the status code it maps to."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(MoEError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MoEError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(MoEError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(MoEError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(MoEError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str):
+    if isinstance(exc, MoEError):
+        log.info("%s -> %s: %s", method, exc.code.name, exc)
+        context.abort(exc.code, str(exc))
+    log.exception("%s failed with an unexpected error", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Turns MoEError into its status code and anything else into INTERNAL."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):
+                try:
+                    return inner(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                    if _is_abort(exc):
+                        raise
+                    _abort(context, exc, method)
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def unary_stream(request, context):
+                try:
+                    yield from inner_stream(request, context)
+                except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                    if _is_abort(exc):
+                        raise
+                    _abort(context, exc, method)
+
+            return handler._replace(unary_stream=unary_stream)
+        return handler
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises a bare Exception subclass private to grpc; let it through.
+    return type(exc).__module__.startswith("grpc")

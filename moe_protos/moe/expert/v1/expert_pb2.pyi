@@ -1,0 +1,111 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExpertGroup(_message.Message):
+    __slots__ = ("expert", "num_tokens")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    num_tokens: int
+    def __init__(self, expert: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class RunExpertsRequest(_message.Message):
+    __slots__ = ("layer", "groups", "hidden_states", "model_id")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    groups: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
+    hidden_states: Tensor
+    model_id: str
+    def __init__(self, layer: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class RunExpertsResponse(_message.Message):
+    __slots__ = ("outputs", "compute_ns", "codec_ns")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_NS_FIELD_NUMBER: _ClassVar[int]
+    outputs: Tensor
+    compute_ns: int
+    codec_ns: int
+    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ns: _Optional[int] = ..., codec_ns: _Optional[int] = ...) -> None: ...
+
+class ExpertRef(_message.Message):
+    __slots__ = ("layer", "expert")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
+
+class AssignExpertsRequest(_message.Message):
+    __slots__ = ("experts", "model_id")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    model_id: str
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class AssignExpertsResponse(_message.Message):
+    __slots__ = ("loaded", "dropped", "weight_bytes")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    loaded: int
+    dropped: int
+    weight_bytes: int
+    def __init__(self, loaded: _Optional[int] = ..., dropped: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("model_id", "model_source", "d_model", "num_sparse_layers", "num_experts", "experts", "weight_bytes", "device", "dtype")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    D_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPARSE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_source: str
+    d_model: int
+    num_sparse_layers: int
+    num_experts: int
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    weight_bytes: int
+    device: str
+    dtype: str
+    def __init__(self, model_id: _Optional[str] = ..., model_source: _Optional[str] = ..., d_model: _Optional[int] = ..., num_sparse_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
