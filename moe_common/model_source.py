@@ -128,17 +128,17 @@ def config_hash(config_json: Path) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _download_hub(repo_id: str) -> Path:
+def _download_hub(repo_id: str, hub_cache_dir: Path | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
     try:
         # Offline first: a cached checkpoint must work on a machine with no network.
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=hub_cache_dir))
     except Exception:  # noqa: BLE001 - not cached; try the network next
         pass
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=hub_cache_dir))
     except Exception as exc:  # noqa: BLE001
         raise NotFound(
             f"model {repo_id!r} is not a local directory, not a preset (tiny, base-e<E>[-l<L>]), "
@@ -146,15 +146,18 @@ def _download_hub(repo_id: str) -> Path:
         ) from exc
 
 
-def resolve(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> ModelSource:
-    """--model value -> ModelSource. Order: existing directory, preset, hub id."""
+def resolve(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR, hub_cache_dir: Path | None = None) -> ModelSource:
+    """--model value -> ModelSource. Order: existing directory, preset, hub id.
+
+    hub_cache_dir: the Hugging Face cache to use (default: HF's own, HF_HUB_CACHE).
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         resolved = path.resolve()
     elif preset_config_kwargs(spec) is not None:
         resolved = build_preset(spec, cache_dir)
     else:
-        resolved = _download_hub(spec)
+        resolved = _download_hub(spec, hub_cache_dir)
     config = resolved / "config.json"
     if not config.exists():
         raise NotFound(f"model directory {resolved} has no config.json")

@@ -1,0 +1,144 @@
+"""moe-serve: start a whole stack on this machine as separate OS processes.
+
+    moe-serve --model tiny --expert-servers 2 --port 50051
+
+Starts N expert servers and the gateway on loopback, waits until each answers
+SERVING on its health service, prints the gateway address, and on Ctrl-C or
+SIGTERM stops every child. Children also get SIGTERM if the launcher itself dies
+(Linux parent-death signal), so no process is left behind. If any child exits
+on its own, the launcher stops the rest and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe_common import model_source, serving
+
+log = logging.getLogger("moe-serve")
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: Ctrl-C / SIGTERM handling still stops the children
+
+
+@dataclass
+class Stack:
+    """The processes of one running stack."""
+
+    gateway_address: str
+    expert_addresses: list[str]
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout_s
+        for p in self.processes:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _spawn(args: list[str], log_file) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+    )
+
+
+def spawn_expert_server(model_path: Path, host: str, port: int, args: list[str] | None = None, log_file=None) -> subprocess.Popen:
+    """Start one expert server process (it serves once its health says SERVING)."""
+    return _spawn(["expert_server", "--model", str(model_path), "--host", host, "--port", str(port), *(args or [])], log_file)
+
+
+def spawn_gateway(model_path: Path, host: str, port: int, expert_addresses: list[str], args: list[str] | None = None,
+                  log_file=None) -> subprocess.Popen:
+    """Start the gateway process for the given expert servers."""
+    return _spawn(["gateway", "--model", str(model_path), "--host", host, "--port", str(port),
+                   "--expert-servers", ",".join(expert_addresses), *(args or [])], log_file)
+
+
+def wait_ready(proc: subprocess.Popen, address: str, timeout_s: float = 600.0) -> None:
+    serving.wait_for_serving(address, timeout_s, is_alive=lambda: proc.poll() is None)
+
+
+def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = "127.0.0.1",
+                cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
+                expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0) -> Stack:
+    """Start expert servers and a gateway and wait until all are SERVING. port 0 = any free one."""
+    if num_expert_servers < 1:
+        raise ValueError("--expert-servers must be >= 1")
+    # Resolve (and build, for presets) once here, so the children do not race to build it.
+    source = model_source.resolve(model, cache_dir)
+    expert_ports = [serving.pick_free_port(host) for _ in range(num_expert_servers)]
+    port = port or serving.pick_free_port(host)
+    stack = Stack(f"{host}:{port}", [f"{host}:{p}" for p in expert_ports])
+    try:
+        for p in expert_ports:
+            stack.processes.append(spawn_expert_server(source.path, host, p, expert_args, log_file))
+        for proc, address in zip(stack.processes, stack.expert_addresses):
+            wait_ready(proc, address, timeout_s)
+        stack.processes.append(spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file))
+        wait_ready(stack.processes[-1], stack.gateway_address, timeout_s)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
+    p.add_argument("--expert-servers", type=int, default=2, help="number of expert server processes")
+    p.add_argument("--port", type=int, default=50051, help="gateway port")
+    p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    serving.configure_logging(a.log_level)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("starting %d expert servers and the gateway for model %s", a.expert_servers, a.model)
+    stack = start_stack(
+        a.model, a.expert_servers, a.port, a.host, a.cache_dir,
+        gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
+                      "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level],
+        expert_args=["--device", a.device, "--log-level", a.log_level],
+    )
+    with stack:
+        print(f"gateway listening on {stack.gateway_address}", flush=True)
+        print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
+        while not stop.wait(0.5):
+            dead = [proc for proc in stack.processes if proc.poll() is not None]
+            if dead:
+                log.error("a child process exited (%s, code %s); stopping the stack", dead[0].args[2], dead[0].returncode)
+                return 1
+        log.info("stopping the stack")
+    return 0

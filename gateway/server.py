@@ -1,0 +1,115 @@
+"""moe-gateway: the client-facing gRPC server.
+
+    moe-gateway --model tiny --expert-servers 127.0.0.1:50061,127.0.0.1:50062 --port 50051
+
+Serves moe.gateway.v1.GatewayService, inference.GRPCInferenceService (Open
+Inference Protocol v2), grpc.health.v1.Health and server reflection. Health is
+NOT_SERVING until the model is loaded and every expert server holds its experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from gateway.batcher import Batcher
+from gateway.config import GatewayConfig
+from gateway.engine import Engine
+from gateway.servicer import Counters, GatewayServicer, InferenceServicer
+from moe_common import model_source, serving
+from moe_protos.inference import grpc_predict_v2_pb2 as oip
+from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = [
+    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+    oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+]
+
+
+class Gateway:
+    """A running gateway: gRPC server, engine and batcher. stop() releases all."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.engine = Engine(config)
+        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms)
+        counters = Counters()
+        self.server, self.port, health = serving.create_server(
+            config.address,
+            [
+                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.engine, self.batcher, counters), s),
+                lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.engine, self.batcher, counters), s),
+            ],
+            SERVICE_NAMES,
+            max_workers=config.max_workers,
+        )
+        # Bound and answering health (NOT_SERVING) while expert servers load their experts.
+        try:
+            self.engine.connect()
+        except BaseException:
+            self.stop()
+            raise
+        serving.set_serving(health, SERVICE_NAMES)
+
+    def stop(self) -> None:
+        self.server.stop(grace=2).wait()
+        self.batcher.stop()
+        self.engine.close()
+
+
+def parse_args(argv=None) -> GatewayConfig:
+    p = argparse.ArgumentParser(prog="moe-gateway", description="Serve a Switch Transformer whose experts run on expert servers.")
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
+    p.add_argument("--expert-servers", required=True, help="comma-separated host:port of the expert servers")
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--model-name", default="switch", help="name clients use for the model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--max-batch-size", type=int, default=8, help="prompts per batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-input-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens-limit", type=int, default=512)
+    p.add_argument("--default-max-new-tokens", type=int, default=32)
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of hidden states sent to expert servers (only float32 is exact)")
+    p.add_argument("--expert-timeout-s", type=float, default=60.0)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    serving.configure_logging(a.log_level)
+    try:
+        return GatewayConfig(
+            model=a.model,
+            expert_servers=[s.strip() for s in a.expert_servers.split(",") if s.strip()],
+            cache_dir=a.cache_dir,
+            model_name=a.model_name,
+            host=a.host,
+            port=a.port,
+            max_batch_size=a.max_batch_size,
+            max_wait_ms=a.max_wait_ms,
+            max_input_tokens=a.max_input_tokens,
+            max_new_tokens_limit=a.max_new_tokens_limit,
+            default_max_new_tokens=a.default_max_new_tokens,
+            wire_dtype=a.wire_dtype,
+            expert_timeout_s=a.expert_timeout_s,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    gateway = Gateway(config)
+    log.info("gateway on %s:%d serving model %r (%s) with %d expert servers",
+             config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(config.expert_servers))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    gateway.stop()
+    return 0

@@ -1,0 +1,310 @@
+"""gRPC servicers of the gateway: the native moe.gateway.v1 API and the Open
+Inference Protocol v2. Both only translate between protos and the Engine/Batcher."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+
+import numpy as np
+
+from gateway.batcher import Batcher, Job
+from gateway.engine import Engine, Sampling
+from moe_common.errors import InvalidArgument, NotFound
+from moe_protos.inference import grpc_predict_v2_pb2 as oip
+from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Counters:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests_total = 0
+        self.requests_failed = 0
+
+    def count(self, failed: bool) -> None:
+        with self.lock:
+            self.requests_total += 1
+            self.requests_failed += int(failed)
+
+
+def _sampling_from_pb(p: gateway_pb2.GenerationParameters) -> Sampling:
+    s = Sampling(
+        do_sample=p.do_sample,
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else 0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        seed=p.seed if p.HasField("seed") else None,
+    )
+    s.validate()
+    return s
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters):
+        self.engine = engine
+        self.batcher = batcher
+        self.counters = counters
+
+    def _job(self, request: gateway_pb2.GenerateRequest, stream: bool) -> Job:
+        e = self.engine
+        e.check_model_name(request.model)
+        p = request.parameters
+        max_new = e.max_new_tokens(p.max_new_tokens if p.HasField("max_new_tokens") else None)
+        prompts = e.prompt_ids(list(request.prompts), [list(t.ids) for t in request.token_ids])
+        return Job(prompts=prompts, max_new_tokens=[max_new] * len(prompts), sampling=_sampling_from_pb(p), stream=stream)
+
+    def Generate(self, request, context):
+        failed = True
+        try:
+            job = self.batcher.submit(self._job(request, stream=False))
+            results, timings = job.wait()
+            reply = gateway_pb2.GenerateResponse(timings=gateway_pb2.Timings(**timings))
+            for prompt, r in zip(job.prompts, results):
+                reply.generations.add(
+                    text=self.engine.decode(r.token_ids), token_ids=r.token_ids,
+                    num_input_tokens=len(prompt), finish_reason=r.finish_reason,
+                )
+            failed = False
+            return reply
+        finally:
+            self.counters.count(failed)
+
+    def GenerateStream(self, request, context):
+        failed = True
+        try:
+            job = self.batcher.submit(self._job(request, stream=True))
+            while True:
+                kind, *rest = job.events.get()
+                if kind == "token":
+                    index, token, reason = rest
+                    yield gateway_pb2.GenerateStreamResponse(
+                        index=index, token_id=token, text=self.engine.decode([token]), finish_reason=reason or "",
+                    )
+                elif kind == "done":
+                    results, timings = rest
+                    # Prompts with max_new_tokens 0 produced no token: close them explicitly.
+                    for index, r in enumerate(results):
+                        if not r.token_ids:
+                            yield gateway_pb2.GenerateStreamResponse(index=index, finish_reason=r.finish_reason)
+                    yield gateway_pb2.GenerateStreamResponse(timings=gateway_pb2.Timings(**timings))
+                    failed = False
+                    return
+                else:
+                    raise rest[0]
+        finally:
+            self.counters.count(failed)
+
+    def GetStatus(self, request, context):
+        e = self.engine
+        reply = gateway_pb2.GetStatusResponse(
+            model_name=e.config.model_name, model_source=e.source.spec, model_id=e.source.model_id,
+            num_experts=e.num_experts, requests_total=self.counters.requests_total,
+            requests_failed=self.counters.requests_failed, wire_dtype=e.config.wire_dtype,
+        )
+        healthy = True
+        for s, address in enumerate(e.config.expert_servers):
+            status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in e.home))
+            try:
+                info = e.clients.info(s, timeout_s=2.0)
+                status.healthy = True
+                status.weight_bytes = info.weight_bytes
+                status.device = info.device
+            except Exception:  # noqa: BLE001 - an unreachable server is reported, not raised
+                status.healthy = False
+                healthy = False
+        reply.healthy = healthy
+        for layer, row in zip(e.layers, e.home):
+            reply.placement.add(layer=layer.index, name=layer.name, home_server=row)
+        return reply
+
+
+# ---------------------------------------------------------------------------
+# Open Inference Protocol v2
+# ---------------------------------------------------------------------------
+
+SERVER_NAME = "moe-gateway"
+SERVER_VERSION = "0.1.0"
+_INPUTS = {  # name -> (datatype, shape)
+    "text_input": ("BYTES", [-1]),
+    "input_ids": ("INT64", [-1, -1]),
+    "max_tokens": ("INT32", [-1]),
+}
+_OUTPUTS = {"text_output": ("BYTES", [-1]), "output_ids": ("INT64", [-1, -1])}
+
+
+def _deserialize_bytes(raw: bytes) -> list[bytes]:
+    """OIP BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise InvalidArgument("BYTES tensor is truncated (a 4-byte length prefix is cut off)")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise InvalidArgument(f"BYTES tensor is truncated: element of {n} bytes runs past the end")
+        out.append(raw[pos: pos + n])
+        pos += n
+    return out
+
+
+def _serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def _param(params, name: str, default):
+    if name not in params:
+        return default
+    p = params[name]
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else default
+
+
+def _input_array(request, index: int, tensor) -> np.ndarray | list[bytes]:
+    """One input tensor of a ModelInferRequest as a numpy array (or list of bytes)."""
+    shape = list(tensor.shape)
+    count = int(np.prod(shape)) if shape else 1
+    expected = _INPUTS[tensor.name][0]
+    if tensor.datatype != expected:
+        raise InvalidArgument(f"input {tensor.name!r} must have datatype {expected}, got {tensor.datatype!r}")
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidArgument("raw_input_contents must hold one entry per input")
+        raw = request.raw_input_contents[index]
+        if tensor.datatype == "BYTES":
+            values = _deserialize_bytes(raw)
+        else:
+            dtype = np.dtype("<i8") if tensor.datatype == "INT64" else np.dtype("<i4")
+            if len(raw) != count * dtype.itemsize:
+                raise InvalidArgument(f"input {tensor.name!r} of shape {shape} needs {count * dtype.itemsize} bytes, got {len(raw)}")
+            values = np.frombuffer(raw, dtype=dtype)
+    else:
+        c = tensor.contents
+        values = {"BYTES": list(c.bytes_contents), "INT64": np.array(c.int64_contents, dtype=np.int64),
+                  "INT32": np.array(c.int_contents, dtype=np.int32)}[tensor.datatype]
+    if len(values) != count:
+        raise InvalidArgument(f"input {tensor.name!r} has shape {shape} but {len(values)} elements")
+    if tensor.datatype == "BYTES":
+        return values
+    return np.asarray(values).reshape(shape)
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService for one text-generation model."""
+
+    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters):
+        self.engine = engine
+        self.batcher = batcher
+        self.counters = counters
+
+    def _check_model(self, name: str) -> None:
+        if name != self.engine.config.model_name:
+            raise NotFound(f"model {name!r} is not served here; this server serves {self.engine.config.model_name!r}")
+
+    def _ready(self) -> bool:
+        try:
+            for s in range(len(self.engine.config.expert_servers)):
+                self.engine.clients.info(s, timeout_s=1.0)
+            return True
+        except Exception:  # noqa: BLE001 - not ready
+            return False
+
+    def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return oip.ServerReadyResponse(ready=self._ready())
+
+    def ModelReady(self, request, context):
+        self._check_model(request.name)
+        return oip.ModelReadyResponse(ready=self._ready())
+
+    def ServerMetadata(self, request, context):
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+
+    def ModelMetadata(self, request, context):
+        self._check_model(request.name)
+        reply = oip.ModelMetadataResponse(name=request.name, versions=["1"], platform="switch_transformers")
+        for name, (dt, shape) in _INPUTS.items():
+            reply.inputs.add(name=name, datatype=dt, shape=shape)
+        for name, (dt, shape) in _OUTPUTS.items():
+            reply.outputs.add(name=name, datatype=dt, shape=shape)
+        return reply
+
+    def ModelInfer(self, request, context):
+        failed = True
+        try:
+            reply = self._infer(request)
+            failed = False
+            return reply
+        finally:
+            self.counters.count(failed)
+
+    def _infer(self, request):
+        e = self.engine
+        self._check_model(request.model_name)
+        arrays = {}
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name not in _INPUTS:
+                raise InvalidArgument(f"unknown input {tensor.name!r}; inputs are {sorted(_INPUTS)}")
+            arrays[tensor.name] = _input_array(request, i, tensor)
+        if ("text_input" in arrays) == ("input_ids" in arrays):
+            raise InvalidArgument("give exactly one of the inputs text_input (BYTES [B]) and input_ids (INT64 [B, S])")
+        if "text_input" in arrays:
+            try:
+                texts = [b.decode("utf-8") for b in arrays["text_input"]]
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(f"text_input is not UTF-8: {exc}") from None
+            prompts = e.prompt_ids(texts, [])
+        else:
+            ids = arrays["input_ids"]
+            if ids.ndim != 2:
+                raise InvalidArgument(f"input_ids must have shape [B, S], got {list(ids.shape)}")
+            # Rows are right-padded with the pad token; strip it.
+            rows = []
+            for row in ids.tolist():
+                while row and row[-1] == e.pad_token_id:
+                    row.pop()
+                rows.append(row)
+            prompts = e.prompt_ids([], rows)
+        if "max_tokens" in arrays:
+            mt = arrays["max_tokens"].reshape(-1).tolist()
+            if len(mt) not in (1, len(prompts)):
+                raise InvalidArgument(f"max_tokens must have shape [1] or [{len(prompts)}], got [{len(mt)}]")
+            limits = [e.max_new_tokens(int(x)) for x in (mt * len(prompts) if len(mt) == 1 else mt)]
+        else:
+            limits = [e.max_new_tokens(None)] * len(prompts)
+        params = request.parameters
+        seed = _param(params, "seed", None)
+        sampling = Sampling(
+            do_sample=bool(_param(params, "do_sample", False)),
+            temperature=float(_param(params, "temperature", 1.0)),
+            top_k=int(_param(params, "top_k", 0)),
+            top_p=float(_param(params, "top_p", 1.0)),
+            seed=int(seed) if seed is not None else None,
+        )
+        sampling.validate()
+        wanted = [o.name for o in request.outputs] or list(_OUTPUTS)
+        unknown = [n for n in wanted if n not in _OUTPUTS]
+        if unknown:
+            raise InvalidArgument(f"unknown outputs {unknown}; outputs are {sorted(_OUTPUTS)}")
+
+        job = self.batcher.submit(Job(prompts=prompts, max_new_tokens=limits, sampling=sampling))
+        results, _ = job.wait()
+        reply = oip.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        for name in wanted:
+            if name == "text_output":
+                texts = [e.decode(r.token_ids).encode("utf-8") for r in results]
+                reply.outputs.add(name=name, datatype="BYTES", shape=[len(results)])
+                reply.raw_output_contents.append(_serialize_bytes(texts))
+            else:
+                width = max((len(r.token_ids) for r in results), default=0)
+                out = np.full((len(results), width), -1, dtype="<i8")
+                for i, r in enumerate(results):
+                    out[i, : len(r.token_ids)] = r.token_ids
+                reply.outputs.add(name=name, datatype="INT64", shape=list(out.shape))
+                reply.raw_output_contents.append(out.tobytes())
+        return reply

@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny preset in a private cache, and real expert-server and
+gateway processes on free loopback ports, each waited on through its health service
+and stopped by the fixture that started it."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+
+import grpc
+import pytest
+
+from gateway.launcher import spawn_expert_server, spawn_gateway, wait_ready
+from moe_common import model_source
+from moe_common.serving import message_options, pick_free_port
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> model_source.ModelSource:
+    return model_source.resolve("tiny", tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny):
+    """The single-process HF model the distributed one must equal."""
+    from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
+
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(tiny.path).eval()
+    return model, AutoTokenizer.from_pretrained(tiny.path)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def expert_servers(source, count: int, args=None):
+    """Start `count` expert servers; yield their addresses."""
+    procs, addresses = [], []
+    try:
+        for _ in range(count):
+            port = pick_free_port(HOST)
+            procs.append(spawn_expert_server(source.path, HOST, port, args))
+            addresses.append(f"{HOST}:{port}")
+        for proc, address in zip(procs, addresses):
+            wait_ready(proc, address, 120)
+        yield addresses, procs
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+@contextlib.contextmanager
+def gateway(source, addresses, args=None):
+    """Start a gateway over `addresses`; yield its address."""
+    port = pick_free_port(HOST)
+    proc = spawn_gateway(source.path, HOST, port, addresses, args)
+    try:
+        wait_ready(proc, f"{HOST}:{port}", 120)
+        yield f"{HOST}:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def three_expert_servers(tiny):
+    with expert_servers(tiny, 3) as (addresses, _):
+        yield addresses
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=message_options())
