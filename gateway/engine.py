@@ -169,13 +169,14 @@ class Engine:
                 raise InvalidArgument(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         return ids
 
-    def max_new_tokens(self, requested: int | None) -> int:
+    def max_new_tokens(self, requested: int | None, field: str = "max_new_tokens") -> int:
+        """Validate a requested token budget (`field` names it as the client knows it)."""
         if requested is None:
             return self.config.default_max_new_tokens
         if requested < 0:
-            raise InvalidArgument(f"max_new_tokens must be >= 0, got {requested}")
+            raise InvalidArgument(f"{field} must be >= 0, got {requested}")
         if requested > self.config.max_new_tokens_limit:
-            raise InvalidArgument(f"max_new_tokens {requested} exceeds this gateway's limit of {self.config.max_new_tokens_limit}")
+            raise InvalidArgument(f"{field} {requested} exceeds this gateway's limit of {self.config.max_new_tokens_limit}")
         return requested
 
     def decode(self, token_ids: list[int]) -> str:

@@ -62,8 +62,12 @@ class Stack:
 
 
 def _spawn(args: list[str], log_file) -> subprocess.Popen:
+    """Start `python -m args...`; its output goes to log_file, or else to our own stdout/stderr."""
     return subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        [sys.executable, "-m", *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT if log_file is not None else None,
+        preexec_fn=_die_with_parent,
     )
 
 
@@ -142,3 +146,7 @@ def main(argv=None) -> int:
                 return 1
         log.info("stopping the stack")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

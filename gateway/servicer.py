@@ -274,7 +274,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             mt = arrays["max_tokens"].reshape(-1).tolist()
             if len(mt) not in (1, len(prompts)):
                 raise InvalidArgument(f"max_tokens must have shape [1] or [{len(prompts)}], got [{len(mt)}]")
-            limits = [e.max_new_tokens(int(x)) for x in (mt * len(prompts) if len(mt) == 1 else mt)]
+            limits = [e.max_new_tokens(int(x), "max_tokens") for x in (mt * len(prompts) if len(mt) == 1 else mt)]
         else:
             limits = [e.max_new_tokens(None)] * len(prompts)
         params = request.parameters

@@ -1,0 +1,78 @@
+"""The distributed model must equal the single-process HF model on the same checkpoint.
+
+Real processes: k expert servers and a gateway on free loopback ports; the
+reference is HF's SwitchTransformersForConditionalGeneration in this process.
+"""
+
+import pytest
+import torch
+
+from gateway.config import GatewayConfig
+from gateway.engine import Engine
+from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import channel, gateway
+
+PROMPTS = [
+    "Hello",
+    "Mixture-of-experts models send every token to one expert.",
+    # Long enough that some expert of a sparse layer gets more than its capacity (8) of tokens.
+    "The gateway runs attention and the routers; expert servers run the expert FFNs. " * 2,
+    "Switch!",
+    "",  # only the EOS token
+]
+
+
+def _dropped_tokens(model, enc) -> int:
+    """Tokens the HF routers dropped for capacity in the encoder pass."""
+    dropped = []
+
+    def hook(module, args, output):
+        expert_index = output[0]  # [B, S, E] one-hot, all-zero where dropped
+        mask = enc["attention_mask"].bool()
+        dropped.append(int(((expert_index.sum(-1) == 0) & mask).sum()))
+
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersTop1Router
+
+    hooks = [m.register_forward_hook(hook) for m in model.encoder.modules() if isinstance(m, SwitchTransformersTop1Router)]
+    with torch.no_grad():
+        model.encoder(**enc)
+    for h in hooks:
+        h.remove()
+    return sum(dropped)
+
+
+@pytest.mark.parametrize("num_servers", [1, 2, 3])
+def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_servers, num_servers):
+    model, tokenizer = reference
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert _dropped_tokens(model, enc) > 0, "the test batch must overflow an expert's capacity"
+    with torch.no_grad():
+        expected = model.generate(**enc, max_new_tokens=24, do_sample=False)
+    servers = three_expert_servers[:num_servers]
+
+    with gateway(tiny, servers) as address, channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        reply = stub.Generate(gateway_pb2.GenerateRequest(
+            prompts=PROMPTS, parameters=gateway_pb2.GenerationParameters(max_new_tokens=24)))
+        assert reply.timings.batch_size == len(PROMPTS)
+        for row, gen in zip(expected.tolist(), reply.generations):
+            ids = row[1:]  # drop the decoder start token
+            if model.config.eos_token_id in ids:  # HF pads after EOS; we stop there
+                ids = ids[: ids.index(model.config.eos_token_id) + 1]
+            assert list(gen.token_ids) == ids
+            assert gen.text == tokenizer.decode(ids, skip_special_tokens=True)
+        status = stub.GetStatus(gateway_pb2.GetStatusRequest())
+        assert [s.address for s in status.servers] == servers
+
+    # One teacher-forced forward pass in-process over the same real expert servers.
+    engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=servers))
+    try:
+        engine.connect()
+        decoder_input_ids = expected[:, :12]
+        got = engine.forward_logits(enc["input_ids"], enc["attention_mask"], decoder_input_ids)
+        with torch.no_grad():
+            want = model(**enc, decoder_input_ids=decoder_input_ids).logits
+        assert (got - want).abs().max().item() <= 1e-5
+        assert engine.clients.stats.tokens_per_server.count(0) == 0, "every server must take part"
+    finally:
+        engine.close()
