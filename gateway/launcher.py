@@ -111,6 +111,21 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
     return stack
 
 
+def _demo(address: str) -> None:
+    """One Generate call, printed: what a first client sees."""
+    import grpc
+
+    from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    prompt = "Experts, assemble!"
+    with grpc.insecure_channel(address) as channel:
+        reply = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
+            prompts=[prompt], parameters=gateway_pb2.GenerationParameters(max_new_tokens=16)))
+    g = reply.generations[0]
+    print(f"demo request: {prompt!r} -> token ids {list(g.token_ids)} text {g.text!r} "
+          f"({reply.timings.total_ns / 1e6:.0f} ms; a random-init preset writes gibberish)", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
@@ -122,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--demo", action="store_true", help="send one request once the stack is up and print the reply")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level)
@@ -139,6 +155,8 @@ def main(argv=None) -> int:
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
+        if a.demo:
+            _demo(stack.gateway_address)
         while not stop.wait(0.5):
             dead = [proc for proc in stack.processes if proc.poll() is not None]
             if dead:
