@@ -26,6 +26,9 @@ class ExpertServerConfig:
     # How the groups (experts) of one RunExperts call are run: one after another with
     # all intra-op threads, or concurrently on a thread pool. benchmarks/expert_groups.py measures both.
     group_executor: str = "sequential"
+    # torch intra-op threads; 0 keeps torch's default (all cores). Several servers on one
+    # machine should split the cores between them rather than oversubscribe.
+    threads: int = 0
     # --- experts held at start; the gateway may assign others later ---
     # "" = none until assigned; "all"; or "L:E,L:E-E,..." (layer:expert or layer:first-last).
     experts: str = ""
@@ -40,6 +43,8 @@ class ExpertServerConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
         if self.group_executor not in GROUP_EXECUTORS:
             raise ValueError(f"--group-executor must be one of {GROUP_EXECUTORS}")
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port {self.port} is out of range")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:

@@ -81,8 +81,11 @@ class ExpertStore:
             new = {k: v for k, v in current.items() if k in wanted}
             missing = sorted(wanted - set(current))
             for layer, expert in missing:
-                wi, wo = self.checkpoint.expert_weights(self.layers[layer], expert, self.dtype)
-                new[(layer, expert)] = (wi.to(self.device).contiguous(), wo.to(self.device).contiguous())
+                wi, wo = self.checkpoint.expert_weights(self.layers[layer], expert)
+                # copy=True: safetensors hands out file-backed (mmap) tensors; copy them into
+                # memory we own so weights stay resident instead of paging from disk under pressure.
+                new[(layer, expert)] = tuple(
+                    w.to(device=self.device, dtype=self.dtype, copy=True).contiguous() for w in (wi, wo))
             self._weights = new  # atomic swap: in-flight runs keep their snapshot
         dropped = len(current) - (len(new) - len(missing))
         log.info("assigned %d experts (%d loaded, %d dropped, %.1f MB)", len(new), len(missing), dropped, self.weight_bytes() / 1e6)

@@ -37,6 +37,10 @@ def initial_experts(config: ExpertServerConfig, store: ExpertStore) -> list[tupl
 
 def create_server(config: ExpertServerConfig):
     """Load the model's experts named by config and start serving. Returns (server, port, store)."""
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     source = model_source.resolve(config.model, config.cache_dir)
     store = ExpertStore(source, config.device, config.dtype, config.group_executor)
     server, port, health = serving.create_server(
@@ -59,6 +63,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype of expert weights")
     p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"])
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
     p.add_argument("--max-workers", type=int, default=16)
@@ -81,6 +86,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             experts=a.experts,
             shard=shard,
             max_workers=a.max_workers,
+            threads=a.threads,
         )
     except ValueError as exc:
         p.error(str(exc))

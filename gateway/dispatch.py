@@ -45,7 +45,8 @@ class DispatchStats:
     tokens_per_server: list[int] = field(default_factory=list)
 
     def reset(self) -> None:
-        fresh = DispatchStats()
+        """Zero every counter (keeps one token counter per server)."""
+        fresh = DispatchStats(tokens_per_server=[0] * len(self.tokens_per_server))
         self.__dict__.update(fresh.__dict__)
 
 

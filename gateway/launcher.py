@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
+    p.add_argument("--expert-threads", type=int, default=None,
+                   help="torch threads per expert server (default: the machine's cores split between the servers)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -145,12 +148,15 @@ def main(argv=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("starting %d expert servers and the gateway for model %s", a.expert_servers, a.model)
+    # All servers share this machine: split its cores rather than oversubscribe them
+    # (benchmarks/forward_throughput.py --expert-threads measures the difference).
+    threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
+    log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
     stack = start_stack(
         a.model, a.expert_servers, a.port, a.host, a.cache_dir,
         gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
                       "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level],
-        expert_args=["--device", a.device, "--log-level", a.log_level],
+        expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads)],
     )
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
