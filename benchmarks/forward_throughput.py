@@ -33,21 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def default_corpus() -> str:
-    """English text present on every machine with Python: the standard library's docstrings."""
-    import importlib
-
-    text = []
-    for name in ["argparse", "collections", "functools", "itertools", "json", "logging", "os", "pathlib",
-                 "re", "subprocess", "threading", "typing", "unittest", "urllib.request", "email", "asyncio"]:
-        module = importlib.import_module(name)
-        for obj in [module, *vars(module).values()]:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and len(doc) > 40:
-                text.append(" ".join(doc.split()))
-    return "\n".join(dict.fromkeys(text))
-
-
 def make_batch(tokenizer, text: str, batch: int, seq: int):
     """[batch, seq] encoder ids and [batch, seq] decoder ids from consecutive text chunks."""
     import torch
@@ -71,6 +56,7 @@ def worker(args) -> None:
     import torch
 
     from moe_common import model_source
+    from moe_common.corpus import stdlib_text
 
     source = model_source.resolve(args.model, args.cache_dir)
     if args.worker == "monolithic":
@@ -95,7 +81,7 @@ def worker(args) -> None:
         forward = engine.forward_logits
         weight_bytes = sum(p.nbytes for p in engine.model.parameters())
 
-    batch = make_batch(tokenizer, default_corpus() if args.corpus is None else Path(args.corpus).read_text(), args.batch, args.seq)
+    batch = make_batch(tokenizer, stdlib_text() if args.corpus is None else Path(args.corpus).read_text(), args.batch, args.seq)
     forward(*batch)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

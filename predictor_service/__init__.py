@@ -1,5 +1,2 @@
-"""Predictor service: forecasts each expert's load for the upcoming batch (SRU).
-
-Not built yet: it arrives with the issue "Predictor service". The gateway runs
-without forecasts until then.
-"""
+"""Predictor service: forecasts each expert's load for the upcoming forward pass with
+an SRU trained on the model's own routing traces, plus history baselines."""

@@ -1,18 +1,213 @@
-"""moe-predictor: the command of the predictor service (collect, train, eval, serve).
+"""moe-predictor: collect routing traces, train and evaluate the SRU forecaster, serve forecasts.
 
-The forecaster is not built yet; the command exists so that deploy scripts and
-packaging already name it. It says so and exits with status 2 rather than pretend.
+    moe-predictor corpus --out text.txt                   # write the default text (Python docstrings)
+    moe-predictor collect --model tiny --corpus text.txt --out traces/ [--batch-size 8 --max-length 128]
+    moe-predictor train --traces traces/ --out forecaster.pt
+    moe-predictor eval --traces heldout/ --checkpoint forecaster.pt --json
+    moe-predictor serve --checkpoint forecaster.pt --port 50071      # or --model M without a checkpoint
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import signal
 import sys
+import threading
+import time
+from pathlib import Path
+
+from moe_common import model_source, serving
+
+log = logging.getLogger("moe-predictor")
+
+
+def _documents(path: Path, skip: int, limit: int | None) -> list[str]:
+    docs = [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return docs[skip: skip + limit if limit is not None else None]
+
+
+def cmd_corpus(a) -> int:
+    from moe_common.corpus import stdlib_text
+
+    Path(a.out).write_text(stdlib_text() + "\n", encoding="utf-8")
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_collect(a) -> int:
+    from predictor_service.collect import collect
+
+    docs = _documents(a.corpus, a.skip_docs, a.max_docs)
+    if not docs:
+        print(f"{a.corpus} holds no text (after --skip-docs/--max-docs)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    n = collect(a.model, docs, a.out, batch_size=a.batch_size, max_length=a.max_length, new_tokens=a.new_tokens,
+                cache_dir=a.cache_dir, progress=not a.quiet)
+    print(f"recorded {n} passes from {len(docs)} documents into {a.out} in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from moe_common.traces import load_manifest, read_passes
+    from predictor_service import forecaster
+
+    info = load_manifest(a.traces)
+    passes = list(read_passes(a.traces))
+    init = None
+    if a.model:
+        from safetensors import safe_open
+
+        source = model_source.resolve(a.model, a.cache_dir)
+        if source.model_id != info.model_id:
+            print(f"--model {a.model} is model {source.model_id}; the traces are of {info.model_id}", file=sys.stderr)
+            return 2
+        from moe_common.checkpoint import Checkpoint
+
+        init = Checkpoint(source.path).read(["shared.weight"])["shared.weight"]
+    model, report = forecaster.train(info, passes, info.vocab_size, seed=a.seed, epochs=a.epochs, patience=a.patience,
+                                     lr=a.lr, val_fraction=a.val_fraction, embed_dim=a.embed_dim, hidden=a.hidden,
+                                     sru_layers=a.sru_layers, group=a.group, init_embeddings=init, progress=not a.quiet)
+    forecaster.save(a.out, model, info, report)
+    print(f"saved {a.out}: best validation loss {report['best_val_loss']:.4f} after {len(report['epochs'])} epochs, "
+          f"{report['train_seconds']:.0f} s of training")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from moe_common.traces import load_manifest, read_passes
+    from predictor_service import forecaster
+    from predictor_service.evaluate import evaluate
+
+    info = load_manifest(a.traces)
+    model = None
+    if a.checkpoint:
+        try:
+            model, _, _ = forecaster.load(a.checkpoint, expect_model_id=info.model_id)
+        except ValueError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+    report = evaluate(info, list(read_passes(a.traces)), model, window=a.window, alpha=a.alpha)
+    if a.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{'method':<8}{'load_l1':>9}{'enc l1':>9}{'dec l1':>9}{'hot_recall':>12}{'p50 ms':>9}{'p99 ms':>9}")
+        for name, m in report["methods"].items():
+            print(f"{name:<8}{m['load_l1']:>9.3f}{m['encoder']['load_l1'] or 0:>9.3f}{m['decoder']['load_l1'] or 0:>9.3f}"
+                  f"{m['hot_recall']:>12.3f}{m['forecast_ms_p50']:>9.3f}{m['forecast_ms_p99']:>9.3f}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from moe_common.traces import TraceInfo
+    from moe_protos.moe.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+    from predictor_service import forecaster
+    from predictor_service.predictor import Predictor
+    from predictor_service.servicer import PredictorServicer
+
+    model = None
+    if a.checkpoint:
+        model, info, _ = forecaster.load(a.checkpoint)
+        if a.model:
+            source = model_source.resolve(a.model, a.cache_dir)
+            if source.model_id != info.model_id:
+                print(f"checkpoint is for model {info.model_id}; --model {a.model} is {source.model_id}", file=sys.stderr)
+                return 2
+    elif a.model:
+        from transformers import SwitchTransformersConfig
+
+        source = model_source.resolve(a.model, a.cache_dir)
+        info = TraceInfo.from_config(SwitchTransformersConfig.from_pretrained(source.path), source)
+    else:
+        print("give --checkpoint (a trained forecaster) or --model (history methods only)", file=sys.stderr)
+        return 2
+    method = a.method or ("sru" if model is not None else "window")
+    try:
+        predictor = Predictor(info, method, model, a.window, a.alpha, vocab_size=info.vocab_size)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    name = predictor_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
+    server, port, health = serving.create_server(
+        f"{a.host}:{a.port}",
+        [lambda s: predictor_pb2_grpc.add_PredictorServiceServicer_to_server(PredictorServicer(predictor), s)],
+        [name])
+    serving.set_serving(health, [name])
+    log.info("predictor on %s:%d for model %s: %s", a.host, port, info.model_id, predictor.note)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=1).wait()
+    return 0
 
 
 def main(argv=None) -> int:
-    print(
-        "moe-predictor: the predictor service is not implemented yet (see the issue "
-        "'Predictor service'); the gateway serves without load forecasts.",
-        file=sys.stderr,
-    )
-    return 2
+    p = argparse.ArgumentParser(prog="moe-predictor", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("corpus", help="write the default text (the Python standard library's docstrings)")
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_corpus)
+
+    c = sub.add_parser("collect", help="record routing traces by running the model over a text file")
+    c.add_argument("--model", required=True)
+    c.add_argument("--corpus", required=True, type=Path, help="text file: one document per line, long ones chunked")
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--max-length", type=int, default=128, help="tokens per chunk")
+    c.add_argument("--new-tokens", type=int, default=8, help="greedy decoder steps per batch")
+    c.add_argument("--skip-docs", type=int, default=0, help="skip the first N documents (for held-out splits)")
+    c.add_argument("--max-docs", type=int, default=None)
+    c.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_collect)
+
+    c = sub.add_parser("train", help="train the SRU forecaster on traces")
+    c.add_argument("--traces", required=True, type=Path)
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--model", default=None, help="initialise the token embedding from this model's input embeddings")
+    c.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--epochs", type=int, default=12)
+    c.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
+    c.add_argument("--group", type=int, default=4, help="recorded batches stacked per training step")
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--val-fraction", type=float, default=0.1)
+    c.add_argument("--embed-dim", type=int, default=64)
+    c.add_argument("--hidden", type=int, default=64)
+    c.add_argument("--sru-layers", type=int, default=2)
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_train)
+
+    c = sub.add_parser("eval", help="compare the SRU with history baselines on traces")
+    c.add_argument("--traces", required=True, type=Path)
+    c.add_argument("--checkpoint", type=Path, default=None)
+    c.add_argument("--window", type=int, default=16)
+    c.add_argument("--alpha", type=float, default=0.3, help="EMA weight of the newest pass")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("serve", help="serve forecasts over gRPC")
+    c.add_argument("--checkpoint", type=Path, default=None)
+    c.add_argument("--model", default=None, help="the model (needed without a checkpoint)")
+    c.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    c.add_argument("--method", choices=["sru", "last", "window", "ema"], default=None,
+                   help="default: sru with a checkpoint, window without")
+    c.add_argument("--window", type=int, default=16)
+    c.add_argument("--alpha", type=float, default=0.3)
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=50071)
+    c.set_defaults(fn=cmd_serve)
+
+    a = p.parse_args(argv)
+    serving.configure_logging(a.log_level)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

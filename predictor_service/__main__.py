@@ -1,0 +1,3 @@
+from predictor_service.cli import main
+
+raise SystemExit(main())

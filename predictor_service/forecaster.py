@@ -1,0 +1,250 @@
+"""The SRU forecaster: from the token ids of the upcoming pass, a distribution over
+the experts of every sparse layer for each token, and from those the expected load
+of each expert.
+
+  encoder pass  tokens [B, S] -> embedding -> bidirectional SRU over S -> one head per
+                encoder sparse layer -> p[B, S, Le, E]; load[l, e] = sum_b min(sum_s p, capacity)
+  decoder step  decoder tokens so far [B, t] -> embedding -> causal SRU over t -> one head
+                per decoder sparse layer at the last position -> p[B, Ld, E]; load = sum_b p
+
+Trained by distillation on recorded routing traces: cross-entropy against the
+router's own top-1 choice. It only forecasts; the router still routes every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_common.traces import DECODER, ENCODER, Pass, TraceInfo
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "moe-forecaster"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class ForecasterConfig:
+    vocab_size: int
+    num_experts: int
+    num_encoder_layers: int
+    num_decoder_layers: int
+    expert_capacity: int
+    embed_dim: int = 64
+    hidden: int = 64  # per direction
+    sru_layers: int = 2
+
+
+def _sru(*args, **kwargs):
+    # Importing sru JIT-compiles its CPU kernel (~30-45 s the first time, then cached).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA kernels unavailable" on CPU-only machines: harmless
+        from sru import SRU
+    return SRU(*args, **kwargs)
+
+
+class Forecaster(nn.Module):
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.encoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=True)
+        self.decoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=False)
+        # All layers' heads fused into one matmul: [.., H] -> [.., L * E].
+        self.encoder_heads = nn.Linear(2 * cfg.hidden, cfg.num_encoder_layers * cfg.num_experts)
+        self.decoder_heads = nn.Linear(cfg.hidden, cfg.num_decoder_layers * cfg.num_experts)
+
+    def logits(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, Lp, E] for the sparse layers of that stack."""
+        b, s = tokens.shape
+        x = self.embed(tokens).transpose(0, 1)  # [S, B, D]: sru has no batch_first
+        if kind == ENCODER:
+            h, _ = self.encoder_rnn(x)  # [S, B, 2H]
+            out = self.encoder_heads(h)
+            lp = self.cfg.num_encoder_layers
+        else:
+            h, _ = self.decoder_rnn(x)  # [S, B, H]
+            out = self.decoder_heads(h)
+            lp = self.cfg.num_decoder_layers
+        return out.transpose(0, 1).reshape(b, s, lp, self.cfg.num_experts)
+
+    @torch.inference_mode()
+    def forecast(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Expected load [Lp, E] of the upcoming pass.
+
+        encoder: tokens [B, S] are the pass's tokens; per sequence an expert takes at most
+        `expert_capacity` tokens (HF drops the rest), so the expectation is capped per sequence.
+        decoder: tokens [B, t] are each sequence's decoder tokens so far; the pass routes the last one.
+        """
+        logits = self.logits(kind, tokens)
+        if kind == ENCODER:
+            per_seq = logits.softmax(-1).sum(1)  # [B, Lp, E]
+            return per_seq.clamp(max=self.cfg.expert_capacity).sum(0)
+        return logits[:, -1].softmax(-1).sum(0)
+
+
+# ---------------------------------------------------------------------------
+# training data from traces
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    """One training batch: tokens [B, S] and router choices [B, S, Lp] of one stack."""
+
+    kind: int
+    batch_id: int
+    tokens: torch.Tensor
+    targets: torch.Tensor
+
+
+def examples_from_passes(passes: list[Pass]) -> list[Example]:
+    """Encoder passes as they are; decoder steps of one batch joined into [B, steps] sequences."""
+    out: list[Example] = []
+    decoder: dict[int, list[Pass]] = {}
+    for p in passes:
+        if p.kind == ENCODER:
+            out.append(Example(ENCODER, p.batch_id, torch.from_numpy(p.tokens).long(), torch.from_numpy(p.experts).long()))
+        else:
+            decoder.setdefault(p.batch_id, []).append(p)
+    for batch_id, steps in decoder.items():
+        steps.sort(key=lambda p: p.step)
+        if any(p.tokens.shape[1] != 1 for p in steps):
+            # A teacher-forced decoder pass (all positions at once): use it as it is.
+            for p in steps:
+                out.append(Example(DECODER, batch_id, torch.from_numpy(p.tokens).long(), torch.from_numpy(p.experts).long()))
+            continue
+        tokens = np.concatenate([p.tokens for p in steps], axis=1)  # [B, steps]
+        experts = np.concatenate([p.experts for p in steps], axis=1)  # [B, steps, Ld]
+        out.append(Example(DECODER, batch_id, torch.from_numpy(tokens).long(), torch.from_numpy(experts).long()))
+    return out
+
+
+def split_batches(batch_ids: list[int], val_fraction: float, seed: int) -> tuple[set[int], set[int]]:
+    """Deterministic train/validation split by batch id."""
+    ids = sorted(set(batch_ids))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(ids)
+    n_val = max(1, int(round(len(ids) * val_fraction))) if len(ids) > 1 else 0
+    return set(ids[n_val:]), set(ids[:n_val])
+
+
+IGNORE = -100  # target of positions added by grouping; cross_entropy skips them
+
+
+def group_examples(examples: list[Example], per_group: int) -> list[Example]:
+    """Stack up to `per_group` examples of the same kind into one, padding S with token 0
+    and target IGNORE. The SRU's CPU cost grows with S, not B, so this makes epochs faster."""
+    out = []
+    for kind in (ENCODER, DECODER):
+        same = [ex for ex in examples if ex.kind == kind]
+        for i in range(0, len(same), per_group):
+            part = same[i: i + per_group]
+            width = max(ex.tokens.shape[1] for ex in part)
+            tokens = torch.cat([nn.functional.pad(ex.tokens, (0, width - ex.tokens.shape[1])) for ex in part])
+            targets = torch.cat([nn.functional.pad(ex.targets, (0, 0, 0, width - ex.targets.shape[1]), value=IGNORE)
+                                 for ex in part])
+            out.append(Example(kind, part[0].batch_id, tokens, targets))
+    return out
+
+
+def _loss(model: Forecaster, ex: Example) -> torch.Tensor:
+    logits = model.logits(ex.kind, ex.tokens)  # [B, S, Lp, E]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ex.targets.reshape(-1), ignore_index=IGNORE)
+
+
+def train(info: TraceInfo, passes: list[Pass], vocab_size: int, *, seed: int = 0, epochs: int = 12,
+          patience: int = 2, lr: float = 3e-3, val_fraction: float = 0.1, embed_dim: int = 64, hidden: int = 64,
+          sru_layers: int = 2, group: int = 4, init_embeddings: torch.Tensor | None = None,
+          progress: bool = True) -> tuple[Forecaster, dict]:
+    """Fit a Forecaster to traces with early stopping on validation loss. Returns (best model, report)."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    cfg = ForecasterConfig(vocab_size, info.num_experts, len(info.encoder_layers), len(info.decoder_layers),
+                           info.expert_capacity, embed_dim, hidden, sru_layers)
+    model = Forecaster(cfg)
+    if init_embeddings is not None:
+        # The model's own input embeddings, projected to embed_dim by a fixed random map.
+        proj = torch.randn(init_embeddings.shape[1], embed_dim, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            e = init_embeddings.float() @ proj / math.sqrt(init_embeddings.shape[1])
+            model.embed.weight.copy_(e / e.std())
+    examples = examples_from_passes(passes)
+    train_ids, val_ids = split_batches([ex.batch_id for ex in examples], val_fraction, seed)
+    train_set = group_examples([ex for ex in examples if ex.batch_id in train_ids], group)
+    val_set = group_examples([ex for ex in examples if ex.batch_id in val_ids], group)
+    if not train_set:
+        raise ValueError("no training examples in the traces")
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    best, best_loss, bad_epochs, history = None, math.inf, 0, []
+    t0 = time.monotonic()
+    warnings.filterwarnings("ignore", message="Running SRU on CPU with grad_enabled")  # the CPU path is the point here
+    for epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(train_set))
+        bar = tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, unit="batch")
+        total = 0.0
+        for i in bar:
+            opt.zero_grad()
+            loss = _loss(model, train_set[i])
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        with torch.no_grad():
+            val = float(np.mean([_loss(model, ex).item() for ex in val_set])) if val_set else total / len(train_set)
+        history.append({"epoch": epoch + 1, "train_loss": total / len(train_set), "val_loss": val})
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {total / len(train_set):.4f}, validation loss {val:.4f}", flush=True)
+        if val < best_loss - 1e-4:
+            best_loss, bad_epochs = val, 0
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= patience:
+                break
+    if best is not None:
+        model.load_state_dict(best)
+    model.eval()
+    report = {"epochs": history, "best_val_loss": best_loss, "train_seconds": time.monotonic() - t0,
+              "train_batches": len(train_set), "val_batches": len(val_set), "seed": seed}
+    return model, report
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+
+def save(path, model: Forecaster, info: TraceInfo, report: dict) -> None:
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "trace_info": info.to_json(),
+                "config": asdict(model.cfg), "state_dict": model.state_dict(), "report": report}, path)
+
+
+def load(path, expect_model_id: str | None = None) -> tuple[Forecaster, TraceInfo, dict]:
+    """Load a checkpoint; with expect_model_id, fail clearly when it was trained for another model."""
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a forecaster checkpoint")
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {data.get('version')} is not supported (want {CHECKPOINT_VERSION})")
+    info = TraceInfo.from_json(data["trace_info"])
+    if expect_model_id is not None and info.model_id != expect_model_id:
+        raise ValueError(
+            f"forecaster {path} was trained for model {info.model_id} ({info.model_source}), "
+            f"not for model {expect_model_id}: train one on this model's traces"
+        )
+    model = Forecaster(ForecasterConfig(**data["config"]))
+    model.load_state_dict(data["state_dict"])
+    model.eval()
+    return model, info, data.get("report", {})
