@@ -2,9 +2,12 @@
 
 Requests wait in arrival order. The worker takes the oldest request, waits up to
 max_wait_ms for more requests with the same decoding parameters (up to
-max_batch_size prompts together), runs them as one batch, and reports every
-token and the final results back to each request through its event queue. A
-request with more prompts than max_batch_size runs as a batch of its own.
+max_batch_size prompts together), and runs them as one batch. Each request hears
+about its own tokens as they are generated and gets its result as soon as its own
+rows are finished, not when the whole batch is. A request with more prompts than
+max_batch_size runs as a batch of its own; a seeded sampling request always runs
+alone, since a batch shares one random stream and the seed promises the same tokens
+whatever else arrives. A cancelled request stops taking part in its batch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.engine import Engine, RowResult, Sampling
-from moe_common.errors import Unavailable
+from moe_common.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class Job:
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     # ("token", index, token_id, finish_reason) | ("done", [RowResult], Timings dict) | ("error", exception)
     events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def wait(self):
         """Block until the job finishes; returns (results, timings) or raises its error."""
@@ -42,12 +46,17 @@ class Job:
             if kind == "error":
                 raise rest[0]
 
+    @property
+    def runs_alone(self) -> bool:
+        return self.sampling.do_sample and self.sampling.seed is not None
+
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_size: int, max_wait_ms: float):
+    def __init__(self, engine: Engine, max_batch_size: int, max_wait_ms: float, max_queued_prompts: int = 1024):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.max_queued_prompts = max_queued_prompts
         self._pending: list[Job] = []
         self._cv = threading.Condition()
         self._stopped = False
@@ -58,6 +67,9 @@ class Batcher:
         with self._cv:
             if self._stopped:
                 raise Unavailable("the gateway is shutting down")
+            queued = sum(len(j.prompts) for j in self._pending)
+            if queued + len(job.prompts) > self.max_queued_prompts:
+                raise ResourceExhausted(f"{queued} prompts are already waiting (limit {self.max_queued_prompts}); retry later")
             self._pending.append(job)
             self._cv.notify()
         return job
@@ -71,19 +83,25 @@ class Batcher:
     def _take_batch(self) -> list[Job] | None:
         """Wait for work; return the next batch (oldest job first), or None when stopped."""
         with self._cv:
-            while not self._pending and not self._stopped:
-                self._cv.wait()
-            if self._stopped:
-                for job in self._pending:
-                    job.events.put(("error", Unavailable("the gateway is shutting down")))
-                return None
+            while True:
+                while not self._pending and not self._stopped:
+                    self._cv.wait()
+                if self._stopped:
+                    for job in self._pending:
+                        job.events.put(("error", Unavailable("the gateway is shutting down")))
+                    return None
+                self._pending = [j for j in self._pending if not j.cancelled.is_set()]
+                if self._pending:
+                    break
             first = self._pending[0]
             deadline = first.arrival_ns / 1e9 + self.max_wait_s
 
             def compatible() -> list[Job]:
+                if first.runs_alone:
+                    return [first]
                 batch, rows = [], 0
                 for job in self._pending:
-                    if job.sampling != first.sampling:
+                    if job.sampling != first.sampling or job.cancelled.is_set():
                         continue
                     if batch and rows + len(job.prompts) > self.max_batch_size:
                         break
@@ -92,7 +110,8 @@ class Batcher:
                 return batch
 
             batch = compatible()
-            while sum(len(j.prompts) for j in batch) < self.max_batch_size and not self._stopped:
+            while (not first.runs_alone and sum(len(j.prompts) for j in batch) < self.max_batch_size
+                   and not self._stopped):
                 remaining = deadline - time.perf_counter_ns() / 1e9
                 if remaining <= 0:
                     break
@@ -113,29 +132,49 @@ class Batcher:
         owners = [(job, i) for job in batch for i in range(len(job.prompts))]  # row -> (job, prompt index)
         rows = [job.prompts[i] for job, i in owners]
         limits = [job.max_new_tokens[i] for job, i in owners]
+        first_row = {}  # job -> its first row
+        for row, (job, i) in enumerate(owners):
+            first_row.setdefault(id(job), row)
+        open_rows = {id(job): sum(1 for i, limit in enumerate(job.max_new_tokens) if limit > 0) for job in batch}
         start = time.perf_counter_ns()
+        first_token = {}
+        results = [RowResult([], "length") for _ in rows]  # filled token by token
+        finished: set[int] = set()
+
+        def finish(job: Job) -> None:
+            # Called on the batcher thread only; each job is finished once.
+            if id(job) in finished:
+                return
+            finished.add(id(job))
+            a = first_row[id(job)]
+            now = time.perf_counter_ns()
+            timings = dict(queue_ns=start - job.arrival_ns, first_token_ns=first_token.get(id(job), start) - start,
+                           total_ns=now - job.arrival_ns, batch_size=len(rows))
+            job.events.put(("done", results[a: a + len(job.prompts)], timings))
 
         def on_token(row: int, token: int, reason: str | None) -> None:
             job, index = owners[row]
+            first_token.setdefault(id(job), time.perf_counter_ns())
+            results[row].token_ids.append(token)
+            if reason is not None:
+                results[row].finish_reason = reason
             if job.stream:
                 job.events.put(("token", index, token, reason))
+            if reason is not None:
+                open_rows[id(job)] -= 1
+                if open_rows[id(job)] == 0:
+                    finish(job)
+
+        def stop_row(row: int) -> bool:
+            return owners[row][0].cancelled.is_set()
 
         try:
-            results, first_token_ns = self.engine.generate_batch(rows, limits, batch[0].sampling, on_token)
-        except Exception as exc:  # noqa: BLE001 - every job of the batch gets the error
+            self.engine.generate_batch(rows, limits, batch[0].sampling, on_token, stop_row)
+        except Exception as exc:  # noqa: BLE001 - every unfinished job of the batch gets the error
             log.warning("batch of %d prompts failed: %s", len(rows), exc)
             for job in batch:
-                job.events.put(("error", exc))
+                if id(job) not in finished:
+                    job.events.put(("error", exc))
             return
-        end = time.perf_counter_ns()
-        row = 0
-        for job in batch:
-            mine: list[RowResult] = results[row: row + len(job.prompts)]
-            row += len(job.prompts)
-            timings = dict(
-                queue_ns=start - job.arrival_ns,
-                first_token_ns=(first_token_ns - start) if first_token_ns else 0,
-                total_ns=end - job.arrival_ns,
-                batch_size=len(rows),
-            )
-            job.events.put(("done", mine, timings))
+        for job in batch:  # jobs whose rows were all empty, or cancelled part-way
+            finish(job)

@@ -19,10 +19,12 @@ class GatewayConfig:
     # --- serving ---
     host: str = "127.0.0.1"
     port: int = 0
-    max_workers: int = 32
+    max_workers: int = 64  # gRPC handler threads: each in-flight request holds one while it waits
     # --- batching ---
     max_batch_size: int = 8  # prompts per forward batch (a bigger single request runs alone)
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_prompts_per_request: int = 64
+    max_queued_prompts: int = 1024  # beyond it new requests get RESOURCE_EXHAUSTED
     # --- limits ---
     max_input_tokens: int = 512
     max_new_tokens_limit: int = 512
@@ -41,6 +43,8 @@ class GatewayConfig:
             raise ValueError(f"--wire-dtype must be one of {sorted(WIRE_DTYPES)}")
         if self.max_batch_size < 1:
             raise ValueError("--max-batch-size must be >= 1")
+        if self.max_prompts_per_request < 1 or self.max_queued_prompts < self.max_prompts_per_request:
+            raise ValueError("need 1 <= --max-prompts-per-request <= --max-queued-prompts")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
         if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:

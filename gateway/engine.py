@@ -9,6 +9,7 @@ No gRPC types here; servicers translate.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -41,13 +42,20 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
 
-    def validate(self) -> None:
-        if not self.temperature > 0:
-            raise InvalidArgument(f"temperature must be > 0, got {self.temperature}")
+    MIN_TEMPERATURE = 1e-3  # below it softmax overflows to inf/nan in fp32
+
+    def normalized(self) -> "Sampling":
+        """Validated; greedy requests drop the sampling fields (they are ignored, and must
+        not keep greedy requests from sharing a batch)."""
+        if not self.do_sample:
+            return Sampling()
+        if not (math.isfinite(self.temperature) and self.temperature >= self.MIN_TEMPERATURE):
+            raise InvalidArgument(f"temperature must be finite and >= {self.MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
 
 
 @dataclass
@@ -57,14 +65,19 @@ class RowResult:
 
 
 class _RowLimits(StoppingCriteria):
-    """Stops each row at its own max_new_tokens (HF's max_new_tokens is per batch)."""
+    """Stops each row at its own max_new_tokens (HF's max_new_tokens is per batch), or
+    when stop_row(row) says its client went away."""
 
-    def __init__(self, limits: list[int]):
+    def __init__(self, limits: list[int], stop_row: Callable[[int], bool] | None):
         self.limits = torch.tensor(limits)
+        self.stop_row = stop_row
 
     def __call__(self, input_ids, scores, **kwargs):
         generated = input_ids.shape[1] - 1  # minus the decoder start token
-        return torch.full((input_ids.shape[0],), generated) >= self.limits
+        done = torch.full((input_ids.shape[0],), generated) >= self.limits
+        if self.stop_row is not None:
+            done |= torch.tensor([self.stop_row(r) for r in range(input_ids.shape[0])])
+        return done
 
 
 class _RowStreamer(BaseStreamer):
@@ -77,14 +90,11 @@ class _RowStreamer(BaseStreamer):
         self.rows = [RowResult([], "length") for _ in limits]
         self.done = [limit == 0 for limit in limits]
         self.started = False
-        self.first_token_ns: int | None = None
 
     def put(self, value):
         if not self.started:  # generate() first puts the decoder start tokens [B, 1]
             self.started = True
             return
-        if self.first_token_ns is None:
-            self.first_token_ns = time.perf_counter_ns()
         for row, token in enumerate(value.tolist()):
             if self.done[row]:
                 continue
@@ -154,6 +164,9 @@ class Engine:
             raise InvalidArgument("give prompts as text or as token ids, not both")
         if not prompts and not token_ids:
             raise InvalidArgument("the request has no prompts")
+        count = len(prompts) or len(token_ids)
+        if count > self.config.max_prompts_per_request:
+            raise InvalidArgument(f"the request has {count} prompts; the maximum is {self.config.max_prompts_per_request}")
         if prompts:
             ids = [list(x) for x in self.tokenizer(list(prompts))["input_ids"]]
         else:
@@ -196,18 +209,20 @@ class Engine:
 
     @torch.inference_mode()
     def generate_batch(self, rows: list[list[int]], limits: list[int], sampling: Sampling,
-                       on_token: TokenCallback | None = None) -> tuple[list[RowResult], int | None]:
+                       on_token: TokenCallback | None = None,
+                       stop_row: Callable[[int], bool] | None = None) -> list[RowResult]:
         """Generate for a batch of prompts (token ids) with per-row max_new_tokens.
 
-        Returns (results per row, perf_counter_ns of the first generated token or None).
+        on_token(row, token, finish_reason) hears every token as it is made; stop_row(row)
+        True ends a row early (its client went away). Returns the results per row.
         """
         streamer = _RowStreamer(limits, self.eos_token_id, on_token)
         if max(limits) == 0:
-            return streamer.rows, None
+            return streamer.rows
         input_ids, attention_mask = self.pad(rows)
         kwargs = dict(
             max_new_tokens=max(limits),
-            stopping_criteria=StoppingCriteriaList([_RowLimits(limits)]),
+            stopping_criteria=StoppingCriteriaList([_RowLimits(limits, stop_row)]),
             streamer=streamer,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
@@ -221,7 +236,7 @@ class Engine:
         else:
             kwargs.update(do_sample=False)
         self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        return streamer.rows, streamer.first_token_ns
+        return streamer.rows
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:

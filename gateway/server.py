@@ -37,7 +37,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.engine = Engine(config)
-        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms)
+        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
         counters = Counters()
         self.server, self.port, health = serving.create_server(
             config.address,
@@ -72,6 +72,10 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-batch-size", type=int, default=8, help="prompts per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-prompts-per-request", type=int, default=64)
+    p.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
+    p.add_argument("--startup-timeout-s", type=float, default=600.0, help="waiting for expert servers to load")
     p.add_argument("--max-input-tokens", type=int, default=512)
     p.add_argument("--max-new-tokens-limit", type=int, default=512)
     p.add_argument("--default-max-new-tokens", type=int, default=32)
@@ -91,6 +95,10 @@ def parse_args(argv=None) -> GatewayConfig:
             port=a.port,
             max_batch_size=a.max_batch_size,
             max_wait_ms=a.max_wait_ms,
+            max_prompts_per_request=a.max_prompts_per_request,
+            max_queued_prompts=a.max_queued_prompts,
+            max_workers=a.max_workers,
+            startup_timeout_s=a.startup_timeout_s,
             max_input_tokens=a.max_input_tokens,
             max_new_tokens_limit=a.max_new_tokens_limit,
             default_max_new_tokens=a.default_max_new_tokens,

@@ -4,6 +4,7 @@ Inference Protocol v2. Both only translate between protos and the Engine/Batcher
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import threading
 
@@ -32,15 +33,13 @@ class Counters:
 
 
 def _sampling_from_pb(p: gateway_pb2.GenerationParameters) -> Sampling:
-    s = Sampling(
+    return Sampling(
         do_sample=p.do_sample,
         temperature=p.temperature if p.HasField("temperature") else 1.0,
         top_k=p.top_k if p.HasField("top_k") else 0,
         top_p=p.top_p if p.HasField("top_p") else 1.0,
         seed=p.seed if p.HasField("seed") else None,
-    )
-    s.validate()
-    return s
+    ).normalized()
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -60,7 +59,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Generate(self, request, context):
         failed = True
         try:
-            job = self.batcher.submit(self._job(request, stream=False))
+            job = self._job(request, stream=False)
+            context.add_callback(job.cancelled.set)  # the RPC ended (done, cancelled or timed out)
+            self.batcher.submit(job)
             results, timings = job.wait()
             reply = gateway_pb2.GenerateResponse(timings=gateway_pb2.Timings(**timings))
             for prompt, r in zip(job.prompts, results):
@@ -76,7 +77,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def GenerateStream(self, request, context):
         failed = True
         try:
-            job = self.batcher.submit(self._job(request, stream=True))
+            job = self._job(request, stream=True)
+            context.add_callback(job.cancelled.set)
+            self.batcher.submit(job)
             while True:
                 kind, *rest = job.events.get()
                 if kind == "token":
@@ -128,6 +131,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 SERVER_NAME = "moe-gateway"
 SERVER_VERSION = "0.1.0"
+MODEL_VERSION = "1"
 _INPUTS = {  # name -> (datatype, shape)
     "text_input": ("BYTES", [-1]),
     "input_ids": ("INT64", [-1, -1]),
@@ -155,18 +159,24 @@ def _serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
-def _param(params, name: str, default):
+def _param(params, name: str, types: tuple[type, ...], default):
+    """A request parameter of one of `types` (bool is not an int here), or default when absent."""
     if name not in params:
         return default
-    p = params[name]
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else default
+    which = params[name].WhichOneof("parameter_choice")
+    value = getattr(params[name], which) if which else default
+    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+        wanted = " or ".join(t.__name__ for t in types)
+        raise InvalidArgument(f"parameter {name!r} must be {wanted}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def _input_array(request, index: int, tensor) -> np.ndarray | list[bytes]:
     """One input tensor of a ModelInferRequest as a numpy array (or list of bytes)."""
     shape = list(tensor.shape)
-    count = int(np.prod(shape)) if shape else 1
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {tensor.name!r} has a negative dimension in shape {shape}")
+    count = math.prod(shape)
     expected = _INPUTS[tensor.name][0]
     if tensor.datatype != expected:
         raise InvalidArgument(f"input {tensor.name!r} must have datatype {expected}, got {tensor.datatype!r}")
@@ -200,9 +210,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.batcher = batcher
         self.counters = counters
 
-    def _check_model(self, name: str) -> None:
+    def _check_model(self, name: str, version: str = "") -> None:
         if name != self.engine.config.model_name:
             raise NotFound(f"model {name!r} is not served here; this server serves {self.engine.config.model_name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise NotFound(f"model {name!r} has no version {version!r}; it has version {MODEL_VERSION!r}")
 
     def _ready(self) -> bool:
         try:
@@ -219,15 +231,15 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=self._ready())
 
     def ModelReady(self, request, context):
-        self._check_model(request.name)
+        self._check_model(request.name, request.version)
         return oip.ModelReadyResponse(ready=self._ready())
 
     def ServerMetadata(self, request, context):
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
 
     def ModelMetadata(self, request, context):
-        self._check_model(request.name)
-        reply = oip.ModelMetadataResponse(name=request.name, versions=["1"], platform="switch_transformers")
+        self._check_model(request.name, request.version)
+        reply = oip.ModelMetadataResponse(name=request.name, versions=[MODEL_VERSION], platform="switch_transformers")
         for name, (dt, shape) in _INPUTS.items():
             reply.inputs.add(name=name, datatype=dt, shape=shape)
         for name, (dt, shape) in _OUTPUTS.items():
@@ -237,19 +249,21 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):
         failed = True
         try:
-            reply = self._infer(request)
+            reply = self._infer(request, context)
             failed = False
             return reply
         finally:
             self.counters.count(failed)
 
-    def _infer(self, request):
+    def _infer(self, request, context):
         e = self.engine
-        self._check_model(request.model_name)
+        self._check_model(request.model_name, request.model_version)
         arrays = {}
         for i, tensor in enumerate(request.inputs):
             if tensor.name not in _INPUTS:
                 raise InvalidArgument(f"unknown input {tensor.name!r}; inputs are {sorted(_INPUTS)}")
+            if tensor.name in arrays:
+                raise InvalidArgument(f"input {tensor.name!r} is given twice")
             arrays[tensor.name] = _input_array(request, i, tensor)
         if ("text_input" in arrays) == ("input_ids" in arrays):
             raise InvalidArgument("give exactly one of the inputs text_input (BYTES [B]) and input_ids (INT64 [B, S])")
@@ -271,30 +285,33 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 rows.append(row)
             prompts = e.prompt_ids([], rows)
         if "max_tokens" in arrays:
-            mt = arrays["max_tokens"].reshape(-1).tolist()
+            if arrays["max_tokens"].ndim != 1:
+                raise InvalidArgument(f"max_tokens must have shape [1] or [B], got {list(arrays['max_tokens'].shape)}")
+            mt = arrays["max_tokens"].tolist()
             if len(mt) not in (1, len(prompts)):
                 raise InvalidArgument(f"max_tokens must have shape [1] or [{len(prompts)}], got [{len(mt)}]")
             limits = [e.max_new_tokens(int(x), "max_tokens") for x in (mt * len(prompts) if len(mt) == 1 else mt)]
         else:
             limits = [e.max_new_tokens(None)] * len(prompts)
         params = request.parameters
-        seed = _param(params, "seed", None)
+        seed = _param(params, "seed", (int,), None)
         sampling = Sampling(
-            do_sample=bool(_param(params, "do_sample", False)),
-            temperature=float(_param(params, "temperature", 1.0)),
-            top_k=int(_param(params, "top_k", 0)),
-            top_p=float(_param(params, "top_p", 1.0)),
-            seed=int(seed) if seed is not None else None,
-        )
-        sampling.validate()
+            do_sample=_param(params, "do_sample", (bool,), False),
+            temperature=float(_param(params, "temperature", (float, int), 1.0)),
+            top_k=_param(params, "top_k", (int,), 0),
+            top_p=float(_param(params, "top_p", (float, int), 1.0)),
+            seed=seed,
+        ).normalized()
         wanted = [o.name for o in request.outputs] or list(_OUTPUTS)
         unknown = [n for n in wanted if n not in _OUTPUTS]
         if unknown:
             raise InvalidArgument(f"unknown outputs {unknown}; outputs are {sorted(_OUTPUTS)}")
 
-        job = self.batcher.submit(Job(prompts=prompts, max_new_tokens=limits, sampling=sampling))
+        job = Job(prompts=prompts, max_new_tokens=limits, sampling=sampling)
+        context.add_callback(job.cancelled.set)
+        self.batcher.submit(job)
         results, _ = job.wait()
-        reply = oip.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
         for name in wanted:
             if name == "text_output":
                 texts = [e.decode(r.token_ids).encode("utf-8") for r in results]

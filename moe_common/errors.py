@@ -40,6 +40,8 @@ class Unavailable(MoEError):
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str):
+    if type(exc) is Exception and context.code() not in (None, grpc.StatusCode.OK):
+        raise exc  # the servicer already called context.abort(): keep its status
     if isinstance(exc, MoEError):
         log.info("%s -> %s: %s", method, exc.code.name, exc)
         context.abort(exc.code, str(exc))
@@ -62,8 +64,6 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 try:
                     return inner(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                    if _is_abort(exc):
-                        raise
                     _abort(context, exc, method)
 
             return handler._replace(unary_unary=unary_unary)
@@ -74,14 +74,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 try:
                     yield from inner_stream(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                    if _is_abort(exc):
-                        raise
                     _abort(context, exc, method)
 
             return handler._replace(unary_stream=unary_stream)
         return handler
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort() raises a bare Exception subclass private to grpc; let it through.
-    return type(exc).__module__.startswith("grpc")

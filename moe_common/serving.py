@@ -44,7 +44,9 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[ErrorMappingInterceptor()],
-        options=message_options(max_message_bytes),
+        # Without so_reuseport=0 a second server binds a port already in use and the two
+        # silently split the traffic (e.g. a stack started twice on one port).
+        options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
     )
     for add in register:
         add(server)
@@ -54,9 +56,10 @@ def create_server(
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"could not bind {address}: is another server using it?") from exc
     server.start()
     return server, port, health_servicer
 

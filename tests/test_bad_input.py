@@ -45,7 +45,9 @@ def test_gateway_rejects_bad_requests_and_keeps_serving(gw):
             (INVALID, "outside the vocabulary", G(token_ids=[gateway_pb2.TokenIds(ids=[5, 100000])])),
             (INVALID, "prompt 0 has no tokens", G(token_ids=[gateway_pb2.TokenIds(ids=[])])),
             (INVALID, "not both", G(prompts=["x"], token_ids=[gateway_pb2.TokenIds(ids=[5])])),
-            (INVALID, "temperature must be > 0", G(prompts=["x"], parameters=P(do_sample=True, temperature=0))),
+            (INVALID, "temperature must be finite and >= 0.001", G(prompts=["x"], parameters=P(do_sample=True, temperature=0))),
+            (INVALID, "temperature must be finite", G(prompts=["x"], parameters=P(do_sample=True, temperature=float("inf")))),
+            (INVALID, "the request has 65 prompts; the maximum is 64", G(prompts=["x"] * 65)),
             (INVALID, "top_p must be in (0, 1]", G(prompts=["x"], parameters=P(do_sample=True, top_p=1.5))),
         ]
         for code, words, request in cases:
@@ -53,6 +55,9 @@ def test_gateway_rejects_bad_requests_and_keeps_serving(gw):
             expect(code, words, lambda r: list(stub.GenerateStream(r)), request)
         ok = stub.Generate(G(prompts=["still serving"], parameters=P(max_new_tokens=2)))
         assert len(ok.generations) == 1
+        # Sampling fields are ignored (not rejected) when greedy.
+        greedy = stub.Generate(G(prompts=["still serving"], parameters=P(max_new_tokens=2, temperature=0)))
+        assert list(greedy.generations[0].token_ids) == list(ok.generations[0].token_ids)
         status = stub.GetStatus(gateway_pb2.GetStatusRequest())
         assert status.requests_failed >= len(cases) and status.healthy
 
@@ -62,7 +67,21 @@ def test_open_inference_protocol_rejects_bad_requests(gw):
     with channel(gw) as ch:
         stub = oip_grpc.GRPCInferenceServiceStub(ch)
         text = R.InferInputTensor(name="text_input", datatype="BYTES", shape=[1])
+        one = [b"\x01\0\0\0a"]
+
+        def with_params(**kw):
+            r = R(model_name="switch", inputs=[text], raw_input_contents=one)
+            for k, v in kw.items():
+                r.parameters[k].CopyFrom(oip.InferParameter(**v))
+            return r
         cases = [
+            (NOT_FOUND, "has no version '7'", R(model_name="switch", model_version="7", inputs=[text], raw_input_contents=one)),
+            (INVALID, "negative dimension", R(model_name="switch", inputs=[R.InferInputTensor(name="input_ids", datatype="INT64", shape=[1, -3])],
+                                              raw_input_contents=[b""])),
+            (INVALID, "given twice", R(model_name="switch", inputs=[text, text], raw_input_contents=one * 2)),
+            (INVALID, "'temperature' must be float or int, got str", with_params(temperature={"string_param": "hot"})),
+            (INVALID, "'do_sample' must be bool, got str", with_params(do_sample={"string_param": "false"})),
+            (INVALID, "'top_k' must be int, got float", with_params(top_k={"double_param": 2.9})),
             (NOT_FOUND, "model 'other' is not served", R(model_name="other", inputs=[text], raw_input_contents=[b"\x01\0\0\0a"])),
             (INVALID, "give exactly one of", R(model_name="switch")),
             (INVALID, "unknown input 'prompt'", R(model_name="switch", inputs=[R.InferInputTensor(name="prompt", datatype="BYTES", shape=[1])])),

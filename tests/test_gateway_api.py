@@ -78,6 +78,25 @@ def test_sampling_with_seed_equals_hf_with_the_same_seed(stub, reference):
     assert [list(g.token_ids) for g in first.generations] == want
 
 
+def test_seeded_sampling_does_not_depend_on_company(stub):
+    # Two seeded requests sent together must each get what they get alone.
+    p = params(max_new_tokens=8, do_sample=True, seed=42)
+    alone = [stub.Generate(gateway_pb2.GenerateRequest(prompts=[x], parameters=p)) for x in ("alpha", "beta")]
+    together = [None, None]
+
+    def call(i, x):
+        together[i] = stub.Generate(gateway_pb2.GenerateRequest(prompts=[x], parameters=p))
+
+    threads = [threading.Thread(target=call, args=(i, x)) for i, x in enumerate(("alpha", "beta"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert list(a.generations[0].token_ids) == list(b.generations[0].token_ids)
+        assert b.timings.batch_size == 1
+
+
 def test_max_new_tokens_limits_and_zero(stub):
     reply = stub.Generate(gateway_pb2.GenerateRequest(prompts=PROMPTS, parameters=params(max_new_tokens=3)))
     assert all(len(g.token_ids) <= 3 for g in reply.generations)
