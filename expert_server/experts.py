@@ -47,6 +47,10 @@ class ExpertStore:
         self._assign_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" else None
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
     # ---- which experts are held ----
 
     def held(self) -> list[ExpertKey]:

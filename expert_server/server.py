@@ -73,6 +73,8 @@ def parse_args(argv=None) -> ExpertServerConfig:
     shard = None
     if a.shard:
         index, _, count = a.shard.partition("/")
+        if not (index.isdigit() and count.isdigit()):
+            p.error(f"--shard must look like INDEX/COUNT, e.g. 0/2, not {a.shard!r}")
         shard = (int(index), int(count))
     try:
         return ExpertServerConfig(
@@ -105,4 +107,5 @@ def main(argv=None) -> int:
     stop.wait()
     log.info("shutting down")
     server.stop(grace=2).wait()
+    store.close()
     return 0

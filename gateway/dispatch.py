@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moe_common import tensor_codec
-from moe_common.errors import MoEError, Unavailable
+from moe_common.errors import FailedPrecondition, MoEError, Unavailable
 from moe_common.serving import message_options
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
@@ -38,7 +38,7 @@ class DispatchStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     dispatch_ns: int = 0  # wall time inside RemoteExperts.forward
-    rpc_wall_ns: int = 0  # from first send to last reply, per layer
+    rpc_wall_ns: int = 0  # from encoding the first request to decoding the last reply, per layer
     server_compute_ns: int = 0  # max over servers of their compute, per layer (the critical path)
     server_codec_ns: int = 0  # max over servers of their tensor codec time, per layer
     gateway_codec_ns: int = 0  # encoding requests and decoding replies in the gateway
@@ -51,7 +51,12 @@ class DispatchStats:
 
 
 class ExpertServerError(MoEError):
-    """An expert server answered with an error the gateway did not expect (a bug)."""
+    """An expert server answered with an error the gateway did not expect: a bug on
+    our side, so INTERNAL, whatever code the server used."""
+
+
+class ExpertsMissing(MoEError):
+    """An expert server no longer holds experts it is home to (it restarted)."""
 
 
 class ExpertClients:
@@ -78,14 +83,13 @@ class ExpertClients:
         for c in self.channels:
             c.close()
 
+    def add_dispatch_time(self, ns: int) -> None:
+        with self._stats_lock:
+            self.stats.dispatch_ns += ns
+
     def assign_home_experts(self, timeout_s: float = 600.0) -> None:
         """Tell every server to hold exactly the experts it is home to (loads them)."""
-        calls = []
-        for s, stub in enumerate(self.stubs):
-            refs = [expert_pb2.ExpertRef(layer=layer, expert=e)
-                    for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == s]
-            req = expert_pb2.AssignExpertsRequest(experts=refs, model_id=self.model_id)
-            calls.append(stub.AssignExperts.future(req, timeout=timeout_s))
+        calls = [stub.AssignExperts.future(self._assign_request(s), timeout=timeout_s) for s, stub in enumerate(self.stubs)]
         for s, call in enumerate(calls):
             self._result(s, call)
 
@@ -100,9 +104,21 @@ class ExpertClients:
             where = f"expert server {self.addresses[server]}"
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 raise Unavailable(f"{where} is unavailable ({code.name}: {details})") from None
-            exc = ExpertServerError(f"{where} failed: {code.name}: {details}")
-            exc.code = code
-            raise exc from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise ExpertsMissing(f"{where} lost experts it is home to: {details}") from None
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(f"{where}: {details}") from None
+            raise ExpertServerError(f"{where} failed: {code.name}: {details}") from None
+
+    def _assign_request(self, server: int) -> expert_pb2.AssignExpertsRequest:
+        refs = [expert_pb2.ExpertRef(layer=layer, expert=e)
+                for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == server]
+        return expert_pb2.AssignExpertsRequest(experts=refs, model_id=self.model_id)
+
+    def reassign(self, server: int) -> None:
+        """Give a server that lost its experts (a restart) its home experts again."""
+        log.warning("re-assigning home experts to expert server %s", self.addresses[server])
+        self._result(server, self.stubs[server].AssignExperts.future(self._assign_request(server), timeout=self.timeout_s))
 
     def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
         """Run one sparse layer's experts remotely.
@@ -114,34 +130,44 @@ class ExpertClients:
         by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for expert, tokens in token_lists:
             by_server.setdefault(self.home[layer][expert], []).append((expert, tokens))
-        calls = []
-        sent = 0
+        requests, calls = {}, {}
         for server, items in by_server.items():
             rows = torch.cat([hidden[tokens] for _, tokens in items])  # [n_server, d_model]
-            req = expert_pb2.RunExpertsRequest(
+            requests[server] = expert_pb2.RunExpertsRequest(
                 layer=layer,
                 groups=[expert_pb2.ExpertGroup(expert=e, num_tokens=len(t)) for e, t in items],
                 hidden_states=tensor_codec.encode(rows, self.wire_dtype),
                 model_id=self.model_id,
             )
-            sent += len(req.hidden_states.data)
-            calls.append((server, items, self.stubs[server].RunExperts.future(req, timeout=self.timeout_s)))
+            # Sent at once: this server computes while the next request is encoded.
+            calls[server] = self.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s)
+        sent = sum(len(r.hidden_states.data) for r in requests.values())
         t_sent = time.perf_counter_ns()
         outputs: dict[int, torch.Tensor] = {}
         compute = codec = received = 0
         decode_ns = 0
-        for server, items, call in calls:
-            reply = self._result(server, call)
-            compute = max(compute, reply.compute_ns)
-            codec = max(codec, reply.codec_ns)
-            received += len(reply.outputs.data)
-            td = time.perf_counter_ns()
-            out = tensor_codec.decode(reply.outputs).to(hidden.dtype)
-            decode_ns += time.perf_counter_ns() - td
-            start = 0
-            for expert, tokens in items:
-                outputs[expert] = out[start:start + len(tokens)]
-                start += len(tokens)
+        try:
+            for server, call in calls.items():
+                try:
+                    reply = self._result(server, call)
+                except ExpertsMissing:
+                    # A restarted server comes back empty: give it its experts and retry once.
+                    self.reassign(server)
+                    reply = self._result(server, self.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s))
+                compute = max(compute, reply.compute_ns)
+                codec = max(codec, reply.codec_ns)
+                received += len(reply.outputs.data)
+                td = time.perf_counter_ns()
+                out = tensor_codec.decode(reply.outputs).to(hidden.dtype)
+                decode_ns += time.perf_counter_ns() - td
+                start = 0
+                for expert, tokens in by_server[server]:
+                    outputs[expert] = out[start:start + len(tokens)]
+                    start += len(tokens)
+        except BaseException:
+            for call in calls.values():
+                call.cancel()  # the layer failed: do not leave the other servers computing for nobody
+            raise
         t1 = time.perf_counter_ns()
         with self._stats_lock:
             st = self.stats
@@ -150,11 +176,11 @@ class ExpertClients:
             st.tokens += sum(len(t) for _, t in token_lists)
             st.bytes_sent += sent
             st.bytes_received += received
-            st.rpc_wall_ns += t1 - t_sent + (t_sent - t0)
+            st.rpc_wall_ns += t1 - t0
             st.server_compute_ns += compute
             st.server_codec_ns += codec
             st.gateway_codec_ns += (t_sent - t0) + decode_ns
-            for server, items, _ in calls:
+            for server, items in by_server.items():
                 st.tokens_per_server[server] += sum(len(t) for _, t in items)
         return outputs
 
@@ -188,5 +214,5 @@ class RemoteExperts(nn.Module):
                 # Same ops and order as SwitchTransformersExperts.forward.
                 scaled = outputs[expert_idx] * routing_weights[top_x, 0, None]
                 final.index_add_(0, top_x, scaled.to(hidden_states.dtype))
-        self.clients.stats.dispatch_ns += time.perf_counter_ns() - t0
+        self.clients.add_dispatch_time(time.perf_counter_ns() - t0)
         return final

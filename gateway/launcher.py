@@ -145,19 +145,31 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level)
 
-    stop = threading.Event()
+    if a.expert_servers < 1:
+        p.error("--expert-servers must be >= 1")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt  # while starting: unwind start_stack, which stops what it started
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     # All servers share this machine: split its cores rather than oversubscribe them
     # (benchmarks/forward_throughput.py --expert-threads measures the difference).
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
-    stack = start_stack(
-        a.model, a.expert_servers, a.port, a.host, a.cache_dir,
-        gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
-                      "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level],
-        expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads)],
-    )
+    try:
+        stack = start_stack(
+            a.model, a.expert_servers, a.port, a.host, a.cache_dir,
+            gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
+                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level],
+            expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads)],
+        )
+    except KeyboardInterrupt:
+        log.info("interrupted while starting; every process started was stopped")
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)

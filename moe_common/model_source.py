@@ -23,6 +23,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moe_common.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class ModelSource:
 
     spec: str  # what the user passed to --model
     path: Path  # directory with config.json, *.safetensors and tokenizer files
-    model_id: str  # hash of config.json: gateway and expert servers must agree on it
+    model_id: str  # hash of config.json and router weights: all services must agree on it
 
 
 def preset_config_kwargs(name: str) -> dict | None:
@@ -97,7 +99,6 @@ def build_preset(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     target = Path(cache_dir) / "presets" / name
     if (target / "config.json").exists():
         return target
-    import torch
     from transformers import ByT5Tokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     log.info("building preset %s in %s (once)", name, target)
@@ -120,28 +121,40 @@ def build_preset(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return target
 
 
-def config_hash(config_json: Path) -> str:
-    """Model identity: sha256 of config.json with keys sorted, first 16 hex digits."""
-    data = json.loads(Path(config_json).read_text())
+def model_identity(directory: Path) -> str:
+    """Model identity, 16 hex digits: sha256 of config.json (keys sorted) and of every
+    router's weights. The routers make a fine-tune differ from its base model, which
+    shares its config; they are small (layers x experts x d_model) and cheap to read."""
+    from moe_common.checkpoint import Checkpoint
+
+    data = json.loads((Path(directory) / "config.json").read_text())
     data.pop("transformers_version", None)  # same weights, different writer: same model
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+    checkpoint = Checkpoint(directory)
+    routers = sorted(k for k in checkpoint.keys() if k.endswith(".mlp.router.classifier.weight"))
+    for name, tensor in sorted(checkpoint.read(routers).items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
-def _download_hub(repo_id: str, hub_cache_dir: Path | None = None) -> Path:
+def _download_hub(spec: str, hub_cache_dir: Path | None = None) -> Path:
+    """ORG/NAME[@REVISION] through the Hugging Face cache (safetensors and tokenizer files only)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    repo_id, _, revision = spec.partition("@")
+    kwargs = dict(allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"], cache_dir=hub_cache_dir,
+                  revision=revision or None)
     try:
         # Offline first: a cached checkpoint must work on a machine with no network.
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=hub_cache_dir))
+        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
     except Exception:  # noqa: BLE001 - not cached; try the network next
         pass
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=hub_cache_dir))
+        return Path(snapshot_download(repo_id, **kwargs))
     except Exception as exc:  # noqa: BLE001
         raise NotFound(
-            f"model {repo_id!r} is not a local directory, not a preset (tiny, base-e<E>[-l<L>]), "
+            f"model {spec!r} is not a local directory, not a preset (tiny, base-e<E>[-l<L>]), "
             f"not in the Hugging Face cache and could not be downloaded: {exc}"
         ) from exc
 
@@ -158,7 +171,6 @@ def resolve(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR, hub_cache_dir: Path 
         resolved = build_preset(spec, cache_dir)
     else:
         resolved = _download_hub(spec, hub_cache_dir)
-    config = resolved / "config.json"
-    if not config.exists():
+    if not (resolved / "config.json").exists():
         raise NotFound(f"model directory {resolved} has no config.json")
-    return ModelSource(spec=spec, path=resolved, model_id=config_hash(config))
+    return ModelSource(spec=spec, path=resolved, model_id=model_identity(resolved))

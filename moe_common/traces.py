@@ -6,7 +6,7 @@ renamed, so a reader never sees half a shard and a crashed writer loses at most 
 shard it was filling.
 
 manifest.json:
-  format "moe-routing-trace", version 1, model_id (hash of config.json), model_source,
+  format "moe-routing-trace", version 1, model_id (hash of config.json and router weights), model_source,
   vocab_size, num_experts, expert_capacity, encoder_layers / decoder_layers (global sparse-layer
   indices of each stack), layer_names.
 

@@ -13,6 +13,7 @@ from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.launcher import spawn_expert_server, wait_ready
 from tests.conftest import channel, expert_servers, gateway
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -130,7 +131,8 @@ def test_dead_expert_server_gives_unavailable_naming_it(tiny):
     with expert_servers(tiny, 2) as (addresses, procs), gateway(tiny, addresses) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         request = gateway_pb2.GenerateRequest(prompts=["hello experts"], parameters=gateway_pb2.GenerationParameters(max_new_tokens=4))
-        assert stub.Generate(request).generations[0].token_ids
+        first = stub.Generate(request)
+        assert first.generations[0].token_ids
         procs[1].kill()
         procs[1].wait()
         for _ in range(2):  # and again: the gateway neither hangs nor dies
@@ -140,3 +142,10 @@ def test_dead_expert_server_gives_unavailable_naming_it(tiny):
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert not oip_grpc.GRPCInferenceServiceStub(ch).ServerReady(oip.ServerReadyRequest()).ready
+
+        # A replacement on the same address starts empty; the gateway gives it its experts back.
+        host, port = addresses[1].rsplit(":", 1)
+        procs[1] = spawn_expert_server(tiny.path, host, int(port))
+        wait_ready(procs[1], addresses[1], 120)
+        again = stub.Generate(request)
+        assert list(again.generations[0].token_ids) == list(first.generations[0].token_ids)

@@ -60,8 +60,9 @@ class ExpertServiceServicer:
         """Runs the FFN of one or more logical experts of one sparse layer over the
         tokens routed to them. Groups are computed independently; outputs come back
         in the order of the request's rows. Errors: INVALID_ARGUMENT for a malformed
-        tensor (dtype, shape, byte length, hidden size), NOT_FOUND for a layer or an
-        expert this server does not hold.
+        tensor (dtype, shape, byte length, hidden size) or a layer or expert index the
+        model does not have, NOT_FOUND for an expert of the model this server does not
+        hold, FAILED_PRECONDITION for a caller running another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
