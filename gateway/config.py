@@ -29,6 +29,10 @@ class GatewayConfig:
     max_input_tokens: int = 512
     max_new_tokens_limit: int = 512
     default_max_new_tokens: int = 32
+    # --- forecasts and traces ---
+    predictor: str = ""  # host:port of the predictor service; "" = no forecasts
+    predictor_timeout_ms: float = 50.0  # deadline of one forecast call
+    record_traces: Path | None = None  # append every pass's routing to this trace directory
     # --- expert path ---
     wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
@@ -49,6 +53,8 @@ class GatewayConfig:
             raise ValueError("--max-wait-ms must be >= 0")
         if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must be within 0..--max-new-tokens-limit")
+        if self.predictor_timeout_ms <= 0:
+            raise ValueError("--predictor-timeout-ms must be > 0")
         if self.max_input_tokens < 1:
             raise ValueError("--max-input-tokens must be >= 1")
         if not 0 <= self.port < 65536:

@@ -20,11 +20,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from gateway.config import GatewayConfig
 from gateway.dispatch import ExpertClients
+from gateway.forecasts import PassObserver
 from gateway.model import load_gateway_model, remote_experts
 from moe_common import model_source
 from moe_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from moe_common.placement import home_placement
 from moe_common.serving import wait_for_serving
+from moe_common.traces import TraceInfo, TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,11 @@ class Engine:
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
+        self.observer: PassObserver | None = None
+        if config.predictor or config.record_traces:
+            info = TraceInfo.from_config(self.model.config, self.source)
+            writer = TraceWriter(config.record_traces, info) if config.record_traces else None
+            self.observer = PassObserver(self.model, info, config.predictor, config.predictor_timeout_ms, writer)
 
     def connect(self) -> None:
         """Wait for every expert server, check it runs our model, and assign home experts."""
@@ -150,6 +157,8 @@ class Engine:
         log.info("expert servers hold their home experts (%.1f s)", time.monotonic() - t0)
 
     def close(self) -> None:
+        if self.observer is not None:
+            self.observer.close()
         self.clients.close()
 
     # ---- requests ----

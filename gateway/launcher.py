@@ -41,6 +41,7 @@ class Stack:
 
     gateway_address: str
     expert_addresses: list[str]
+    predictor_address: str = ""
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -84,14 +85,24 @@ def spawn_gateway(model_path: Path, host: str, port: int, expert_addresses: list
                    "--expert-servers", ",".join(expert_addresses), *(args or [])], log_file)
 
 
+def spawn_predictor(model_path: Path, host: str, port: int, checkpoint: Path | None = None,
+                    args: list[str] | None = None, log_file=None) -> subprocess.Popen:
+    """Start the predictor service: the trained SRU with a checkpoint, a history method without."""
+    extra = ["--checkpoint", str(checkpoint)] if checkpoint else []
+    return _spawn(["predictor_service", *(args or []), "serve", "--model", str(model_path), "--host", host,
+                   "--port", str(port), *extra], log_file)
+
+
 def wait_ready(proc: subprocess.Popen, address: str, timeout_s: float = 600.0) -> None:
     serving.wait_for_serving(address, timeout_s, is_alive=lambda: proc.poll() is None)
 
 
 def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = "127.0.0.1",
                 cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
-                expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0) -> Stack:
-    """Start expert servers and a gateway and wait until all are SERVING. port 0 = any free one."""
+                expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
+                predictor: bool = True, predictor_checkpoint: Path | None = None) -> Stack:
+    """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
+    until all are SERVING. port 0 = any free one."""
     if num_expert_servers < 1:
         raise ValueError("--expert-servers must be >= 1")
     # Resolve (and build, for presets) once here, so the children do not race to build it.
@@ -102,7 +113,13 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
     try:
         for p in expert_ports:
             stack.processes.append(spawn_expert_server(source.path, host, p, expert_args, log_file))
-        for proc, address in zip(stack.processes, stack.expert_addresses):
+        gateway_args = list(gateway_args or [])
+        if predictor:
+            predictor_port = serving.pick_free_port(host)
+            stack.predictor_address = f"{host}:{predictor_port}"
+            stack.processes.append(spawn_predictor(source.path, host, predictor_port, predictor_checkpoint, log_file=log_file))
+            gateway_args += ["--predictor", stack.predictor_address]
+        for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
             wait_ready(proc, address, timeout_s)
         stack.processes.append(spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file))
         wait_ready(stack.processes[-1], stack.gateway_address, timeout_s)
@@ -140,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--predictor-checkpoint", type=Path, default=None,
+                   help="trained forecaster (moe-predictor train); without it the predictor uses a history method")
+    p.add_argument("--no-predictor", action="store_true", help="run without the predictor service")
     p.add_argument("--demo", action="store_true", help="send one request once the stack is up and print the reply")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
@@ -163,6 +183,7 @@ def main(argv=None) -> int:
             gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
                           "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level],
             expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads)],
+            predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint,
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
@@ -173,6 +194,8 @@ def main(argv=None) -> int:
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
+        if stack.predictor_address:
+            print(f"predictor: {stack.predictor_address}", flush=True)
         if a.demo:
             _demo(stack.gateway_address)
         while not stop.wait(0.5):

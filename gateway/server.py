@@ -82,6 +82,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of hidden states sent to expert servers (only float32 is exact)")
     p.add_argument("--expert-timeout-s", type=float, default=60.0)
+    p.add_argument("--predictor", default="", help="host:port of the predictor service (optional)")
+    p.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
+    p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level)
@@ -104,6 +107,9 @@ def parse_args(argv=None) -> GatewayConfig:
             default_max_new_tokens=a.default_max_new_tokens,
             wire_dtype=a.wire_dtype,
             expert_timeout_s=a.expert_timeout_s,
+            predictor=a.predictor,
+            predictor_timeout_ms=a.predictor_timeout_ms,
+            record_traces=a.record_traces,
         )
     except ValueError as exc:
         p.error(str(exc))

@@ -120,6 +120,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 status.healthy = False
                 healthy = False
         reply.healthy = healthy
+        if e.observer is not None and e.observer.address:
+            c = e.observer.counters
+            reply.predictor.CopyFrom(gateway_pb2.PredictorStatus(
+                address=e.observer.address, forecasts_ok=c.ok, forecasts_late=c.late,
+                forecasts_failed=c.failed, reports_failed=c.reports_failed))
         for layer, row in zip(e.layers, e.home):
             reply.placement.add(layer=layer.index, name=layer.name, home_server=row)
         return reply

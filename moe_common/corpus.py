@@ -7,6 +7,7 @@ be downloaded here. One document per docstring, whitespace collapsed, in a fixed
 from __future__ import annotations
 
 import importlib
+import warnings
 
 MODULES = [
     "argparse", "asyncio", "calendar", "collections", "concurrent.futures", "configparser", "contextlib",
@@ -27,7 +28,10 @@ def stdlib_documents(min_chars: int = 40) -> list[str]:
             module = importlib.import_module(name)
         except ImportError:  # e.g. tkinter without Tk: skip it, the rest is plenty
             continue
-        for obj in [module, *(getattr(module, k) for k in sorted(vars(module)))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # e.g. typing.io on touch
+            members = [module, *(getattr(module, k) for k in sorted(vars(module)))]
+        for obj in members:
             doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str) and len(doc) >= min_chars:
                 docs.setdefault(" ".join(doc.split()), None)

@@ -69,7 +69,7 @@ def cmd_train(a) -> int:
         init = Checkpoint(source.path).read(["shared.weight"])["shared.weight"]
     model, report = forecaster.train(info, passes, info.vocab_size, seed=a.seed, epochs=a.epochs, patience=a.patience,
                                      lr=a.lr, val_fraction=a.val_fraction, embed_dim=a.embed_dim, hidden=a.hidden,
-                                     sru_layers=a.sru_layers, group=a.group, init_embeddings=init, progress=not a.quiet)
+                                     sru_layers=a.sru_layers, bidirectional=a.bidirectional, group=a.group, init_embeddings=init, progress=not a.quiet)
     forecaster.save(a.out, model, info, report)
     print(f"saved {a.out}: best validation loss {report['best_val_loss']:.4f} after {len(report['epochs'])} epochs, "
           f"{report['train_seconds']:.0f} s of training")
@@ -178,9 +178,10 @@ def main(argv=None) -> int:
     c.add_argument("--group", type=int, default=4, help="recorded batches stacked per training step")
     c.add_argument("--lr", type=float, default=3e-3)
     c.add_argument("--val-fraction", type=float, default=0.1)
-    c.add_argument("--embed-dim", type=int, default=64)
-    c.add_argument("--hidden", type=int, default=64)
-    c.add_argument("--sru-layers", type=int, default=2)
+    c.add_argument("--embed-dim", type=int, default=32)
+    c.add_argument("--hidden", type=int, default=32, help="SRU width per direction")
+    c.add_argument("--sru-layers", type=int, default=1)
+    c.add_argument("--bidirectional", action="store_true", help="bidirectional encoder SRU (better, slower)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_train)
 

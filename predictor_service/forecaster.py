@@ -1,14 +1,20 @@
-"""The SRU forecaster: from the token ids of the upcoming pass, a distribution over
-the experts of every sparse layer for each token, and from those the expected load
-of each expert.
+"""The SRU forecaster: from the token ids of the upcoming pass, the expected load of
+every expert of every sparse layer the pass runs.
 
-  encoder pass  tokens [B, S] -> embedding -> bidirectional SRU over S -> one head per
-                encoder sparse layer -> p[B, S, Le, E]; load[l, e] = sum_b min(sum_s p, capacity)
-  decoder step  decoder tokens so far [B, t] -> embedding -> causal SRU over t -> one head
-                per decoder sparse layer at the last position -> p[B, Ld, E]; load = sum_b p
+  encoder pass  tokens [B, S] -> embedding -> SRU over S -> h [S, B, H]
+                sequence head on (mean_s h, h_last) -> q[B, Le, E], each sequence's share of
+                tokens per expert; load[l, e] = sum_b min(S * q[b, l, e], capacity)
+  decoder step  decoder tokens so far [B, t] -> embedding -> causal SRU over t -> token head
+                at the last position -> p[B, Ld, E]; load = sum_b p
 
-Trained by distillation on recorded routing traces: cross-entropy against the
-router's own top-1 choice. It only forecasts; the router still routes every token.
+Two heads per stack: a token head (each token's expert, as in the paper's artifact)
+and, for the encoder, a sequence head that predicts each sequence's load distribution
+directly (predicting the distribution is what placement needs; see MoE-GPS). The
+sequence head is what makes a 4096-token forecast cheap: the token heads' logits
+alone are tokens x layers x experts floats. Both are trained by distillation on
+recorded routing traces: cross-entropy against the router's top-1 choice per token,
+and KL divergence against each sequence's share of tokens per expert. The forecaster
+only forecasts; the router still routes every token.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ class ForecasterConfig:
     num_encoder_layers: int
     num_decoder_layers: int
     expert_capacity: int
-    embed_dim: int = 64
-    hidden: int = 64  # per direction
-    sru_layers: int = 2
+    embed_dim: int = 32
+    hidden: int = 32  # per direction
+    sru_layers: int = 1
+    bidirectional: bool = False  # for the encoder SRU; the decoder's is always causal
 
 
 def _sru(*args, **kwargs):
@@ -55,40 +62,50 @@ class Forecaster(nn.Module):
     def __init__(self, cfg: ForecasterConfig):
         super().__init__()
         self.cfg = cfg
+        E, Le, Ld = cfg.num_experts, cfg.num_encoder_layers, cfg.num_decoder_layers
+        width = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.encoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=True)
+        self.encoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=cfg.bidirectional)
         self.decoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=False)
-        # All layers' heads fused into one matmul: [.., H] -> [.., L * E].
-        self.encoder_heads = nn.Linear(2 * cfg.hidden, cfg.num_encoder_layers * cfg.num_experts)
-        self.decoder_heads = nn.Linear(cfg.hidden, cfg.num_decoder_layers * cfg.num_experts)
+        # All layers' heads fused into one matmul each: [.., width] -> [.., L * E].
+        self.encoder_token_heads = nn.Linear(width, Le * E)
+        self.encoder_sequence_heads = nn.Linear(2 * width, Le * E)
+        self.decoder_token_heads = nn.Linear(cfg.hidden, Ld * E)
+
+    def _states(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).transpose(0, 1)  # [S, B, D]: sru has no batch_first
+        h, _ = (self.encoder_rnn if kind == ENCODER else self.decoder_rnn)(x)
+        return h  # [S, B, width]
 
     def logits(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, Lp, E] for the sparse layers of that stack."""
+        """Token head: tokens [B, S] -> logits [B, S, Lp, E] for the sparse layers of that stack."""
         b, s = tokens.shape
-        x = self.embed(tokens).transpose(0, 1)  # [S, B, D]: sru has no batch_first
-        if kind == ENCODER:
-            h, _ = self.encoder_rnn(x)  # [S, B, 2H]
-            out = self.encoder_heads(h)
-            lp = self.cfg.num_encoder_layers
-        else:
-            h, _ = self.decoder_rnn(x)  # [S, B, H]
-            out = self.decoder_heads(h)
-            lp = self.cfg.num_decoder_layers
-        return out.transpose(0, 1).reshape(b, s, lp, self.cfg.num_experts)
+        h = self._states(kind, tokens)
+        heads = self.encoder_token_heads if kind == ENCODER else self.decoder_token_heads
+        return heads(h).transpose(0, 1).reshape(b, s, -1, self.cfg.num_experts)
+
+    def sequence_log_shares(self, tokens: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder sequence head: tokens [B, S] -> log share of each expert [B, Le, E]."""
+        if h is None:
+            h = self._states(ENCODER, tokens)
+        pooled = torch.cat([h.mean(0), h[-1]], dim=-1)  # [B, 2 * width]
+        out = self.encoder_sequence_heads(pooled).view(tokens.shape[0], -1, self.cfg.num_experts)
+        return out.log_softmax(-1)
 
     @torch.inference_mode()
     def forecast(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
         """Expected load [Lp, E] of the upcoming pass.
 
-        encoder: tokens [B, S] are the pass's tokens; per sequence an expert takes at most
-        `expert_capacity` tokens (HF drops the rest), so the expectation is capped per sequence.
+        encoder: tokens [B, S] are the pass's tokens (padding is routed too); an expert takes
+        at most `expert_capacity` tokens of a sequence (HF drops the rest), so the expectation
+        is capped per sequence.
         decoder: tokens [B, t] are each sequence's decoder tokens so far; the pass routes the last one.
         """
-        logits = self.logits(kind, tokens)
         if kind == ENCODER:
-            per_seq = logits.softmax(-1).sum(1)  # [B, Lp, E]
+            per_seq = self.sequence_log_shares(tokens).exp() * tokens.shape[1]  # [B, Le, E]
             return per_seq.clamp(max=self.cfg.expert_capacity).sum(0)
-        return logits[:, -1].softmax(-1).sum(0)
+        h = self._states(DECODER, tokens)[-1]  # [B, H]: only the last position is routed now
+        return self.decoder_token_heads(h).view(tokens.shape[0], -1, self.cfg.num_experts).softmax(-1).sum(0)
 
 
 # ---------------------------------------------------------------------------
@@ -136,40 +153,48 @@ def split_batches(batch_ids: list[int], val_fraction: float, seed: int) -> tuple
     return set(ids[n_val:]), set(ids[:n_val])
 
 
-IGNORE = -100  # target of positions added by grouping; cross_entropy skips them
-
-
 def group_examples(examples: list[Example], per_group: int) -> list[Example]:
-    """Stack up to `per_group` examples of the same kind into one, padding S with token 0
-    and target IGNORE. The SRU's CPU cost grows with S, not B, so this makes epochs faster."""
+    """Stack up to `per_group` examples of the same kind and sequence length into one.
+    The SRU's CPU cost grows with S, not B, so this makes epochs faster; equal lengths
+    keep every sequence exactly as it was routed."""
     out = []
-    for kind in (ENCODER, DECODER):
-        same = [ex for ex in examples if ex.kind == kind]
+    buckets: dict[tuple[int, int], list[Example]] = {}
+    for ex in examples:
+        buckets.setdefault((ex.kind, ex.tokens.shape[1]), []).append(ex)
+    for (kind, _), same in sorted(buckets.items()):
         for i in range(0, len(same), per_group):
             part = same[i: i + per_group]
-            width = max(ex.tokens.shape[1] for ex in part)
-            tokens = torch.cat([nn.functional.pad(ex.tokens, (0, width - ex.tokens.shape[1])) for ex in part])
-            targets = torch.cat([nn.functional.pad(ex.targets, (0, 0, 0, width - ex.targets.shape[1]), value=IGNORE)
-                                 for ex in part])
-            out.append(Example(kind, part[0].batch_id, tokens, targets))
+            out.append(Example(kind, part[0].batch_id, torch.cat([ex.tokens for ex in part]),
+                               torch.cat([ex.targets for ex in part])))
     return out
 
 
 def _loss(model: Forecaster, ex: Example) -> torch.Tensor:
-    logits = model.logits(ex.kind, ex.tokens)  # [B, S, Lp, E]
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ex.targets.reshape(-1), ignore_index=IGNORE)
+    """Token cross-entropy, plus for the encoder the KL divergence of each sequence's
+    actual share of tokens per expert from the sequence head's."""
+    E = model.cfg.num_experts
+    h = model._states(ex.kind, ex.tokens)  # [S, B, width]
+    heads = model.encoder_token_heads if ex.kind == ENCODER else model.decoder_token_heads
+    logits = heads(h).transpose(0, 1).reshape(-1, E)
+    loss = nn.functional.cross_entropy(logits, ex.targets.reshape(-1))
+    if ex.kind == ENCODER:
+        b, s, lp = ex.targets.shape
+        shares = nn.functional.one_hot(ex.targets, E).float().mean(1)  # [B, Lp, E]
+        log_q = model.sequence_log_shares(ex.tokens, h)
+        loss = loss + nn.functional.kl_div(log_q, shares, reduction="batchmean") / lp
+    return loss
 
 
 def train(info: TraceInfo, passes: list[Pass], vocab_size: int, *, seed: int = 0, epochs: int = 12,
-          patience: int = 2, lr: float = 3e-3, val_fraction: float = 0.1, embed_dim: int = 64, hidden: int = 64,
-          sru_layers: int = 2, group: int = 4, init_embeddings: torch.Tensor | None = None,
-          progress: bool = True) -> tuple[Forecaster, dict]:
+          patience: int = 2, lr: float = 3e-3, val_fraction: float = 0.1, embed_dim: int = 32, hidden: int = 32,
+          sru_layers: int = 1, bidirectional: bool = False, group: int = 4,
+          init_embeddings: torch.Tensor | None = None, progress: bool = True) -> tuple[Forecaster, dict]:
     """Fit a Forecaster to traces with early stopping on validation loss. Returns (best model, report)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     cfg = ForecasterConfig(vocab_size, info.num_experts, len(info.encoder_layers), len(info.decoder_layers),
-                           info.expert_capacity, embed_dim, hidden, sru_layers)
+                           info.expert_capacity, embed_dim, hidden, sru_layers, bidirectional)
     model = Forecaster(cfg)
     if init_embeddings is not None:
         # The model's own input embeddings, projected to embed_dim by a fixed random map.

@@ -26,11 +26,15 @@ def test_local_launcher_serves_and_stops_every_child(tiny):
         line = proc.stdout.readline()
         assert line.strip() == f"gateway listening on 127.0.0.1:{port}", line
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) == 3
+        assert len(children) == 4  # 2 expert servers, the predictor, the gateway
         with channel(f"127.0.0.1:{port}") as ch:
             reply = gateway_pb2_grpc.GatewayServiceStub(ch).Generate(gateway_pb2.GenerateRequest(
                 prompts=["launch"], parameters=gateway_pb2.GenerationParameters(max_new_tokens=3)))
         assert len(reply.generations[0].token_ids) >= 1
+        with channel(f"127.0.0.1:{port}") as ch:
+            status = gateway_pb2_grpc.GatewayServiceStub(ch).GetStatus(gateway_pb2.GetStatusRequest())
+        assert status.predictor.address and status.predictor.forecasts_failed == 0
+        assert status.predictor.forecasts_ok + status.predictor.forecasts_late > 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         gone, alive = psutil.wait_procs(children, timeout=10)

@@ -115,7 +115,7 @@ class LayerPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., name: _Optional[str] = ..., home_server: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype")
+    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class GetStatusResponse(_message.Message):
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     model_id: str
@@ -136,4 +137,19 @@ class GetStatusResponse(_message.Message):
     requests_total: int
     requests_failed: int
     wire_dtype: str
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    predictor: PredictorStatus
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ...) -> None: ...
+
+class PredictorStatus(_message.Message):
+    __slots__ = ("address", "forecasts_ok", "forecasts_late", "forecasts_failed", "reports_failed")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FORECASTS_OK_FIELD_NUMBER: _ClassVar[int]
+    FORECASTS_LATE_FIELD_NUMBER: _ClassVar[int]
+    FORECASTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    forecasts_ok: int
+    forecasts_late: int
+    forecasts_failed: int
+    reports_failed: int
+    def __init__(self, address: _Optional[str] = ..., forecasts_ok: _Optional[int] = ..., forecasts_late: _Optional[int] = ..., forecasts_failed: _Optional[int] = ..., reports_failed: _Optional[int] = ...) -> None: ...

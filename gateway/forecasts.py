@@ -1,0 +1,117 @@
+"""The gateway's side of load forecasting and routing traces.
+
+For every forward pass (the encoder pass, each decoder step) the gateway asks the
+predictor service for a forecast as soon as the pass's tokens are known, without
+waiting: the call runs beside the pass under a deadline. When the pass ends the
+gateway reports the loads the router actually produced, and optionally appends the
+pass to a trace directory. The predictor being slow or down costs a log line and a
+counter, never a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from moe_common.serving import message_options
+from moe_common.traces import DECODER, ENCODER, Pass, RoutingRecorder, TraceInfo, TraceWriter
+from moe_protos.moe.predictor.v1 import predictor_pb2 as pb
+from moe_protos.moe.predictor.v1 import predictor_pb2_grpc
+
+log = logging.getLogger(__name__)
+_KIND = {ENCODER: pb.PASS_KIND_ENCODER, DECODER: pb.PASS_KIND_DECODER}
+
+
+@dataclass
+class ForecastCounters:
+    ok: int = 0  # forecasts that arrived before their pass ended
+    late: int = 0  # still running when the pass ended (deadline too short or predictor slow)
+    failed: int = 0  # errors: predictor down, deadline exceeded, rejected
+    reports_failed: int = 0
+
+
+class PassObserver:
+    """Hooks the gateway's model: forecast requests, load reports and trace recording."""
+
+    def __init__(self, model, info: TraceInfo, predictor_address: str = "", timeout_ms: float = 50.0,
+                 trace_writer: TraceWriter | None = None):
+        self.info = info
+        self.timeout_s = timeout_ms / 1000
+        self.writer = trace_writer
+        self.counters = ForecastCounters()
+        self.address = predictor_address
+        self.channel = grpc.insecure_channel(predictor_address, options=message_options()) if predictor_address else None
+        self.stub = predictor_pb2_grpc.PredictorServiceStub(self.channel) if self.channel else None
+        self.last_forecast: dict[int, np.ndarray] = {}  # layer -> expected load [E] of the latest pass
+        self._pending = None
+        self._decoder_tokens: torch.Tensor | None = None  # [B, t] decoder tokens of the current batch
+        self._lock = threading.Lock()
+        self.recorder = RoutingRecorder(model, info, on_pass=self._on_pass, on_start=self._on_start)
+
+    def close(self) -> None:
+        self.recorder.remove()
+        if self.writer is not None:
+            self.writer.close()
+        if self.channel is not None:
+            self.channel.close()
+
+    def _on_start(self, kind: int, batch_id: int, step: int, input_ids: torch.Tensor) -> None:
+        if kind == ENCODER:
+            self._decoder_tokens = None
+            tokens = input_ids
+        elif input_ids.shape[1] == 1 and self._decoder_tokens is not None and self._decoder_tokens.shape[0] == input_ids.shape[0]:
+            tokens = self._decoder_tokens = torch.cat([self._decoder_tokens, input_ids], dim=1)
+        else:
+            tokens = self._decoder_tokens = input_ids
+        if self.stub is None:
+            return
+        b, s = tokens.shape
+        request = pb.ForecastRequest(model_id=self.info.model_id, kind=_KIND[kind], batch_size=b, seq_len=s,
+                                     token_ids=tokens.reshape(-1).tolist())
+        self._pending = self.stub.Forecast.future(request, timeout=self.timeout_s)
+
+    def _on_pass(self, p: Pass) -> None:
+        if self.writer is not None:
+            self.writer.add(p)
+        if self.stub is None:
+            return
+        self._collect_forecast()
+        loads = p.loads(self.info.num_experts)
+        request = pb.ReportLoadsRequest(model_id=self.info.model_id, layers=[
+            pb.LayerLoad(layer=layer, load=loads[j].tolist()) for j, layer in enumerate(self.info.layers_of(p.kind))])
+        self.stub.ReportLoads.future(request, timeout=self.timeout_s * 10).add_done_callback(self._on_report_done)
+
+    def _collect_forecast(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if not pending.done():
+            pending.cancel()
+            self._count("late", None)
+            return
+        try:
+            reply = pending.result()
+        except grpc.FutureCancelledError:
+            self._count("late", None)
+            return
+        except grpc.RpcError as err:
+            self._count("failed", f"{err.code().name}: {err.details()}")
+            return
+        self.last_forecast = {f.layer: np.asarray(f.load) for f in reply.layers}
+        self._count("ok", None)
+
+    def _on_report_done(self, future) -> None:
+        if future.exception() is not None:
+            self._count("reports_failed", str(future.exception()))
+
+    def _count(self, what: str, error: str | None) -> None:
+        with self._lock:
+            n = getattr(self.counters, what) + 1
+            setattr(self.counters, what, n)
+        if error is not None and (n == 1 or n % 100 == 0):
+            log.warning("predictor %s: %s %d time(s), last: %s; serving without forecasts", self.address, what, n, error)
