@@ -29,12 +29,11 @@ def stdlib_documents(min_chars: int = 40) -> list[str]:
         except ImportError:  # e.g. tkinter without Tk: skip it, the rest is plenty
             continue
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # e.g. typing.io on touch
-            members = [module, *(getattr(module, k) for k in sorted(vars(module)))]
-        for obj in members:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str) and len(doc) >= min_chars:
-                docs.setdefault(" ".join(doc.split()), None)
+            warnings.simplefilter("ignore", DeprecationWarning)  # e.g. typing.io, on touch
+            for obj in [module, *(getattr(module, k) for k in sorted(vars(module)))]:
+                doc = getattr(obj, "__doc__", None)
+                if isinstance(doc, str) and len(doc) >= min_chars:
+                    docs.setdefault(" ".join(doc.split()), None)
     return list(docs)
 
 
