@@ -189,9 +189,8 @@ def main() -> int:
             entry = {"median_s": med, "tokens_per_s": tokens / med, "vs_monolithic": mono_s / med,
                      "rss_bytes": res["rss"], "weight_bytes": res["weight_bytes"]}
             if res["parts"]:
-                def share(key):
-                    return statistics.median(p[key] / t for p, t in zip(res["parts"], res["times_ns"]))
-                entry["share_expert_compute"] = share("compute")
+                entry["share_expert_compute"] = statistics.median(
+                    p["compute"] / t for p, t in zip(res["parts"], res["times_ns"]))
                 entry["share_serialization_transport"] = statistics.median(
                     (p["rpc_wall"] - p["compute"]) / t for p, t in zip(res["parts"], res["times_ns"]))
                 entry["share_serialization"] = statistics.median(

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from expert_server.config import ExpertServerConfig, parse_expert_list
@@ -101,10 +99,7 @@ def main(argv=None) -> int:
         "expert server on %s:%d: model %s (%s), %d experts held, %.1f MB, device %s",
         config.host, port, config.model, store.source.model_id, len(store.held()), store.weight_bytes() / 1e6, store.device,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    serving.wait_for_termination()
     log.info("shutting down")
     server.stop(grace=2).wait()
     store.close()

@@ -133,7 +133,7 @@ class Batcher:
         rows = [job.prompts[i] for job, i in owners]
         limits = [job.max_new_tokens[i] for job, i in owners]
         first_row = {}  # job -> its first row
-        for row, (job, i) in enumerate(owners):
+        for row, (job, _) in enumerate(owners):
             first_row.setdefault(id(job), row)
         open_rows = {id(job): sum(1 for i, limit in enumerate(job.max_new_tokens) if limit > 0) for job in batch}
         start = time.perf_counter_ns()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from gateway.batcher import Batcher
@@ -120,10 +118,7 @@ def main(argv=None) -> int:
     gateway = Gateway(config)
     log.info("gateway on %s:%d serving model %r (%s) with %d expert servers",
              config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(config.expert_servers))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    serving.wait_for_termination()
     log.info("shutting down")
     gateway.stop()
     return 0

@@ -5,7 +5,9 @@ health service."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 import time
 from concurrent import futures
 from typing import Callable, Iterable
@@ -91,6 +93,14 @@ def wait_for_serving(address: str, timeout_s: float = 120.0, is_alive: Callable[
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} was not SERVING after {timeout_s:.0f} s")
             time.sleep(0.1)
+
+
+def wait_for_termination() -> None:
+    """Block the main thread until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:

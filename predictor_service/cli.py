@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -58,8 +56,6 @@ def cmd_train(a) -> int:
     passes = list(read_passes(a.traces))
     init = None
     if a.model:
-        from safetensors import safe_open
-
         source = model_source.resolve(a.model, a.cache_dir)
         if source.model_id != info.model_id:
             print(f"--model {a.model} is model {source.model_id}; the traces are of {info.model_id}", file=sys.stderr)
@@ -136,10 +132,7 @@ def cmd_serve(a) -> int:
         [name])
     serving.set_serving(health, [name])
     log.info("predictor on %s:%d for model %s: %s", a.host, port, info.model_id, predictor.note)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    serving.wait_for_termination()
     server.stop(grace=1).wait()
     return 0
 

@@ -6,7 +6,6 @@ import sys
 import threading
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
