@@ -1,0 +1,214 @@
+"""Replica planning and token dispatch: pure policies over plain lists, no I/O.
+
+Glossary. A *logical expert* (l, e) is expert e of sparse layer l. Its *home server*
+home[l][e] always holds it; a *replica* is a copy on another server; a server's
+replica *slots* are how many replicas fit in its memory budget. The *holders* of a
+logical expert are its home server and the servers with a ready replica. A *plan* is
+the set of replicas (l, e, server) to hold. A *forecast* is the expected tokens per
+logical expert, loads[l][e].
+
+Dispatch has two policies:
+  "whole"  every logical expert's tokens go to ONE holder (largest experts first, each to
+           the holder that finishes it soonest). Each expert still sees exactly the tokens
+           HF gives it, in one matmul of the same shape, so outputs stay bit-identical to
+           the single-process model. Default.
+  "split"  an expert's tokens are split in contiguous chunks over its holders (water-filling
+           on current load), so even one very hot expert spreads out. Matmuls of other
+           shapes round differently (~1e-6 relative on CPU): outputs match HF only to float
+           tolerance, like a different batch composition does in HF itself.
+The planner models the same policy, so replicas go where the dispatcher can use them.
+Times are load / speed, with speed in tokens per unit time (1.0 = the reference server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Replica = tuple[int, int, int]  # (layer, expert, server)
+POLICIES = ("whole", "split")
+
+
+# ---------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------
+
+def assign_layer(counts: list[int], holders: list[list[int]], num_servers: int, policy: str = "whole",
+                 speeds: list[float] | None = None) -> list[list[tuple[int, int]]]:
+    """Which server computes which tokens of each expert of one layer.
+
+    counts[e]: tokens routed to expert e; holders[e]: servers holding e, home first.
+    Returns chunks[e] = [(server, n), ...] in token order (contiguous runs), sum n = counts[e].
+    Experts whose only holder is their home go first (no choice); then the rest,
+    largest first, each to the holder(s) that finish soonest.
+    """
+    speeds = speeds or [1.0] * num_servers
+    busy = [0.0] * num_servers  # tokens assigned so far, per server
+    chunks: list[list[tuple[int, int]]] = [[] for _ in counts]
+    flexible = []
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        if len(holders[e]) == 1:
+            chunks[e] = [(holders[e][0], n)]
+            busy[holders[e][0]] += n
+        else:
+            flexible.append(e)
+    flexible.sort(key=lambda e: (-counts[e], e))
+    for e in flexible:
+        if policy == "whole":
+            best = min(holders[e], key=lambda s: ((busy[s] + counts[e]) / speeds[s], holders[e].index(s)))
+            chunks[e] = [(best, counts[e])]
+            busy[best] += counts[e]
+        else:
+            shares = _waterfill([busy[s] for s in holders[e]], [speeds[s] for s in holders[e]], counts[e])
+            chunks[e] = [(s, n) for s, n in zip(holders[e], shares) if n > 0]
+            for s, n in chunks[e]:
+                busy[s] += n
+    return chunks
+
+
+def _waterfill(busy: list[float], speeds: list[float], amount: int) -> list[int]:
+    """Integer shares of `amount` that level (busy + share) / speed as far as possible.
+
+    Continuous level T solves sum max(0, T * speed - busy) = amount; shares are floored and
+    the remainder goes, one token each, to whoever then finishes soonest (ties: list order).
+    """
+    order = sorted(range(len(busy)), key=lambda i: busy[i] / speeds[i])
+    level = 0.0
+    for k in range(1, len(order) + 1):
+        members = order[:k]
+        level = (amount + sum(busy[i] for i in members)) / sum(speeds[i] for i in members)
+        if k == len(order) or level <= busy[order[k]] / speeds[order[k]]:
+            break
+    shares = [max(0, int(level * speeds[i] - busy[i])) if i in members else 0 for i in range(len(busy))]
+    for _ in range(amount - sum(shares)):
+        i = min(range(len(busy)), key=lambda j: ((busy[j] + shares[j] + 1) / speeds[j], j))
+        shares[i] += 1
+    return shares
+
+
+def server_loads(chunks: list[list[tuple[int, int]]], num_servers: int) -> list[int]:
+    """Tokens per server of one layer's assignment."""
+    loads = [0] * num_servers
+    for runs in chunks:
+        for s, n in runs:
+            loads[s] += n
+    return loads
+
+
+def balancedness(loads: list[list[float]]) -> float:
+    """vLLM's definition over layers l and servers r: sum_l mean_r n[l][r] / sum_l max_r n[l][r].
+    1.0 is perfect; 1.0 also when nothing was routed."""
+    total_max = sum(max(row) for row in loads)
+    if total_max == 0:
+        return 1.0
+    return sum(sum(row) / len(row) for row in loads) / total_max
+
+
+# ---------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    replicas: set[Replica]
+    makespan: float  # forecast: sum over layers of the slowest server's time
+    baseline_makespan: float  # the same with no replicas
+    kept_previous: bool = False  # the previous plan was kept: the new one gained too little
+
+
+def holders_of(home: list[list[int]], replicas: set[Replica]) -> list[list[list[int]]]:
+    """holders[l][e] = [home server, replica servers in ascending order]."""
+    out = [[[s] for s in row] for row in home]
+    for layer, e, s in sorted(replicas):
+        if s not in out[layer][e]:
+            out[layer][e].append(s)
+    return out
+
+
+def layer_time(loads: list[float], holders: list[list[int]], num_servers: int, policy: str,
+               speeds: list[float]) -> float:
+    """Forecast time of one layer: its slowest server under the dispatch policy."""
+    counts = [max(0, int(round(x))) for x in loads]
+    per_server = server_loads(assign_layer(counts, holders, num_servers, policy, speeds), num_servers)
+    return max(n / speeds[s] for s, n in enumerate(per_server))
+
+
+def makespan(loads: list[list[float]], home: list[list[int]], replicas: set[Replica], num_servers: int,
+             policy: str = "whole", speeds: list[float] | None = None) -> float:
+    speeds = speeds or [1.0] * num_servers
+    holders = holders_of(home, replicas)
+    return sum(layer_time(loads[layer], holders[layer], num_servers, policy, speeds) for layer in range(len(loads)))
+
+
+def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[int], *, policy: str = "whole",
+                  speeds: list[float] | None = None, previous: set[Replica] | None = None, min_gain: float = 0.02,
+                  candidates_per_layer: int = 4) -> Plan:
+    """Choose replicas that make the forecast makespan smallest within each server's slots.
+
+    Greedy: repeatedly add the single replica with the largest makespan reduction,
+    trying for each layer its `candidates_per_layer` most loaded experts on that layer's
+    slowest server, copied to each server with a free slot. Stops when no replica helps.
+    Hysteresis: if `previous` (trimmed to the slots) forecasts within min_gain (a share
+    of the no-replica makespan) of the new plan, it is kept, so weights do not churn.
+    """
+    num_servers = len(slots)
+    speeds = speeds or [1.0] * num_servers
+    if len(speeds) != num_servers:
+        raise ValueError("one speed per server")
+    num_layers = len(loads)
+    plan: set[Replica] = set()
+    free = list(slots)
+    holders = holders_of(home, plan)
+    times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds) for layer in range(num_layers)]
+    baseline = sum(times)
+
+    def best_for_layer(layer: int) -> tuple[float, Replica | None]:
+        counts = [max(0, int(round(x))) for x in loads[layer]]
+        per_server = server_loads(assign_layer(counts, holders[layer], num_servers, policy, speeds), num_servers)
+        slowest = max(range(num_servers), key=lambda s: (per_server[s] / speeds[s], -s))
+        on_slowest = sorted((e for e in range(len(counts)) if slowest in holders[layer][e] and counts[e] > 0),
+                            key=lambda e: (-counts[e], e))[:candidates_per_layer]
+        best_gain, best = 0.0, None
+        for e in on_slowest:
+            for s in range(num_servers):
+                if free[s] <= 0 or s in holders[layer][e]:
+                    continue
+                trial = [list(h) for h in holders[layer]]
+                trial[e].append(s)
+                gain = times[layer] - layer_time(loads[layer], trial, num_servers, policy, speeds)
+                if gain > best_gain + 1e-9:
+                    best_gain, best = gain, (layer, e, s)
+        return best_gain, best
+
+    best = {layer: best_for_layer(layer) for layer in range(num_layers)}
+    while True:
+        layer = max(best, key=lambda k: (best[k][0], -k))
+        gain, replica = best[layer]
+        if replica is None or gain <= 1e-9:
+            break
+        _, e, s = replica
+        if free[s] <= 0 or s in holders[layer][e]:  # a slot another layer took meanwhile
+            best[layer] = best_for_layer(layer)
+            continue
+        plan.add(replica)
+        free[s] -= 1
+        holders[layer][e].append(s)
+        times[layer] -= gain
+        best[layer] = best_for_layer(layer)
+        for other in best:  # their best may have used the slot just taken
+            if other != layer and best[other][1] is not None and free[best[other][1][2]] <= 0:
+                best[other] = best_for_layer(other)
+    new = Plan(plan, sum(times), baseline)
+
+    if previous:
+        kept, used = set(), [0] * num_servers
+        for r in sorted(previous):
+            layer, e, s = r
+            if layer < num_layers and e < len(home[layer]) and s != home[layer][e] and used[s] < slots[s]:
+                kept.add(r)
+                used[s] += 1
+        old_span = makespan(loads, home, kept, num_servers, policy, speeds)
+        if old_span - new.makespan < min_gain * baseline:
+            return Plan(kept, old_span, baseline, kept_previous=True)
+    return new

@@ -1,0 +1,93 @@
+"""Replica planner and dispatch policies: exact expected outputs and properties."""
+
+import random
+
+import pytest
+
+from gateway.replication import assign_layer, balancedness, makespan, plan_replicas, server_loads
+from moe_common.placement import home_placement
+
+
+def test_whole_policy_sends_each_expert_to_one_holder():
+    # e0 (10) may go to 0 or 1; e1 (4) and e3 (6) are fixed; e2 has no tokens.
+    chunks = assign_layer([10, 4, 0, 6], [[0, 1], [1], [0], [1]], 2, "whole")
+    assert chunks == [[(0, 10)], [(1, 4)], [], [(1, 6)]]
+
+
+def test_split_policy_water_fills_in_contiguous_chunks():
+    # fixed: server 1 has 4; e0 (10) levels both at 7; e3 (6) then levels both at 10.
+    chunks = assign_layer([10, 4, 0, 6], [[0, 1], [1], [0], [1, 0]], 2, "split")
+    assert chunks == [[(0, 7), (1, 3)], [(1, 4)], [], [(1, 3), (0, 3)]]
+    assert server_loads(chunks, 2) == [10, 10]
+
+
+def test_split_respects_speeds():
+    # Server 1 is twice as fast: it takes two thirds of the hot expert.
+    assert assign_layer([9], [[0, 1]], 2, "split", speeds=[1.0, 2.0]) == [[(0, 3), (1, 6)]]
+
+
+def test_balancedness_is_vllms_definition():
+    # sum of means (6 + 5) over sum of maxima (10 + 5)
+    assert balancedness([[10, 2], [5, 5]]) == pytest.approx(11 / 15)
+    assert balancedness([[0, 0]]) == 1.0
+
+
+def test_plan_copies_the_hot_expert_to_the_idle_server():
+    home = [[0, 1, 0, 1]]
+    split = plan_replicas([[10, 1, 1, 1]], home, [2, 2], policy="split")
+    assert split.replicas == {(0, 0, 1)} and split.makespan == 7 and split.baseline_makespan == 11
+    # "whole" cannot split one hot expert; it moves the other load instead.
+    whole = plan_replicas([[6, 1, 6, 1]], home, [2, 2], policy="whole")
+    assert whole.replicas == {(0, 0, 1), (0, 1, 0)} and whole.makespan == 7 and whole.baseline_makespan == 12
+
+
+def test_no_slots_no_replicas():
+    plan = plan_replicas([[10, 1, 1, 1]], [[0, 1, 0, 1]], [0, 0])
+    assert plan.replicas == set() and plan.makespan == plan.baseline_makespan == 11
+
+
+def test_hysteresis_keeps_a_previous_plan_that_is_almost_as_good():
+    home = [[0, 1, 0, 1]]
+    loads = [[10, 1, 1, 1]]
+    best = plan_replicas(loads, home, [2, 2], policy="split")
+    # A previous plan as good as the best is kept as is.
+    again = plan_replicas(loads, home, [2, 2], policy="split", previous=best.replicas)
+    assert again.kept_previous and again.replicas == best.replicas
+    # A useless previous plan is replaced.
+    fresh = plan_replicas(loads, home, [2, 2], policy="split", previous={(0, 1, 0)})
+    assert not fresh.kept_previous and fresh.replicas == best.replicas
+
+
+@pytest.mark.parametrize("policy", ["whole", "split"])
+def test_planner_properties_on_random_forecasts(policy):
+    rng = random.Random(0)
+    for trial in range(40):
+        layers, experts, servers = rng.randint(1, 4), rng.choice([4, 8, 16]), rng.randint(1, 4)
+        home = home_placement(layers, experts, servers)
+        # Skewed loads, as routers produce: a few hot experts.
+        loads = [[rng.paretovariate(1.2) * 10 for _ in range(experts)] for _ in range(layers)]
+        slots = [rng.randint(0, 4) for _ in range(servers)]
+        previous = {(rng.randrange(layers), rng.randrange(experts), rng.randrange(servers)) for _ in range(3)}
+        plan = plan_replicas(loads, home, slots, policy=policy, previous=previous)
+        per_server = [sum(1 for r in plan.replicas if r[2] == s) for s in range(servers)]
+        assert all(n <= cap for n, cap in zip(per_server, slots)), "over budget"
+        assert all(s != home[layer][e] for layer, e, s in plan.replicas), "a replica on its home server"
+        assert plan.makespan <= plan.baseline_makespan + 1e-9, "worse than no replication"
+        assert plan.makespan == pytest.approx(makespan(loads, home, plan.replicas, servers, policy))
+
+
+@pytest.mark.parametrize("policy", ["whole", "split"])
+def test_dispatch_covers_every_token_once(policy):
+    rng = random.Random(1)
+    for _ in range(50):
+        servers, experts = rng.randint(1, 4), rng.randint(1, 12)
+        counts = [rng.choice([0, 1, 3, 17, 64]) for _ in range(experts)]
+        holders = [[rng.randrange(servers)] for _ in range(experts)]
+        for h in holders:
+            h.extend(s for s in range(servers) if s not in h and rng.random() < 0.4)
+        chunks = assign_layer(counts, holders, servers, policy)
+        for e, runs in enumerate(chunks):
+            assert sum(n for _, n in runs) == counts[e]
+            assert all(s in holders[e] and n > 0 for s, n in runs)
+            if policy == "whole":
+                assert len(runs) <= 1
