@@ -29,6 +29,8 @@ class ExpertServerConfig:
     # torch intra-op threads; 0 keeps torch's default (all cores). Several servers on one
     # machine should split the cores between them rather than oversubscribe.
     threads: int = 0
+    # Memory for replicas of other servers' experts, in bytes (0 = no replicas).
+    replica_memory: int = 0
     # --- experts held at start; the gateway may assign others later ---
     # "" = none until assigned; "all"; or "L:E,L:E-E,..." (layer:expert or layer:first-last).
     experts: str = ""
@@ -43,6 +45,8 @@ class ExpertServerConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
         if self.group_executor not in GROUP_EXECUTORS:
             raise ValueError(f"--group-executor must be one of {GROUP_EXECUTORS}")
+        if self.replica_memory < 0:
+            raise ValueError("--replica-memory must be >= 0")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
         if not 0 <= self.port < 65536:
@@ -57,6 +61,18 @@ class ExpertServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def parse_bytes(text: str) -> int:
+    """"2GB" -> 2_000_000_000, "512MiB" -> 536_870_912, "1000" -> 1000."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*", text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a size like 1000, 500MB or 2GiB")
+    unit = (m[2] or "").rstrip("b")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    if unit not in scale:
+        raise ValueError(f"{text!r}: unknown unit")
+    return int(float(m[1]) * scale[unit])
 
 
 def parse_expert_list(text: str) -> list[tuple[int, int]]:

@@ -26,11 +26,14 @@ ExpertKey = tuple[int, int]  # (sparse layer, expert)
 class ExpertStore:
     """Holds expert weights of some logical experts and runs them.
 
-    Thread-safe: RunExperts calls read a snapshot of the weight dict; assign()
-    builds a new dict and swaps it in, so running experts are never blocked by loading.
+    Two kinds of experts are held: home experts (assign()) and replicas of other
+    servers' experts (set_replicas(), within `replica_memory` bytes). Thread-safe:
+    RunExperts calls read a snapshot of the weight dict; changes build a new dict and
+    swap it in, so running experts are never blocked by loading.
     """
 
-    def __init__(self, source: ModelSource, device: str = "cpu", dtype: str = "float32", group_executor: str = "sequential"):
+    def __init__(self, source: ModelSource, device: str = "cpu", dtype: str = "float32",
+                 group_executor: str = "sequential", replica_memory: int = 0):
         from transformers import SwitchTransformersConfig
         from transformers.activations import ACT2FN
 
@@ -44,7 +47,13 @@ class ExpertStore:
         self.act = ACT2FN[self.config.dense_act_fn]
         self.checkpoint = Checkpoint(source.path)
         self._weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._home: set[ExpertKey] = set()
+        self._replicas: set[ExpertKey] = set()  # loaded and ready
+        self.replica_memory = replica_memory
+        # One expert's bytes in the compute dtype: wi and wo, d_model x d_ff each.
+        self.expert_bytes = 2 * self.config.d_model * self.config.d_ff * torch.empty(0, dtype=self.dtype).element_size()
         self._assign_lock = threading.Lock()
+        self._replica_generation = 0
         self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" else None
 
     def close(self) -> None:
@@ -55,6 +64,13 @@ class ExpertStore:
 
     def held(self) -> list[ExpertKey]:
         return sorted(self._weights)
+
+    def replicas(self) -> list[ExpertKey]:
+        return sorted(self._replicas)
+
+    @property
+    def replica_slots(self) -> int:
+        return self.replica_memory // self.expert_bytes
 
     def weight_bytes(self) -> int:
         return sum(wi.nbytes + wo.nbytes for wi, wo in self._weights.values())
@@ -82,18 +98,73 @@ class ExpertStore:
         wanted = set(experts)
         with self._assign_lock:
             current = self._weights
-            new = {k: v for k, v in current.items() if k in wanted}
+            home_before = self._home
+            # A new home expert that was a replica here stops being one.
+            self._replicas -= wanted
+            keep = wanted | self._replicas
+            new = {k: v for k, v in current.items() if k in keep}
             missing = sorted(wanted - set(current))
-            for layer, expert in missing:
-                wi, wo = self.checkpoint.expert_weights(self.layers[layer], expert)
-                # copy=True: safetensors hands out file-backed (mmap) tensors; copy them into
-                # memory we own so weights stay resident instead of paging from disk under pressure.
-                new[(layer, expert)] = tuple(
-                    w.to(device=self.device, dtype=self.dtype, copy=True).contiguous() for w in (wi, wo))
+            for key in missing:
+                new[key] = self._load(key)
             self._weights = new  # atomic swap: in-flight runs keep their snapshot
-        dropped = len(current) - (len(new) - len(missing))
+            self._home = wanted
+        dropped = len(home_before - wanted)
         log.info("assigned %d experts (%d loaded, %d dropped, %.1f MB)", len(new), len(missing), dropped, self.weight_bytes() / 1e6)
         return len(missing), dropped
+
+    def _load(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
+        wi, wo = self.checkpoint.expert_weights(self.layers[key[0]], key[1])
+        # copy=True: safetensors hands out file-backed (mmap) tensors; copy them into
+        # memory we own so weights stay resident instead of paging from disk under pressure.
+        return tuple(w.to(device=self.device, dtype=self.dtype, copy=True).contiguous() for w in (wi, wo))
+
+    def set_replicas(self, wanted: list[ExpertKey]) -> tuple[list[tuple[ExpertKey, str]], int]:
+        """Hold exactly the replicas `wanted` (besides home experts) that are valid and fit.
+
+        Drops unwanted replicas at once, then loads the missing ones one by one; stops
+        early when a newer call supersedes this one. Returns (refused with reasons,
+        bytes loaded). Running experts are never blocked: each loaded replica is
+        published by swapping in a new weight dict.
+        """
+        refused: list[tuple[ExpertKey, str]] = []
+        valid: list[ExpertKey] = []
+        for key in dict.fromkeys(wanted):
+            layer, expert = key
+            if not (0 <= layer < len(self.layers) and 0 <= expert < self.num_experts):
+                refused.append((key, f"expert {expert} of sparse layer {layer} does not exist"))
+            elif key in self._home:
+                refused.append((key, "is a home expert of this server"))
+            elif len(valid) >= self.replica_slots:
+                refused.append((key, f"over the replica memory budget ({self.replica_memory} bytes, "
+                                     f"{self.replica_slots} replicas)"))
+            else:
+                valid.append(key)
+        with self._assign_lock:
+            self._replica_generation += 1
+            generation = self._replica_generation
+            keep = set(valid)
+            self._replicas &= keep
+            self._weights = {k: v for k, v in self._weights.items() if k in self._home or k in self._replicas}
+        loaded = 0
+        for key in valid:
+            if key in self._replicas:
+                continue
+            try:
+                weights = self._load(key)
+            except Exception as exc:  # noqa: BLE001 - one unreadable replica must not stop the others
+                refused.append((key, f"could not be loaded: {exc}"))
+                continue
+            with self._assign_lock:
+                if generation != self._replica_generation:
+                    break  # superseded: the newer call decides what to hold
+                self._weights = {**self._weights, key: weights}
+                self._replicas.add(key)
+            loaded += sum(w.nbytes for w in weights)
+        log.info("replicas: %d ready, %d refused, %.1f MB loaded", len(self._replicas), len(refused), loaded / 1e6)
+        return refused, loaded
+
+    def replica_bytes(self) -> int:
+        return len(self._replicas) * self.expert_bytes
 
     # ---- running experts ----
 

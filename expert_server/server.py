@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from expert_server.config import ExpertServerConfig, parse_expert_list
+from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
 from expert_server.servicer import ExpertServicer
 from moe_common import model_source, serving
@@ -40,7 +40,7 @@ def create_server(config: ExpertServerConfig):
 
         torch.set_num_threads(config.threads)
     source = model_source.resolve(config.model, config.cache_dir)
-    store = ExpertStore(source, config.device, config.dtype, config.group_executor)
+    store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
     server, port, health = serving.create_server(
         config.address,
         [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(store), s)],
@@ -62,6 +62,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--dtype", default="float32", help="compute dtype of expert weights")
     p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--replica-memory", default="0", help="memory for replicas of other servers' experts, e.g. 2GB")
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
     p.add_argument("--max-workers", type=int, default=16)
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             shard=shard,
             max_workers=a.max_workers,
             threads=a.threads,
+            replica_memory=parse_bytes(a.replica_memory),
         )
     except ValueError as exc:
         p.error(str(exc))

@@ -30,6 +30,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         loaded, dropped = self.store.assign([(r.layer, r.expert) for r in request.experts])
         return expert_pb2.AssignExpertsResponse(loaded=loaded, dropped=dropped, weight_bytes=self.store.weight_bytes())
 
+    def SetReplicas(self, request, context):
+        self.store.check_model(request.model_id)
+        refused, loaded = self.store.set_replicas([(r.layer, r.expert) for r in request.replicas])
+        return expert_pb2.SetReplicasResponse(
+            ready=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in self.store.replicas()],
+            failed=[expert_pb2.ReplicaFailure(expert=expert_pb2.ExpertRef(layer=k[0], expert=k[1]), reason=why)
+                    for k, why in refused],
+            replica_bytes=self.store.replica_bytes(), bytes_loaded=loaded,
+        )
+
     def GetInfo(self, request, context):
         s = self.store
         return expert_pb2.GetInfoResponse(
@@ -42,4 +52,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             weight_bytes=s.weight_bytes(),
             device=str(s.device),
             dtype=str(s.dtype).removeprefix("torch."),
+            replica_memory=s.replica_memory,
+            replica_slots=s.replica_slots,
+            replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in s.replicas()],
         )

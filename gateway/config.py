@@ -33,6 +33,11 @@ class GatewayConfig:
     predictor: str = ""  # host:port of the predictor service; "" = no forecasts
     predictor_timeout_ms: float = 50.0  # deadline of one forecast call
     record_traces: Path | None = None  # append every pass's routing to this trace directory
+    # --- replication ---
+    replication: str = "off"  # off | reactive | window | predictive (gateway/replicas.py)
+    replica_policy: str = "whole"  # whole: bit-identical outputs; split: also splits one expert's tokens
+    replication_window: int = 8  # batches per plan and history length of "window"
+    replication_min_gain: float = 0.02  # keep the previous plan unless the new one gains this share
     # --- expert path ---
     wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
@@ -53,6 +58,14 @@ class GatewayConfig:
             raise ValueError("--max-wait-ms must be >= 0")
         if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError("--default-max-new-tokens must be within 0..--max-new-tokens-limit")
+        if self.replication not in ("off", "reactive", "window", "predictive"):
+            raise ValueError("--replication must be off, reactive, window or predictive")
+        if self.replica_policy not in ("whole", "split"):
+            raise ValueError("--replica-policy must be whole or split")
+        if self.replication == "predictive" and not self.predictor:
+            raise ValueError("--replication predictive needs --predictor")
+        if self.replication_window < 1:
+            raise ValueError("--replication-window must be >= 1")
         if self.predictor_timeout_ms <= 0:
             raise ValueError("--predictor-timeout-ms must be > 0")
         if self.max_input_tokens < 1:

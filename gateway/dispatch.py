@@ -22,6 +22,7 @@ from torch import nn
 
 from moe_common import tensor_codec
 from moe_common.errors import FailedPrecondition, MoEError, Unavailable
+from gateway.replication import assign_layer
 from moe_common.serving import message_options
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
@@ -43,6 +44,12 @@ class DispatchStats:
     server_codec_ns: int = 0  # max over servers of their tensor codec time, per layer
     gateway_codec_ns: int = 0  # encoding requests and decoding replies in the gateway
     tokens_per_server: list[int] = field(default_factory=list)
+    # Balance: balancedness = sum_mean_load / sum_max_load over layer dispatches (vLLM's definition).
+    sum_mean_load: float = 0.0
+    sum_max_load: float = 0.0
+    replica_tokens: int = 0  # tokens computed by a replica rather than the home server
+    planned_checks: int = 0  # planned replicas whose layer ran...
+    planned_ready: int = 0  # ...and were ready then (prefetch hits)
 
     def reset(self) -> None:
         """Zero every counter (keeps one token counter per server)."""
@@ -60,13 +67,15 @@ class ExpertsMissing(MoEError):
 
 
 class ExpertClients:
-    """Channels to the expert servers plus the home placement.
+    """Channels to the expert servers, the home placement and the replicas ready now.
 
-    home[l][e] is an index into `addresses`.
+    home[l][e] is an index into `addresses`; ready[s] is the set of (layer, expert)
+    replicas server s holds and has confirmed loaded. Dispatch uses home servers and
+    ready replicas only, so it never waits for a replica.
     """
 
     def __init__(self, addresses: list[str], home: list[list[int]], model_id: str,
-                 wire_dtype: str = "float32", timeout_s: float = 60.0):
+                 wire_dtype: str = "float32", timeout_s: float = 60.0, policy: str = "whole"):
         if wire_dtype not in tensor_codec.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {sorted(tensor_codec.WIRE_DTYPES)}")
         self.addresses = list(addresses)
@@ -74,10 +83,16 @@ class ExpertClients:
         self.model_id = model_id
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
-        self.channels = [grpc.insecure_channel(a, options=message_options()) for a in self.addresses]
+        # Reconnect within a second once a server is back (gRPC's default backoff grows to 2 minutes).
+        options = [*message_options(), ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+        self.channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         self.stubs = [expert_pb2_grpc.ExpertServiceStub(c) for c in self.channels]
         self.stats = DispatchStats(tokens_per_server=[0] * len(self.addresses))
         self._stats_lock = threading.Lock()
+        self.policy = policy
+        self.ready: list[set[tuple[int, int]]] = [set() for _ in self.addresses]
+        self.planned: set[tuple[int, int, int]] = set()  # (layer, expert, server) the current plan wants
 
     def close(self) -> None:
         for c in self.channels:
@@ -92,6 +107,15 @@ class ExpertClients:
         calls = [stub.AssignExperts.future(self._assign_request(s), timeout=timeout_s) for s, stub in enumerate(self.stubs)]
         for s, call in enumerate(calls):
             self._result(s, call)
+
+    def clear_replicas(self) -> None:
+        """Drop every replica on every server (start from home placement)."""
+        calls = [stub.SetReplicas.future(expert_pb2.SetReplicasRequest(model_id=self.model_id), timeout=self.timeout_s)
+                 for stub in self.stubs]
+        for s, call in enumerate(calls):
+            self._result(s, call)
+        self.ready = [set() for _ in self.addresses]
+        self.planned = set()
 
     def info(self, server: int, timeout_s: float = 2.0) -> expert_pb2.GetInfoResponse:
         return self._result(server, self.stubs[server].GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
@@ -127,9 +151,7 @@ class ExpertClients:
         Returns {expert: outputs [n_e, d_model]} (not yet scaled by router probabilities).
         """
         t0 = time.perf_counter_ns()
-        by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for expert, tokens in token_lists:
-            by_server.setdefault(self.home[layer][expert], []).append((expert, tokens))
+        by_server = self._assign(layer, token_lists)
         requests, calls = {}, {}
         for server, items in by_server.items():
             rows = torch.cat([hidden[tokens] for _, tokens in items])  # [n_server, d_model]
@@ -143,7 +165,7 @@ class ExpertClients:
             calls[server] = self.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s)
         sent = sum(len(r.hidden_states.data) for r in requests.values())
         t_sent = time.perf_counter_ns()
-        outputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, list[tuple[int, torch.Tensor]]] = {}  # expert -> [(first token, rows)]
         compute = codec = received = 0
         decode_ns = 0
         try:
@@ -162,7 +184,7 @@ class ExpertClients:
                 decode_ns += time.perf_counter_ns() - td
                 start = 0
                 for expert, tokens in by_server[server]:
-                    outputs[expert] = out[start:start + len(tokens)]
+                    outputs.setdefault(expert, []).append((int(tokens[0]), out[start:start + len(tokens)]))
                     start += len(tokens)
         except BaseException:
             for call in calls.values():
@@ -182,7 +204,44 @@ class ExpertClients:
             st.gateway_codec_ns += (t_sent - t0) + decode_ns
             for server, items in by_server.items():
                 st.tokens_per_server[server] += sum(len(t) for _, t in items)
-        return outputs
+            layer_loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(self.addresses))]
+            st.sum_mean_load += sum(layer_loads) / len(layer_loads)
+            st.sum_max_load += max(layer_loads)
+            for s, items in by_server.items():
+                st.replica_tokens += sum(len(t) for e, t in items if self.home[layer][e] != s)
+            for (pl, e, s) in self.planned:
+                if pl == layer:
+                    st.planned_checks += 1
+                    st.planned_ready += (layer, e) in self.ready[s]
+        # An expert split over servers comes back in chunks: join them in token order.
+        return {e: torch.cat([o for _, o in sorted(parts, key=lambda x: x[0])]) if len(parts) > 1 else parts[0][1]
+                for e, parts in outputs.items()}
+
+    def _assign(self, layer: int, token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, list[tuple[int, torch.Tensor]]]:
+        """Server -> [(expert, token indices)] for one layer: home servers and ready replicas,
+        by the dispatch policy (gateway/replication.py)."""
+        if not self.planned:  # no replicas: every expert to its home server
+            by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
+            for expert, tokens in token_lists:
+                by_server.setdefault(self.home[layer][expert], []).append((expert, tokens))
+            return by_server
+        num_experts = len(self.home[layer])
+        counts = [0] * num_experts
+        for expert, tokens in token_lists:
+            counts[expert] = len(tokens)
+        holders = [[self.home[layer][e]] for e in range(num_experts)]
+        for s, keys in enumerate(self.ready):
+            for (pl, e) in keys:
+                if pl == layer and s != holders[e][0]:
+                    holders[e].append(s)
+        chunks = assign_layer(counts, holders, len(self.addresses), self.policy)
+        by_server = {}
+        for expert, tokens in token_lists:
+            start = 0
+            for s, n in chunks[expert]:
+                by_server.setdefault(s, []).append((expert, tokens[start:start + n]))  # contiguous run
+                start += n
+        return by_server
 
 
 class RemoteExperts(nn.Module):

@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from gateway.config import GatewayConfig
 from gateway.dispatch import ExpertClients
 from gateway.forecasts import PassObserver
+from gateway.replicas import ReplicaManager
 from gateway.model import load_gateway_model, remote_experts
 from moe_common import model_source
 from moe_common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -131,12 +132,14 @@ class Engine:
         self.eos_token_id: int = mc.eos_token_id
         self.home = home_placement(len(self.layers), self.num_experts, len(config.expert_servers))
         self.clients = ExpertClients(
-            config.expert_servers, self.home, self.source.model_id, config.wire_dtype, config.expert_timeout_s
+            config.expert_servers, self.home, self.source.model_id, config.wire_dtype, config.expert_timeout_s,
+            config.replica_policy,
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
         self.observer: PassObserver | None = None
-        if config.predictor or config.record_traces:
+        self.replicas: ReplicaManager | None = None
+        if config.predictor or config.record_traces or config.replication != "off":
             info = TraceInfo.from_config(self.model.config, self.source)
             writer = TraceWriter(config.record_traces, info) if config.record_traces else None
             self.observer = PassObserver(self.model, info, config.predictor, config.predictor_timeout_ms, writer)
@@ -145,6 +148,7 @@ class Engine:
         """Wait for every expert server, check it runs our model, and assign home experts."""
         for address in self.config.expert_servers:
             wait_for_serving(address, self.config.startup_timeout_s)
+        slots = []
         for server in range(len(self.config.expert_servers)):
             info = self.clients.info(server, timeout_s=30)
             if info.model_id != self.source.model_id:
@@ -152,9 +156,15 @@ class Engine:
                     f"expert server {self.config.expert_servers[server]} serves model {info.model_id} "
                     f"({info.model_source}); the gateway runs {self.source.model_id} ({self.source.spec})"
                 )
+            slots.append(info.replica_slots)
         t0 = time.monotonic()
         self.clients.assign_home_experts(self.config.startup_timeout_s)
-        log.info("expert servers hold their home experts (%.1f s)", time.monotonic() - t0)
+        self.clients.clear_replicas()  # a previous gateway's replicas are not ours to use
+        log.info("expert servers hold their home experts (%.1f s); replica slots %s", time.monotonic() - t0, slots)
+        if self.config.replication != "off":
+            self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication, slots,
+                                           self.config.replication_window, self.config.replication_min_gain)
+            self.observer.replicas = self.replicas
 
     def close(self) -> None:
         if self.observer is not None:

@@ -51,6 +51,7 @@ class PassObserver:
         self._pending = None
         self._decoder_tokens: torch.Tensor | None = None  # [B, t] decoder tokens of the current batch
         self._lock = threading.Lock()
+        self.replicas = None  # a ReplicaManager, set by the engine once it knows the servers' slots
         self.recorder = RoutingRecorder(model, info, on_pass=self._on_pass, on_start=self._on_start)
 
     def close(self) -> None:
@@ -68,34 +69,43 @@ class PassObserver:
             tokens = self._decoder_tokens = torch.cat([self._decoder_tokens, input_ids], dim=1)
         else:
             tokens = self._decoder_tokens = input_ids
-        if self.stub is None:
-            return
-        b, s = tokens.shape
-        request = pb.ForecastRequest(model_id=self.info.model_id, kind=_KIND[kind], batch_size=b, seq_len=s,
-                                     token_ids=tokens.reshape(-1).tolist())
-        self._pending = self.stub.Forecast.future(request, timeout=self.timeout_s)
+        if self.stub is not None:
+            b, s = tokens.shape
+            request = pb.ForecastRequest(model_id=self.info.model_id, kind=_KIND[kind], batch_size=b, seq_len=s,
+                                         token_ids=tokens.reshape(-1).tolist())
+            self._pending = self.stub.Forecast.future(request, timeout=self.timeout_s)
+        if kind == ENCODER and self.replicas is not None:
+            forecast = None
+            if self.replicas.mode == "predictive" and self._pending is not None:
+                # Planning needs this batch's forecast: wait for it, within its deadline.
+                self._collect_forecast(wait=True)
+                forecast = self.last_forecast
+            self.replicas.before_batch(forecast)
 
     def _on_pass(self, p: Pass) -> None:
         if self.writer is not None:
             self.writer.add(p)
+        loads = p.loads(self.info.num_experts)
+        if self.replicas is not None:
+            self.replicas.observe(p, loads)
         if self.stub is None:
             return
         self._collect_forecast()
-        loads = p.loads(self.info.num_experts)
         request = pb.ReportLoadsRequest(model_id=self.info.model_id, layers=[
             pb.LayerLoad(layer=layer, load=loads[j].tolist()) for j, layer in enumerate(self.info.layers_of(p.kind))])
         self.stub.ReportLoads.future(request, timeout=self.timeout_s * 10).add_done_callback(self._on_report_done)
 
-    def _collect_forecast(self) -> None:
+    def _collect_forecast(self, wait: bool = False) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if not pending.done():
+        self.last_forecast = {}
+        if not wait and not pending.done():
             pending.cancel()
             self._count("late", None)
             return
         try:
-            reply = pending.result()
+            reply = pending.result()  # bounded by the call's deadline
         except grpc.FutureCancelledError:
             self._count("late", None)
             return

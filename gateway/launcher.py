@@ -157,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
+    p.add_argument("--replica-policy", default="whole", choices=["whole", "split"])
+    p.add_argument("--replica-memory", default="0", help="replica memory per expert server, e.g. 2GB")
     p.add_argument("--predictor-checkpoint", type=Path, default=None,
                    help="trained forecaster (moe-predictor train); without it the predictor uses a history method")
     p.add_argument("--no-predictor", action="store_true", help="run without the predictor service")
@@ -181,8 +184,10 @@ def main(argv=None) -> int:
         stack = start_stack(
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
             gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
-                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level],
-            expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads)],
+                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
+                          "--replication", a.replication, "--replica-policy", a.replica_policy],
+            expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads),
+                         "--replica-memory", a.replica_memory],
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint,
         )
     except KeyboardInterrupt:

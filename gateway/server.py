@@ -82,6 +82,12 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--expert-timeout-s", type=float, default=60.0)
     p.add_argument("--predictor", default="", help="host:port of the predictor service (optional)")
     p.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
+    p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
+                   help="how replicas of hot experts are planned (predictive needs --predictor)")
+    p.add_argument("--replica-policy", default="whole", choices=["whole", "split"],
+                   help="whole: each expert's tokens to one holder (bit-identical outputs); "
+                        "split: also split one expert's tokens over holders (float-tolerance outputs)")
+    p.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
@@ -108,6 +114,9 @@ def parse_args(argv=None) -> GatewayConfig:
             predictor=a.predictor,
             predictor_timeout_ms=a.predictor_timeout_ms,
             record_traces=a.record_traces,
+            replication=a.replication,
+            replica_policy=a.replica_policy,
+            replication_window=a.replication_window,
         )
     except ValueError as exc:
         p.error(str(exc))

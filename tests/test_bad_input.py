@@ -2,6 +2,8 @@
 that says what was wrong, and the service keeps serving; a dead expert server gives
 UNAVAILABLE naming it."""
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -147,5 +149,9 @@ def test_dead_expert_server_gives_unavailable_naming_it(tiny):
         host, port = addresses[1].rsplit(":", 1)
         procs[1] = spawn_expert_server(tiny.path, host, int(port))
         wait_ready(procs[1], addresses[1], 120)
+        deadline = time.monotonic() + 30
+        while not stub.GetStatus(gateway_pb2.GetStatusRequest()).healthy:  # the gateway reconnects
+            assert time.monotonic() < deadline, "the gateway did not reconnect to the restarted server"
+            time.sleep(0.2)
         again = stub.Generate(request)
         assert list(again.generations[0].token_ids) == list(first.generations[0].token_ids)

@@ -61,7 +61,7 @@ def test_hysteresis_keeps_a_previous_plan_that_is_almost_as_good():
 @pytest.mark.parametrize("policy", ["whole", "split"])
 def test_planner_properties_on_random_forecasts(policy):
     rng = random.Random(0)
-    for trial in range(40):
+    for _ in range(40):
         layers, experts, servers = rng.randint(1, 4), rng.choice([4, 8, 16]), rng.randint(1, 4)
         home = home_placement(layers, experts, servers)
         # Skewed loads, as routers produce: a few hot experts.

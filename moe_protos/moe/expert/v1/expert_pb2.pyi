@@ -89,7 +89,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_source", "d_model", "num_sparse_layers", "num_experts", "experts", "weight_bytes", "device", "dtype")
+    __slots__ = ("model_id", "model_source", "d_model", "num_sparse_layers", "num_experts", "experts", "weight_bytes", "device", "dtype", "replica_memory", "replica_slots", "replicas")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,9 @@ class GetInfoResponse(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_source: str
     d_model: int
@@ -108,4 +111,35 @@ class GetInfoResponse(_message.Message):
     weight_bytes: int
     device: str
     dtype: str
-    def __init__(self, model_id: _Optional[str] = ..., model_source: _Optional[str] = ..., d_model: _Optional[int] = ..., num_sparse_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    replica_memory: int
+    replica_slots: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    def __init__(self, model_id: _Optional[str] = ..., model_source: _Optional[str] = ..., d_model: _Optional[int] = ..., num_sparse_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., replica_memory: _Optional[int] = ..., replica_slots: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
+
+class SetReplicasRequest(_message.Message):
+    __slots__ = ("replicas", "model_id")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    model_id: str
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class ReplicaFailure(_message.Message):
+    __slots__ = ("expert", "reason")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    expert: ExpertRef
+    reason: str
+    def __init__(self, expert: _Optional[_Union[ExpertRef, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetReplicasResponse(_message.Message):
+    __slots__ = ("ready", "failed", "replica_bytes", "bytes_loaded")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    ready: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    failed: _containers.RepeatedCompositeFieldContainer[ReplicaFailure]
+    replica_bytes: int
+    bytes_loaded: int
+    def __init__(self, ready: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., failed: _Optional[_Iterable[_Union[ReplicaFailure, _Mapping]]] = ..., replica_bytes: _Optional[int] = ..., bytes_loaded: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,11 @@ class ExpertServiceStub:
                 request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.SetReplicas = channel.unary_unary(
+                '/moe.expert.v1.ExpertService/SetReplicas',
+                request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasRequest.SerializeToString,
+                response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -83,6 +88,17 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReplicas(self, request, context):
+        """Sets the replicas this server holds besides its home experts: drops the ones
+        not listed at once, loads the missing ones from the checkpoint on this call's
+        thread (RunExperts calls keep running), within the replica memory budget.
+        Replicas that cannot be held (unknown expert, one of its home experts, over
+        budget, unreadable) are reported in `failed`; the rest still load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +116,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetInfoRequest.FromString,
                     response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'SetReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReplicas,
+                    request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasRequest.FromString,
+                    response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +205,33 @@ class ExpertService:
             '/moe.expert.v1.ExpertService/GetInfo',
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetInfoRequest.SerializeToString,
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.expert.v1.ExpertService/SetReplicas',
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasRequest.SerializeToString,
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,7 +115,7 @@ class LayerPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., name: _Optional[str] = ..., home_server: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor")
+    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class GetStatusResponse(_message.Message):
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     model_id: str
@@ -138,7 +139,44 @@ class GetStatusResponse(_message.Message):
     requests_failed: int
     wire_dtype: str
     predictor: PredictorStatus
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ...) -> None: ...
+    replication: ReplicationStatus
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ...) -> None: ...
+
+class ReplicationStatus(_message.Message):
+    __slots__ = ("mode", "policy", "batches", "plans", "kept_plans", "replicas_planned", "replicas_ready", "prefetch_hit_rate", "balancedness", "replica_tokens", "bytes_moved", "failures", "planning_ms_p50", "forecast_makespan", "forecast_baseline_makespan", "tokens_per_server")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PLANS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_PLANS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_PLANNED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_READY_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PLANNING_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_MAKESPAN_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_BASELINE_MAKESPAN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SERVER_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    policy: str
+    batches: int
+    plans: int
+    kept_plans: int
+    replicas_planned: int
+    replicas_ready: int
+    prefetch_hit_rate: float
+    balancedness: float
+    replica_tokens: int
+    bytes_moved: int
+    failures: int
+    planning_ms_p50: float
+    forecast_makespan: float
+    forecast_baseline_makespan: float
+    tokens_per_server: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, mode: _Optional[str] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., plans: _Optional[int] = ..., kept_plans: _Optional[int] = ..., replicas_planned: _Optional[int] = ..., replicas_ready: _Optional[int] = ..., prefetch_hit_rate: _Optional[float] = ..., balancedness: _Optional[float] = ..., replica_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., failures: _Optional[int] = ..., planning_ms_p50: _Optional[float] = ..., forecast_makespan: _Optional[float] = ..., forecast_baseline_makespan: _Optional[float] = ..., tokens_per_server: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PredictorStatus(_message.Message):
     __slots__ = ("address", "forecasts_ok", "forecasts_late", "forecasts_failed", "reports_failed")

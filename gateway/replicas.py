@@ -1,0 +1,142 @@
+"""Replica management in the gateway: decide a plan per batch and move weights.
+
+Modes (--replication):
+  off         static home placement, no replicas.
+  reactive    plan before each batch from the previous batch's actual loads.
+  window      plan every `window` batches from the mean loads of the last `window`
+              batches, as history-based balancers (DeepSeek's EPLB in vLLM/SGLang) do.
+  predictive  plan before each batch from the predictor's forecast for THIS batch
+              (encoder layers; decoder layers use the previous batch's loads, since
+              decoder steps are forecast one step at a time).
+The plan comes from plan_replicas (pure, gateway/replication.py). Servers get their
+new replica sets through SetReplicas calls that run beside the batch: the gateway
+never waits for them, and dispatch uses a replica only once its server confirmed it
+loaded. Replicas the new plan drops stop being used at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import grpc
+import numpy as np
+
+from gateway.dispatch import ExpertClients
+from gateway.replication import plan_replicas
+from moe_common.traces import Pass, TraceInfo
+from moe_protos.moe.expert.v1 import expert_pb2
+
+log = logging.getLogger(__name__)
+MODES = ("off", "reactive", "window", "predictive")
+
+
+class ReplicaManager:
+    def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, slots: list[int], window: int = 8,
+                 min_gain: float = 0.02):
+        if mode not in MODES:
+            raise ValueError(f"replication mode must be one of {MODES}")
+        self.clients = clients
+        self.info = info
+        self.mode = mode
+        self.slots = slots
+        self.window = window
+        self.min_gain = min_gain
+        self.batches = 0
+        self.plans = 0
+        self.kept_plans = 0
+        self.bytes_moved = 0
+        self.failures = 0
+        self.planning_ms: deque = deque(maxlen=1000)
+        self.last_plan = None
+        self._history: deque = deque(maxlen=max(1, window))  # per batch: loads [L, E]
+        self._current = np.zeros((info.num_layers, info.num_experts))
+        self._lock = threading.Lock()
+
+    # ---- inputs ----
+
+    def observe(self, p: Pass, loads: np.ndarray) -> None:
+        """Actual loads [Lp, E] of a pass of the current batch."""
+        for j, layer in enumerate(self.info.layers_of(p.kind)):
+            self._current[layer] += loads[j]
+
+    def before_batch(self, forecast: dict[int, np.ndarray] | None) -> None:
+        """A new batch is formed: close the previous one's loads, plan, send prefetches."""
+        if self.batches > 0:
+            self._history.append(self._current)
+        self._current = np.zeros_like(self._current)
+        self.batches += 1
+        if self.mode == "off" or not self._history:
+            return
+        if self.mode == "window" and (self.batches - 1) % self.window != 0:
+            return
+        if self.mode == "window":
+            loads = np.mean(self._history, axis=0)
+        else:
+            loads = self._history[-1].copy()
+        if self.mode == "predictive" and forecast:
+            for layer, load in forecast.items():
+                loads[layer] = load
+        t0 = time.perf_counter()
+        plan = plan_replicas(loads.tolist(), self.clients.home, self.slots, policy=self.clients.policy,
+                             previous=self.clients.planned, min_gain=self.min_gain)
+        self.planning_ms.append((time.perf_counter() - t0) * 1e3)
+        self.plans += 1
+        self.kept_plans += plan.kept_previous
+        self.last_plan = plan
+        if not plan.kept_previous or plan.replicas != self.clients.planned:
+            self._apply(plan.replicas)
+
+    # ---- moving weights ----
+
+    def _apply(self, replicas: set[tuple[int, int, int]]) -> None:
+        clients = self.clients
+        changed = []
+        for s in range(len(clients.addresses)):
+            want = {(layer, e) for layer, e, srv in replicas if srv == s}
+            had = {(layer, e) for layer, e, srv in clients.planned if srv == s}
+            # Replicas the plan drops stop being used now, before the server evicts them.
+            clients.ready[s] &= want
+            if want != had:
+                changed.append((s, want))
+        clients.planned = set(replicas)
+        for s, want in changed:
+            request = expert_pb2.SetReplicasRequest(
+                replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(want)],
+                model_id=clients.model_id)
+            call = clients.stubs[s].SetReplicas.future(request, timeout=clients.timeout_s * 10)
+            call.add_done_callback(lambda f, s=s, want=frozenset(want): self._on_loaded(s, want, f))
+
+    def _on_loaded(self, server: int, want: frozenset, future) -> None:
+        try:
+            reply = future.result()
+        except grpc.RpcError as err:
+            self.failures += 1
+            log.warning("SetReplicas on %s failed: %s", self.clients.addresses[server], err.details())
+            return
+        ready = {(r.layer, r.expert) for r in reply.ready}
+        with self._lock:
+            self.bytes_moved += reply.bytes_loaded
+            current = {(layer, e) for layer, e, s in self.clients.planned if s == server}
+            self.clients.ready[server] = ready & current  # a later plan may have dropped some already
+        for f in reply.failed:
+            self.failures += 1
+            log.warning("expert server %s refused replica %d:%d: %s", self.clients.addresses[server],
+                        f.expert.layer, f.expert.expert, f.reason)
+
+    def status(self) -> dict:
+        st = self.clients.stats
+        return dict(
+            mode=self.mode, policy=self.clients.policy, batches=self.batches, plans=self.plans,
+            kept_plans=self.kept_plans, replicas_planned=len(self.clients.planned),
+            replicas_ready=sum(len(r) for r in self.clients.ready),
+            prefetch_hit_rate=st.planned_ready / st.planned_checks if st.planned_checks else 0.0,
+            balancedness=st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0,
+            replica_tokens=st.replica_tokens, bytes_moved=self.bytes_moved, failures=self.failures,
+            planning_ms_p50=float(np.median(self.planning_ms)) if self.planning_ms else 0.0,
+            forecast_makespan=self.last_plan.makespan if self.last_plan else 0.0,
+            forecast_baseline_makespan=self.last_plan.baseline_makespan if self.last_plan else 0.0,
+        )
+

@@ -1,0 +1,125 @@
+"""Replicas on real expert servers: outputs stay those of the single-process model
+whatever the plan; faults are reported and avoided; the modes run end to end."""
+
+import random
+import time
+
+import grpc
+import pytest
+import torch
+
+from gateway.config import GatewayConfig
+from gateway.engine import Engine
+from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import channel, expert_servers, gateway
+from tests.test_equivalence import PROMPTS
+
+REPLICA_MEMORY = "4MB"  # 64 tiny experts of 64 KiB: room for every expert everywhere
+
+
+@pytest.fixture(scope="module")
+def servers(tiny):
+    with expert_servers(tiny, 3, ["--replica-memory", REPLICA_MEMORY]) as (addresses, _):
+        yield addresses
+
+
+def apply_plan(engine: Engine, replicas: set) -> None:
+    """Send a plan through the gateway's replica manager and wait until every replica is ready."""
+    engine.replicas._apply(replicas)
+    deadline = time.monotonic() + 60
+    want = [{(layer, e) for layer, e, s in replicas if s == server} for server in range(len(engine.clients.addresses))]
+    while engine.clients.ready != want:
+        assert time.monotonic() < deadline, "replicas did not become ready"
+        time.sleep(0.05)
+
+
+def every_replica(engine: Engine) -> set:
+    return {(layer, e, s) for layer, row in enumerate(engine.home) for e, home in enumerate(row)
+            for s in range(len(engine.clients.addresses)) if s != home}
+
+
+@pytest.mark.parametrize("policy", ["whole", "split"])
+def test_outputs_do_not_depend_on_the_plan(tiny, reference, servers, policy):
+    model, tokenizer = reference
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model.generate(**enc, max_new_tokens=12, do_sample=False)
+        want = model(**enc, decoder_input_ids=expected[:, :8]).logits
+    engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=servers, replication="reactive",
+                                  replica_policy=policy))
+    try:
+        engine.connect()
+        rng = random.Random(0)
+        plans = [every_replica(engine)] + [set(rng.sample(sorted(every_replica(engine)), 12)) for _ in range(3)]
+        for plan in plans:
+            apply_plan(engine, plan)
+            before = engine.clients.stats.replica_tokens
+            got = engine.forward_logits(enc["input_ids"], enc["attention_mask"], expected[:, :8])
+            assert engine.clients.stats.replica_tokens > before, "the replicas were not used"
+            if policy == "whole":
+                assert torch.equal(got, want)  # each expert still runs its whole token set at once
+            else:
+                assert (got - want).abs().max().item() < 1e-4  # other matmul shapes round differently
+            rows = engine.generate_batch(engine.prompt_ids(PROMPTS, []), [12] * len(PROMPTS), engine_sampling())
+            for row, r in zip(expected.tolist(), rows):
+                ids = row[1:]
+                if model.config.eos_token_id in ids:
+                    ids = ids[: ids.index(model.config.eos_token_id) + 1]
+                assert r.token_ids == ids
+    finally:
+        engine.close()
+
+
+def engine_sampling():
+    from gateway.engine import Sampling
+
+    return Sampling()
+
+
+def test_bad_replica_requests_are_reported_and_the_server_keeps_serving(tiny, servers):
+    with channel(servers[0]) as ch:
+        stub = expert_pb2_grpc.ExpertServiceStub(ch)
+        info = stub.GetInfo(expert_pb2.GetInfoRequest())
+        assert info.replica_slots == 4_000_000 // (2 * 64 * 128 * 4)
+        stub.AssignExperts(expert_pb2.AssignExpertsRequest(experts=[expert_pb2.ExpertRef(layer=0, expert=0)]))
+        ref = expert_pb2.ExpertRef
+        reply = stub.SetReplicas(expert_pb2.SetReplicasRequest(replicas=[
+            ref(layer=0, expert=1), ref(layer=0, expert=99), ref(layer=7, expert=0), ref(layer=0, expert=0)]))
+        reasons = {(f.expert.layer, f.expert.expert): f.reason for f in reply.failed}
+        assert "does not exist" in reasons[(0, 99)] and "does not exist" in reasons[(7, 0)]
+        assert "home expert" in reasons[(0, 0)]
+        assert [(r.layer, r.expert) for r in reply.ready] == [(0, 1)] and reply.bytes_loaded == 2 * 64 * 128 * 4
+        # Over budget: everything past the slots is refused, the rest loads.
+        many = [ref(layer=layer, expert=e) for layer in range(4) for e in range(1, 8)] * 3
+        reply = stub.SetReplicas(expert_pb2.SetReplicasRequest(replicas=many))
+        assert len(reply.ready) == 28 and not reply.failed  # duplicates count once
+        few = expert_pb2.SetReplicasRequest(replicas=[ref(layer=0, expert=3)])
+        assert [(r.layer, r.expert) for r in stub.SetReplicas(few).ready] == [(0, 3)]  # evicts the rest
+        assert stub.GetInfo(expert_pb2.GetInfoRequest()).replicas == [ref(layer=0, expert=3)]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SetReplicas(expert_pb2.SetReplicasRequest(model_id="0123456789abcdef"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("mode", ["reactive", "window"])
+def test_modes_end_to_end(tiny, reference, servers, mode):
+    model, tokenizer = reference
+    args = ["--replication", mode, "--replication-window", "2", "--max-batch-size", "4"]
+    with gateway(tiny, servers[:2], args) as address, channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        for round_ in range(5):
+            reply = stub.Generate(gateway_pb2.GenerateRequest(
+                prompts=PROMPTS[:4], parameters=gateway_pb2.GenerationParameters(max_new_tokens=6)))
+            enc = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                want = model.generate(**enc, max_new_tokens=6, do_sample=False).tolist()
+            for row, g in zip(want, reply.generations):
+                ids = row[1:]
+                if model.config.eos_token_id in ids:
+                    ids = ids[: ids.index(model.config.eos_token_id) + 1]
+                assert list(g.token_ids) == ids
+        rep = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication
+        assert rep.mode == mode and rep.batches == 5 and rep.plans >= 2
+        assert rep.replicas_planned > 0 and rep.bytes_moved > 0 and rep.failures == 0
+        assert 0 < rep.balancedness <= 1 and len(rep.tokens_per_server) == 2
