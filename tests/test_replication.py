@@ -108,7 +108,7 @@ def test_modes_end_to_end(tiny, reference, servers, mode):
     args = ["--replication", mode, "--replication-window", "2", "--max-batch-size", "4"]
     with gateway(tiny, servers[:2], args) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-        for round_ in range(5):
+        for _ in range(5):
             reply = stub.Generate(gateway_pb2.GenerateRequest(
                 prompts=PROMPTS[:4], parameters=gateway_pb2.GenerationParameters(max_new_tokens=6)))
             enc = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
