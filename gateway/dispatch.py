@@ -205,6 +205,7 @@ class ExpertClients:
             for server, items in by_server.items():
                 st.tokens_per_server[server] += sum(len(t) for _, t in items)
             layer_loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(self.addresses))]
+            log.debug("layer %d: tokens per server %s", layer, layer_loads)
             st.sum_mean_load += sum(layer_loads) / len(layer_loads)
             st.sum_max_load += max(layer_loads)
             for s, items in by_server.items():

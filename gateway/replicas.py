@@ -86,6 +86,14 @@ class ReplicaManager:
         self.plans += 1
         self.kept_plans += plan.kept_previous
         self.last_plan = plan
+        added, dropped = len(plan.replicas - self.clients.planned), len(self.clients.planned - plan.replicas)
+        st = self.clients.stats
+        log.info("batch %d (%s): %d replicas (+%d -%d%s), forecast makespan %.0f vs %.0f without, planned in %.1f ms; "
+                 "so far balancedness %.3f, tokens per server %s, prefetch hits %d/%d",
+                 self.batches, self.mode, len(plan.replicas), added, dropped, ", previous kept" if plan.kept_previous else "",
+                 plan.makespan, plan.baseline_makespan, self.planning_ms[-1],
+                 st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0, st.tokens_per_server,
+                 st.planned_ready, st.planned_checks)
         if not plan.kept_previous or plan.replicas != self.clients.planned:
             self._apply(plan.replicas)
 
