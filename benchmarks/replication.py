@@ -51,10 +51,8 @@ def main() -> int:
     from moe_common.corpus import stdlib_documents
     from moe_common.serving import pick_free_port
     from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from transformers import AutoTokenizer
 
     source = model_source.resolve(a.model)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
     text = " ".join(stdlib_documents()[a.skip_docs:]).encode()
     chunk = a.seq - 1  # ByT5: one token per byte, plus EOS
     prompts = [text[i * chunk:(i + 1) * chunk].decode("utf-8", "ignore") for i in range(a.requests * a.batch)]

@@ -128,18 +128,18 @@ class ExpertStore:
         """
         refused: list[tuple[ExpertKey, str]] = []
         valid: list[ExpertKey] = []
-        for key in dict.fromkeys(wanted):
-            layer, expert = key
-            if not (0 <= layer < len(self.layers) and 0 <= expert < self.num_experts):
-                refused.append((key, f"expert {expert} of sparse layer {layer} does not exist"))
-            elif key in self._home:
-                refused.append((key, "is a home expert of this server"))
-            elif len(valid) >= self.replica_slots:
-                refused.append((key, f"over the replica memory budget ({self.replica_memory} bytes, "
-                                     f"{self.replica_slots} replicas)"))
-            else:
-                valid.append(key)
         with self._assign_lock:
+            for key in dict.fromkeys(wanted):
+                layer, expert = key
+                if not (0 <= layer < len(self.layers) and 0 <= expert < self.num_experts):
+                    refused.append((key, f"expert {expert} of sparse layer {layer} does not exist"))
+                elif key in self._home:
+                    refused.append((key, "is a home expert of this server"))
+                elif len(valid) >= self.replica_slots:
+                    refused.append((key, f"over the replica memory budget ({self.replica_memory} bytes, "
+                                         f"{self.replica_slots} replicas)"))
+                else:
+                    valid.append(key)
             self._replica_generation += 1
             generation = self._replica_generation
             keep = set(valid)

@@ -5,8 +5,9 @@ Glossary: a *logical expert* is expert e of sparse layer l; its *home server* ho
 it under the placement ``home[l][e]``. For every sparse layer the model's own router
 (HF code, untouched) picks each token's expert and drops tokens over capacity;
 ``RemoteExperts`` receives exactly what HF's ``SwitchTransformersExperts`` would,
-sends each server the tokens of the experts it is home to (all servers at once)
-and combines the outputs with the same ops HF uses.
+sends each expert's tokens to its home server or to ready replicas (by the dispatch
+policy of gateway/replication.py; all servers at once) and combines the outputs with
+the same ops HF uses.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class ExpertServerError(MoEError):
 
 
 class ExpertsMissing(MoEError):
-    """An expert server no longer holds experts it is home to (it restarted)."""
+    """An expert server does not hold an expert the gateway sent it (it restarted)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class ExpertClients:
@@ -93,6 +96,10 @@ class ExpertClients:
         self.policy = policy
         self.ready: list[set[tuple[int, int]]] = [set() for _ in self.addresses]
         self.planned: set[tuple[int, int, int]] = set()  # (layer, expert, server) the current plan wants
+        # Guards ready/planned between the batcher thread and SetReplicas callbacks; a reply
+        # counts only if it answers the newest SetReplicas sent to that server.
+        self.replica_lock = threading.Lock()
+        self.replica_sequence = [0] * len(self.addresses)
 
     def close(self) -> None:
         for c in self.channels:
@@ -140,11 +147,22 @@ class ExpertClients:
         return expert_pb2.AssignExpertsRequest(experts=refs, model_id=self.model_id)
 
     def reassign(self, server: int) -> None:
-        """Give a server that lost its experts (a restart) its home experts again."""
+        """Give a server that lost its experts (a restart) its home experts again. Its
+        replicas are gone too: stop using them (the next plan may send them again)."""
         log.warning("re-assigning home experts to expert server %s", self.addresses[server])
+        with self.replica_lock:
+            self.ready[server] = set()
+            self.planned = {r for r in self.planned if r[2] != server}
+            self.replica_sequence[server] += 1  # ignore replies of SetReplicas sent before the restart
         self._result(server, self.stubs[server].AssignExperts.future(self._assign_request(server), timeout=self.timeout_s))
 
-    def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    def balancedness(self) -> float:
+        """vLLM's balancedness over every layer dispatch so far (1.0 before any)."""
+        st = self.stats
+        return st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]],
+                  retry: bool = True) -> dict[int, torch.Tensor]:
         """Run one sparse layer's experts remotely.
 
         hidden: [N, d_model]; token_lists: [(expert, token indices [n_e])] with n_e > 0.
@@ -172,10 +190,16 @@ class ExpertClients:
             for server, call in calls.items():
                 try:
                     reply = self._result(server, call)
-                except ExpertsMissing:
-                    # A restarted server comes back empty: give it its experts and retry once.
+                except ExpertsMissing as exc:
+                    if not retry:
+                        raise Unavailable(f"{exc} (again after re-assigning its experts)") from None
+                    # A restarted server comes back empty (or a replica was evicted just
+                    # before the call): give it its home experts again and run the layer once
+                    # more without its replicas.
+                    for other in calls.values():
+                        other.cancel()
                     self.reassign(server)
-                    reply = self._result(server, self.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s))
+                    return self.run_layer(layer, hidden, token_lists, retry=False)
                 compute = max(compute, reply.compute_ns)
                 codec = max(codec, reply.codec_ns)
                 received += len(reply.outputs.data)
@@ -210,10 +234,11 @@ class ExpertClients:
             st.sum_max_load += max(layer_loads)
             for s, items in by_server.items():
                 st.replica_tokens += sum(len(t) for e, t in items if self.home[layer][e] != s)
-            for (pl, e, s) in self.planned:
-                if pl == layer:
-                    st.planned_checks += 1
-                    st.planned_ready += (layer, e) in self.ready[s]
+            with self.replica_lock:
+                for (pl, e, s) in self.planned:
+                    if pl == layer:
+                        st.planned_checks += 1
+                        st.planned_ready += (layer, e) in self.ready[s]
         # An expert split over servers comes back in chunks: join them in token order.
         return {e: torch.cat([o for _, o in sorted(parts, key=lambda x: x[0])]) if len(parts) > 1 else parts[0][1]
                 for e, parts in outputs.items()}
@@ -231,7 +256,9 @@ class ExpertClients:
         for expert, tokens in token_lists:
             counts[expert] = len(tokens)
         holders = [[self.home[layer][e]] for e in range(num_experts)]
-        for s, keys in enumerate(self.ready):
+        with self.replica_lock:
+            ready = [set(keys) for keys in self.ready]
+        for s, keys in enumerate(ready):
             for (pl, e) in keys:
                 if pl == layer and s != holders[e][0]:
                     holders[e].append(s)

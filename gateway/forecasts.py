@@ -1,11 +1,12 @@
 """The gateway's side of load forecasting and routing traces.
 
 For every forward pass (the encoder pass, each decoder step) the gateway asks the
-predictor service for a forecast as soon as the pass's tokens are known, without
-waiting: the call runs beside the pass under a deadline. When the pass ends the
-gateway reports the loads the router actually produced, and optionally appends the
-pass to a trace directory. The predictor being slow or down costs a log line and a
-counter, never a request.
+predictor service for a forecast as soon as the pass's tokens are known: the call
+runs beside the pass under a deadline (--predictor-timeout-ms). Only predictive
+replication waits for it, at most that deadline, before planning a batch. When the
+pass ends the gateway reports the loads the router actually produced, and optionally
+appends the pass to a trace directory. The predictor being slow, down or wrong costs
+a log line and a counter, never a request.
 """
 
 from __future__ import annotations
@@ -112,7 +113,15 @@ class PassObserver:
         except grpc.RpcError as err:
             self._count("failed", f"{err.code().name}: {err.details()}")
             return
-        self.last_forecast = {f.layer: np.asarray(f.load) for f in reply.layers}
+        forecast = {f.layer: np.asarray(f.load, dtype=np.float64) for f in reply.layers}
+        valid = set(self.info.encoder_layers) | set(self.info.decoder_layers)
+        bad = [layer for layer, load in forecast.items()
+               if layer not in valid or load.shape != (self.info.num_experts,) or not np.all(np.isfinite(load))
+               or np.any(load < 0)]
+        if bad:  # a forecast that cannot be right must not reach the planner
+            self._count("failed", f"malformed forecast for layers {bad}")
+            return
+        self.last_forecast = forecast
         self._count("ok", None)
 
     def _on_report_done(self, future) -> None:

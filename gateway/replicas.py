@@ -17,7 +17,6 @@ loaded. Replicas the new plan drops stop being used at once.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 
@@ -53,7 +52,6 @@ class ReplicaManager:
         self.last_plan = None
         self._history: deque = deque(maxlen=max(1, window))  # per batch: loads [L, E]
         self._current = np.zeros((info.num_layers, info.num_experts))
-        self._lock = threading.Lock()
 
     # ---- inputs ----
 
@@ -68,11 +66,13 @@ class ReplicaManager:
             self._history.append(self._current)
         self._current = np.zeros_like(self._current)
         self.batches += 1
-        if self.mode == "off" or not self._history:
+        if self.mode == "off" or (not self._history and not (self.mode == "predictive" and forecast)):
             return
         if self.mode == "window" and (self.batches - 1) % self.window != 0:
             return
-        if self.mode == "window":
+        if not self._history:
+            loads = np.zeros_like(self._current)  # predictive, first batch: the forecast is all there is
+        elif self.mode == "window":
             loads = np.mean(self._history, axis=0)
         else:
             loads = self._history[-1].copy()
@@ -92,7 +92,7 @@ class ReplicaManager:
                  "so far balancedness %.3f, tokens per server %s, prefetch hits %d/%d",
                  self.batches, self.mode, len(plan.replicas), added, dropped, ", previous kept" if plan.kept_previous else "",
                  plan.makespan, plan.baseline_makespan, self.planning_ms[-1],
-                 st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0, st.tokens_per_server,
+                 self.clients.balancedness(), st.tokens_per_server,
                  st.planned_ready, st.planned_checks)
         if not plan.kept_previous or plan.replicas != self.clients.planned:
             self._apply(plan.replicas)
@@ -102,22 +102,24 @@ class ReplicaManager:
     def _apply(self, replicas: set[tuple[int, int, int]]) -> None:
         clients = self.clients
         changed = []
-        for s in range(len(clients.addresses)):
-            want = {(layer, e) for layer, e, srv in replicas if srv == s}
-            had = {(layer, e) for layer, e, srv in clients.planned if srv == s}
-            # Replicas the plan drops stop being used now, before the server evicts them.
-            clients.ready[s] &= want
-            if want != had:
-                changed.append((s, want))
-        clients.planned = set(replicas)
-        for s, want in changed:
+        with clients.replica_lock:
+            for s in range(len(clients.addresses)):
+                want = {(layer, e) for layer, e, srv in replicas if srv == s}
+                had = {(layer, e) for layer, e, srv in clients.planned if srv == s}
+                # Replicas the plan drops stop being used now, before the server evicts them.
+                clients.ready[s] &= want
+                if want != had:
+                    clients.replica_sequence[s] += 1
+                    changed.append((s, want, clients.replica_sequence[s]))
+            clients.planned = set(replicas)
+        for s, want, sequence in changed:
             request = expert_pb2.SetReplicasRequest(
                 replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(want)],
                 model_id=clients.model_id)
             call = clients.stubs[s].SetReplicas.future(request, timeout=clients.timeout_s * 10)
-            call.add_done_callback(lambda f, s=s, want=frozenset(want): self._on_loaded(s, want, f))
+            call.add_done_callback(lambda f, s=s, sequence=sequence: self._on_loaded(s, sequence, f))
 
-    def _on_loaded(self, server: int, want: frozenset, future) -> None:
+    def _on_loaded(self, server: int, sequence: int, future) -> None:
         try:
             reply = future.result()
         except grpc.RpcError as err:
@@ -125,10 +127,13 @@ class ReplicaManager:
             log.warning("SetReplicas on %s failed: %s", self.clients.addresses[server], err.details())
             return
         ready = {(r.layer, r.expert) for r in reply.ready}
-        with self._lock:
+        clients = self.clients
+        with clients.replica_lock:
             self.bytes_moved += reply.bytes_loaded
-            current = {(layer, e) for layer, e, s in self.clients.planned if s == server}
-            self.clients.ready[server] = ready & current  # a later plan may have dropped some already
+            if sequence != clients.replica_sequence[server]:
+                return  # a newer SetReplicas was sent to this server: its reply decides
+            current = {(layer, e) for layer, e, s in clients.planned if s == server}
+            clients.ready[server] = ready & current
         for f in reply.failed:
             self.failures += 1
             log.warning("expert server %s refused replica %d:%d: %s", self.clients.addresses[server],
@@ -141,7 +146,7 @@ class ReplicaManager:
             kept_plans=self.kept_plans, replicas_planned=len(self.clients.planned),
             replicas_ready=sum(len(r) for r in self.clients.ready),
             prefetch_hit_rate=st.planned_ready / st.planned_checks if st.planned_checks else 0.0,
-            balancedness=st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0,
+            balancedness=self.clients.balancedness(),
             replica_tokens=st.replica_tokens, bytes_moved=self.bytes_moved, failures=self.failures,
             planning_ms_p50=float(np.median(self.planning_ms)) if self.planning_ms else 0.0,
             forecast_makespan=self.last_plan.makespan if self.last_plan else 0.0,

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Replica = tuple[int, int, int]  # (layer, expert, server)
-POLICIES = ("whole", "split")
 
 
 # ---------------------------------------------------------------------------
@@ -209,6 +208,6 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
                 kept.add(r)
                 used[s] += 1
         old_span = makespan(loads, home, kept, num_servers, policy, speeds)
-        if old_span - new.makespan < min_gain * baseline:
+        if old_span <= baseline and old_span - new.makespan < min_gain * baseline:
             return Plan(kept, old_span, baseline, kept_previous=True)
     return new

@@ -88,6 +88,8 @@ def parse_args(argv=None) -> GatewayConfig:
                    help="whole: each expert's tokens to one holder (bit-identical outputs); "
                         "split: also split one expert's tokens over holders (float-tolerance outputs)")
     p.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
+    p.add_argument("--replication-min-gain", type=float, default=0.02,
+                   help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
@@ -117,6 +119,7 @@ def parse_args(argv=None) -> GatewayConfig:
             replication=a.replication,
             replica_policy=a.replica_policy,
             replication_window=a.replication_window,
+            replication_min_gain=a.replication_min_gain,
         )
     except ValueError as exc:
         p.error(str(exc))

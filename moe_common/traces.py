@@ -131,7 +131,14 @@ class TraceWriter:
         self.lmax = max(len(info.encoder_layers), len(info.decoder_layers))
         self.passes_per_shard = passes_per_shard
         self._buffer: list[Pass] = []
-        self._next_shard = len(list(self.directory.glob("shard-*.npz")))
+        shards = sorted(self.directory.glob("shard-*.npz"))
+        self._next_shard = int(shards[-1].stem.split("-")[1]) + 1 if shards else 0
+        # Appending to earlier runs: batch ids continue after theirs, so batches stay apart.
+        self.batch_offset = 0
+        for shard in shards:
+            with np.load(shard) as z:
+                if len(z["meta"]):
+                    self.batch_offset = max(self.batch_offset, int(z["meta"][:, 0].max()) + 1)
         self.passes_written = 0
 
     def add(self, p: Pass) -> None:
@@ -143,7 +150,7 @@ class TraceWriter:
         if not self._buffer:
             return
         passes, self._buffer = self._buffer, []
-        meta = np.array([[p.batch_id, p.kind, p.step, *p.tokens.shape] for p in passes], dtype=np.int64)
+        meta = np.array([[p.batch_id + self.batch_offset, p.kind, p.step, *p.tokens.shape] for p in passes], dtype=np.int64)
         sizes = [p.tokens.size for p in passes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         experts = np.full((offsets[-1], self.lmax), -1, dtype=np.int16)

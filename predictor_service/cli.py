@@ -54,6 +54,9 @@ def cmd_train(a) -> int:
 
     info = load_manifest(a.traces)
     passes = list(read_passes(a.traces))
+    if not passes:
+        print(f"{a.traces} holds no passes: collect some first (moe-predictor collect)", file=sys.stderr)
+        return 2
     init = None
     if a.model:
         source = model_source.resolve(a.model, a.cache_dir)
@@ -85,14 +88,21 @@ def cmd_eval(a) -> int:
         except ValueError as exc:
             print(str(exc), file=sys.stderr)
             return 2
-    report = evaluate(info, list(read_passes(a.traces)), model, window=a.window, alpha=a.alpha)
+    passes = list(read_passes(a.traces))
+    if not passes:
+        print(f"{a.traces} holds no passes to evaluate on", file=sys.stderr)
+        return 2
+    report = evaluate(info, passes, model, window=a.window, alpha=a.alpha)
     if a.json:
         print(json.dumps(report, indent=1))
     else:
         print(f"{'method':<8}{'load_l1':>9}{'enc l1':>9}{'dec l1':>9}{'hot_recall':>12}{'p50 ms':>9}{'p99 ms':>9}")
+        def cell(x, width):
+            return f"{x:>{width}.3f}" if x is not None else f"{'-':>{width}}"
+
         for name, m in report["methods"].items():
-            print(f"{name:<8}{m['load_l1']:>9.3f}{m['encoder']['load_l1'] or 0:>9.3f}{m['decoder']['load_l1'] or 0:>9.3f}"
-                  f"{m['hot_recall']:>12.3f}{m['forecast_ms_p50']:>9.3f}{m['forecast_ms_p99']:>9.3f}")
+            print(f"{name:<8}{cell(m['load_l1'], 9)}{cell(m['encoder']['load_l1'], 9)}{cell(m['decoder']['load_l1'], 9)}"
+                  f"{cell(m['hot_recall'], 12)}{cell(m['forecast_ms_p50'], 9)}{cell(m['forecast_ms_p99'], 9)}")
     return 0
 
 

@@ -76,7 +76,9 @@ def evaluate(info: TraceInfo, passes: list[Pass], forecaster: Forecaster | None 
         for m, f in forecasts.items():
             for j in range(len(layers)):
                 l1[m][p.kind].append(load_l1(f[j], actual[j]))
-                recall[m][p.kind].append(hot_recall(f[j], actual[j]))
+                r = hot_recall(f[j], actual[j])
+                if r is not None:
+                    recall[m][p.kind].append(r)
         for j, layer in enumerate(layers):
             history.update(layer, actual[j])
 

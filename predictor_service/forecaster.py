@@ -258,7 +258,7 @@ def save(path, model: Forecaster, info: TraceInfo, report: dict) -> None:
 
 def load(path, expect_model_id: str | None = None) -> tuple[Forecaster, TraceInfo, dict]:
     """Load a checkpoint; with expect_model_id, fail clearly when it was trained for another model."""
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    data = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from a file
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a forecaster checkpoint")
     if data.get("version") != CHECKPOINT_VERSION:

@@ -73,7 +73,18 @@ def hot_k(num_experts: int) -> int:
     return max(1, num_experts // 8)
 
 
-def hot_recall(forecast: np.ndarray, actual: np.ndarray) -> float:
-    """Share of the truly top-k loaded experts that the forecast also puts in its top-k, k = max(1, E/8)."""
+def hot_recall(forecast: np.ndarray, actual: np.ndarray) -> float | None:
+    """Share of the truly top-k loaded experts that the forecast also puts in its top-k, k = max(1, E/8).
+
+    "Truly hot" are the experts with load > 0 and at least the k-th largest load (ties
+    included): with few tokens (a decoder step) most of a top-k would otherwise be
+    zero-load experts picked by index. The share is of min(k, how many are truly hot);
+    None when nothing was routed.
+    """
+    actual = np.asarray(actual)
     k = hot_k(len(actual))
-    return len(set(top_k(forecast, k).tolist()) & set(top_k(actual, k).tolist())) / k
+    kth = np.sort(actual)[::-1][k - 1]
+    hot = set(np.flatnonzero((actual > 0) & (actual >= kth)).tolist())
+    if not hot:
+        return None
+    return min(len(set(top_k(forecast, k).tolist()) & hot), k) / min(k, len(hot))

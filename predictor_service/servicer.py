@@ -13,7 +13,6 @@ from moe_protos.moe.predictor.v1 import predictor_pb2_grpc
 from predictor_service.predictor import Predictor
 
 KIND_FROM_PB = {pb.PASS_KIND_ENCODER: ENCODER, pb.PASS_KIND_DECODER: DECODER}
-KIND_TO_PB = {v: k for k, v in KIND_FROM_PB.items()}
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):

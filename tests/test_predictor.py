@@ -46,14 +46,15 @@ def test_trace_round_trip_across_shards(tmp_path):
         for step in range(2):
             passes.append(make_pass(b, DECODER, step, rng.integers(0, 32, (2, 1)), rng.integers(0, 8, (2, 1, 1))))
     writer = TraceWriter(tmp_path, info, passes_per_shard=4)
-    for p in passes[:5]:
+    for p in passes[:6]:  # batches 0 and 1
         writer.add(p)
     writer.close()
-    writer = TraceWriter(tmp_path, info, passes_per_shard=4)  # appends after the existing shards
-    for p in passes[5:]:
-        writer.add(p)
+    writer = TraceWriter(tmp_path, info, passes_per_shard=4)  # a second run appends after the shards on disk
+    assert writer.batch_offset == 2  # its batch 0 is stored as batch 2, apart from the first run's
+    for p in passes[6:]:
+        writer.add(Pass(0, p.kind, p.step, p.tokens, p.mask, p.experts, p.dropped))
     writer.close()
-    assert len(list(tmp_path.glob("shard-*.npz"))) == 3
+    assert sorted(x.name for x in tmp_path.glob("shard-*.npz")) == [f"shard-00000{i}.npz" for i in range(3)]
     assert load_manifest(tmp_path) == info
     back = list(read_passes(tmp_path))
     assert len(back) == len(passes)
@@ -77,6 +78,9 @@ def test_metrics_exact():
     assert load_l1(np.array([3, 1]), np.array([1, 1])) == pytest.approx(0.5)
     assert top_k(np.array([1, 3, 3, 0]), 2).tolist() == [1, 2]
     assert hot_recall(np.array([5, 0, 0, 0, 0, 0, 0, 0, 1]), np.array([0, 0, 0, 0, 0, 0, 0, 0, 9])) == 0.0
+    # 16 experts, k = 2, one token: only expert 5 is hot, whatever the forecast ranks second.
+    assert hot_recall(np.eye(16)[5] + np.eye(16)[9] * 0.5, np.eye(16)[5]) == 1.0
+    assert hot_recall(np.ones(16), np.zeros(16)) is None
 
 
 def test_baselines_on_a_hand_made_trace():
@@ -93,8 +97,9 @@ def test_baselines_on_a_hand_made_trace():
     assert report["last"]["load_l1"] == pytest.approx((1.75 + 2 + 1) / 3)
     assert report["window"]["load_l1"] == pytest.approx((1.75 + 2 + 0) / 3)
     assert report["ema"]["load_l1"] == pytest.approx((1.75 + 2 + 0.4) / 3)
-    # hot recall (ties go to the lower index: [.5,.5] has top-1 expert 0)
-    assert report["last"]["hot_recall"] == pytest.approx(1 / 3)
+    # hot recall, k = 1: truly hot are {0}, {1}, then {0, 1} (a tie); forecasts' top-1
+    # (ties to the lower index): last 0, 0, 1; window 0, 0, 0; ema 0, 0, 0.
+    assert report["last"]["hot_recall"] == pytest.approx(2 / 3)
     assert report["window"]["hot_recall"] == pytest.approx(2 / 3)
     assert report["ema"]["hot_recall"] == pytest.approx(2 / 3)
     assert report["window"]["encoder"]["layer_passes"] == 3 and report["window"]["decoder"]["load_l1"] is None

@@ -12,7 +12,9 @@ from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import channel, expert_servers, gateway
+from gateway.launcher import spawn_predictor, wait_ready
+from moe_common.serving import pick_free_port
+from tests.conftest import channel, expert_servers, gateway, stop
 from tests.test_equivalence import PROMPTS
 
 REPLICA_MEMORY = "4MB"  # 64 tiny experts of 64 KiB: room for every expert everywhere
@@ -90,10 +92,10 @@ def test_bad_replica_requests_are_reported_and_the_server_keeps_serving(tiny, se
         assert "does not exist" in reasons[(0, 99)] and "does not exist" in reasons[(7, 0)]
         assert "home expert" in reasons[(0, 0)]
         assert [(r.layer, r.expert) for r in reply.ready] == [(0, 1)] and reply.bytes_loaded == 2 * 64 * 128 * 4
-        # Over budget: everything past the slots is refused, the rest loads.
+        # Duplicates count once.
         many = [ref(layer=layer, expert=e) for layer in range(4) for e in range(1, 8)] * 3
         reply = stub.SetReplicas(expert_pb2.SetReplicasRequest(replicas=many))
-        assert len(reply.ready) == 28 and not reply.failed  # duplicates count once
+        assert len(reply.ready) == 28 and not reply.failed
         few = expert_pb2.SetReplicasRequest(replicas=[ref(layer=0, expert=3)])
         assert [(r.layer, r.expert) for r in stub.SetReplicas(few).ready] == [(0, 3)]  # evicts the rest
         assert stub.GetInfo(expert_pb2.GetInfoRequest()).replicas == [ref(layer=0, expert=3)]
@@ -102,10 +104,34 @@ def test_bad_replica_requests_are_reported_and_the_server_keeps_serving(tiny, se
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-@pytest.mark.parametrize("mode", ["reactive", "window"])
-def test_modes_end_to_end(tiny, reference, servers, mode):
+def test_replicas_over_budget_are_refused(tiny):
+    # Room for 2 tiny experts (64 KiB each): the third is refused, the first two load.
+    with expert_servers(tiny, 1, ["--replica-memory", "140KB"]) as (addresses, _), channel(addresses[0]) as ch:
+        stub = expert_pb2_grpc.ExpertServiceStub(ch)
+        assert stub.GetInfo(expert_pb2.GetInfoRequest()).replica_slots == 2
+        refs = [expert_pb2.ExpertRef(layer=1, expert=e) for e in range(3)]
+        reply = stub.SetReplicas(expert_pb2.SetReplicasRequest(replicas=refs))
+        assert [(r.layer, r.expert) for r in reply.ready] == [(1, 0), (1, 1)]
+        assert [(f.expert.layer, f.expert.expert) for f in reply.failed] == [(1, 2)]
+        assert "over the replica memory budget" in reply.failed[0].reason
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny):
+    port = pick_free_port()
+    proc = spawn_predictor(tiny.path, "127.0.0.1", port)  # history method: enough to drive the path
+    try:
+        wait_ready(proc, f"127.0.0.1:{port}", 120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("mode", ["reactive", "window", "predictive"])
+def test_modes_end_to_end(tiny, reference, servers, predictor, mode):
     model, tokenizer = reference
-    args = ["--replication", mode, "--replication-window", "2", "--max-batch-size", "4"]
+    args = ["--replication", mode, "--replication-window", "2", "--max-batch-size", "4", "--predictor", predictor,
+            "--predictor-timeout-ms", "2000"]
     with gateway(tiny, servers[:2], args) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         for _ in range(5):
@@ -123,3 +149,5 @@ def test_modes_end_to_end(tiny, reference, servers, mode):
         assert rep.mode == mode and rep.batches == 5 and rep.plans >= 2
         assert rep.replicas_planned > 0 and rep.bytes_moved > 0 and rep.failures == 0
         assert 0 < rep.balancedness <= 1 and len(rep.tokens_per_server) == 2
+        if mode == "predictive":
+            assert stub.GetStatus(gateway_pb2.GetStatusRequest()).predictor.forecasts_ok > 0
