@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,13 +119,23 @@ class ExpertStore:
         # memory we own so weights stay resident instead of paging from disk under pressure.
         return tuple(w.to(device=self.device, dtype=self.dtype, copy=True).contiguous() for w in (wi, wo))
 
-    def set_replicas(self, wanted: list[ExpertKey]) -> tuple[list[tuple[ExpertKey, str]], int]:
+    def weights_of(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """(wi, wo) of an expert held here (home or replica); NotFound otherwise."""
+        weights = self._weights.get(key)
+        if weights is None:
+            raise NotFound(f"expert {key[1]} of sparse layer {key[0]} is not held by this server")
+        return weights
+
+    def set_replicas(self, wanted: list[ExpertKey], sources: dict[ExpertKey, str] | None = None,
+                     fetch: Callable[[ExpertKey, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     ) -> tuple[list[tuple[ExpertKey, str]], int]:
         """Hold exactly the replicas `wanted` (besides home experts) that are valid and fit.
 
-        Drops unwanted replicas at once, then loads the missing ones one by one; stops
-        early when a newer call supersedes this one. Returns (refused with reasons,
-        bytes loaded). Running experts are never blocked: each loaded replica is
-        published by swapping in a new weight dict.
+        Drops unwanted replicas at once, then loads the missing ones one by one from the
+        checkpoint, or, when the checkpoint cannot give one, with fetch(key, sources[key])
+        from its home server; stops early when a newer call supersedes this one. Returns
+        (refused with reasons, bytes loaded). Running experts are never blocked: each
+        loaded replica is published by swapping in a new weight dict.
         """
         refused: list[tuple[ExpertKey, str]] = []
         valid: list[ExpertKey] = []
@@ -152,8 +163,17 @@ class ExpertStore:
             try:
                 weights = self._load(key)
             except Exception as exc:  # noqa: BLE001 - one unreadable replica must not stop the others
-                refused.append((key, f"could not be loaded: {exc}"))
-                continue
+                source = (sources or {}).get(key)
+                if not (source and fetch):
+                    refused.append((key, f"could not be loaded: {exc}"))
+                    continue
+                try:
+                    wi, wo = fetch(key, source)
+                    weights = tuple(w.to(device=self.device, dtype=self.dtype).contiguous() for w in (wi, wo))
+                    self._check_shapes(key, weights)
+                except Exception as fetch_exc:  # noqa: BLE001
+                    refused.append((key, f"not in the checkpoint ({exc}) nor fetched from {source} ({fetch_exc})"))
+                    continue
             with self._assign_lock:
                 if generation != self._replica_generation:
                     break  # superseded: the newer call decides what to hold
@@ -162,6 +182,12 @@ class ExpertStore:
             loaded += sum(w.nbytes for w in weights)
         log.info("replicas: %d ready, %d refused, %.1f MB loaded", len(self._replicas), len(refused), loaded / 1e6)
         return refused, loaded
+
+    def _check_shapes(self, key: ExpertKey, weights) -> None:
+        d_ff, d_model = self.config.d_ff, self.d_model
+        if tuple(weights[0].shape) != (d_ff, d_model) or tuple(weights[1].shape) != (d_model, d_ff):
+            raise InvalidArgument(f"expert {key}: weights of shapes {[list(w.shape) for w in weights]}, "
+                                  f"expected [{d_ff}, {d_model}] and [{d_model}, {d_ff}]")
 
     def replica_bytes(self) -> int:
         return len(self._replicas) * self.expert_bytes

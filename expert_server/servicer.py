@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import time
 
+import grpc
+
 from expert_server.experts import ExpertStore
 from moe_common import tensor_codec
+from moe_common.errors import InvalidArgument
+from moe_common.serving import message_options
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
 
@@ -32,13 +36,35 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def SetReplicas(self, request, context):
         self.store.check_model(request.model_id)
-        refused, loaded = self.store.set_replicas([(r.layer, r.expert) for r in request.replicas])
+        wanted = [(r.layer, r.expert) for r in request.replicas]
+        if request.home_addresses and len(request.home_addresses) != len(wanted):
+            raise InvalidArgument(f"{len(request.home_addresses)} home addresses for {len(wanted)} replicas")
+        sources = {k: a for k, a in zip(wanted, request.home_addresses) if a}
+        refused, loaded = self.store.set_replicas(wanted, sources, self._fetch)
         return expert_pb2.SetReplicasResponse(
             ready=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in self.store.replicas()],
             failed=[expert_pb2.ReplicaFailure(expert=expert_pb2.ExpertRef(layer=k[0], expert=k[1]), reason=why)
                     for k, why in refused],
             replica_bytes=self.store.replica_bytes(), bytes_loaded=loaded,
         )
+
+    def FetchExpert(self, request, context):
+        self.store.check_model(request.model_id)
+        wi, wo = self.store.weights_of((request.expert.layer, request.expert.expert))
+        wire = str(self.store.dtype).removeprefix("torch.")
+        for name, w in (("wi", wi), ("wo", wo)):
+            yield expert_pb2.ExpertWeight(name=name, weight=tensor_codec.encode(w, wire))
+
+    def _fetch(self, key: tuple[int, int], address: str):
+        """Stream one expert's weights from the server at `address` (its home server)."""
+        with grpc.insecure_channel(address, options=message_options()) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            request = expert_pb2.FetchExpertRequest(expert=expert_pb2.ExpertRef(layer=key[0], expert=key[1]),
+                                                    model_id=self.store.source.model_id)
+            got = {m.name: tensor_codec.decode(m.weight).clone() for m in stub.FetchExpert(request, timeout=120)}
+        if set(got) != {"wi", "wo"}:
+            raise InvalidArgument(f"{address} sent weights {sorted(got)}, expected wi and wo")
+        return got["wi"], got["wo"]
 
     def GetInfo(self, request, context):
         s = self.store

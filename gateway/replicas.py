@@ -113,9 +113,12 @@ class ReplicaManager:
                     changed.append((s, want, clients.replica_sequence[s]))
             clients.planned = set(replicas)
         for s, want, sequence in changed:
+            ordered = sorted(want)
             request = expert_pb2.SetReplicasRequest(
-                replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(want)],
-                model_id=clients.model_id)
+                replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in ordered],
+                model_id=clients.model_id,
+                # Where to stream a replica from if that server cannot read the checkpoint.
+                home_addresses=[clients.addresses[clients.home[layer][e]] for layer, e in ordered])
             call = clients.stubs[s].SetReplicas.future(request, timeout=clients.timeout_s * 10)
             call.add_done_callback(lambda f, s=s, sequence=sequence: self._on_loaded(s, sequence, f))
 

@@ -151,3 +151,50 @@ def test_modes_end_to_end(tiny, reference, servers, predictor, mode):
         assert 0 < rep.balancedness <= 1 and len(rep.tokens_per_server) == 2
         if mode == "predictive":
             assert stub.GetStatus(gateway_pb2.GetStatusRequest()).predictor.forecasts_ok > 0
+
+
+def test_replica_is_streamed_from_its_home_server_when_the_checkpoint_lacks_it(tiny, reference, tmp_path):
+    """Server 1 runs from a checkpoint copy holding only its own experts: its replicas of
+    server 0's experts can only come from server 0, by FetchExpert."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moe_common.checkpoint import is_expert_key
+    from moe_common.model_source import resolve
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny.path, partial)
+    engine_home = [[(e + layer) % 2 for e in range(8)] for layer in range(4)]
+    tensors = load_file(partial / "model.safetensors")
+    keep = {}
+    for name, t in tensors.items():
+        if is_expert_key(name):
+            layer_name = name.split(".mlp.")[0]  # e.g. encoder.block.1.layer.1
+            stack, block = layer_name.split(".")[0], int(layer_name.split(".")[2])
+            layer = (0 if stack == "encoder" else 2) + (block - 1) // 2
+            expert = int(name.split("expert_")[1].split(".")[0])
+            if engine_home[layer][expert] != 1:
+                continue  # server 1 cannot read server 0's experts
+        keep[name] = t
+    save_file(keep, partial / "model.safetensors", metadata={"format": "pt"})
+    assert resolve(str(partial)).model_id == tiny.model_id
+
+    model, tokenizer = reference
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model(**enc, decoder_input_ids=torch.zeros((len(PROMPTS), 3), dtype=torch.long)).logits
+    with expert_servers(tiny, 1, ["--replica-memory", REPLICA_MEMORY]) as (first, _), \
+            expert_servers(resolve(str(partial)), 1, ["--replica-memory", REPLICA_MEMORY]) as (second, _):
+        engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=first + second, replication="reactive"))
+        try:
+            engine.connect()
+            assert engine.home == engine_home
+            plan = {(layer, e, 1) for layer in range(4) for e in range(8) if engine_home[layer][e] == 0}
+            apply_plan(engine, plan)
+            assert engine.replicas.bytes_moved == len(plan) * 2 * 64 * 128 * 4 and engine.replicas.failures == 0
+            got = engine.forward_logits(enc["input_ids"], enc["attention_mask"], torch.zeros((len(PROMPTS), 3), dtype=torch.long))
+            assert torch.equal(got, want)
+            assert engine.clients.stats.replica_tokens > 0
+        finally:
+            engine.close()

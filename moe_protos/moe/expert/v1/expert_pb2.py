@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%moe_protos/moe/expert/v1/expert.proto\x12\rmoe.expert.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.moe.expert.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"1\n\x0b\x45xpertGroup\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"\x8e\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.moe.expert.v1.ExpertGroup\x12,\n\rhidden_states\x18\x03 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x10\n\x08model_id\x18\x04 \x01(\t\"b\n\x12RunExpertsResponse\x12&\n\x07outputs\x18\x01 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x10\n\x08\x63odec_ns\x18\x03 \x01(\x03\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"S\n\x14\x41ssignExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"N\n\x15\x41ssignExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xb5\x02\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x19\n\x11num_sparse_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12)\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x16\n\x0ereplica_memory\x18\n \x01(\x03\x12\x15\n\rreplica_slots\x18\x0b \x01(\r\x12*\n\x08replicas\x18\x0c \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\"R\n\x12SetReplicasRequest\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"J\n\x0eReplicaFailure\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x13SetReplicasResponse\x12\'\n\x05ready\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12-\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32\x1d.moe.expert.v1.ReplicaFailure\x12\x15\n\rreplica_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_loaded\x18\x04 \x01(\x03*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xde\x02\n\rExpertService\x12Q\n\nRunExperts\x12 .moe.expert.v1.RunExpertsRequest\x1a!.moe.expert.v1.RunExpertsResponse\x12Z\n\rAssignExperts\x12#.moe.expert.v1.AssignExpertsRequest\x1a$.moe.expert.v1.AssignExpertsResponse\x12H\n\x07GetInfo\x12\x1d.moe.expert.v1.GetInfoRequest\x1a\x1e.moe.expert.v1.GetInfoResponse\x12T\n\x0bSetReplicas\x12!.moe.expert.v1.SetReplicasRequest\x1a\".moe.expert.v1.SetReplicasResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%moe_protos/moe/expert/v1/expert.proto\x12\rmoe.expert.v1\"P\n\x12\x46\x65tchExpertRequest\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"C\n\x0c\x45xpertWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06weight\x18\x02 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.moe.expert.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"1\n\x0b\x45xpertGroup\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"\x8e\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.moe.expert.v1.ExpertGroup\x12,\n\rhidden_states\x18\x03 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x10\n\x08model_id\x18\x04 \x01(\t\"b\n\x12RunExpertsResponse\x12&\n\x07outputs\x18\x01 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x10\n\x08\x63odec_ns\x18\x03 \x01(\x03\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"S\n\x14\x41ssignExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"N\n\x15\x41ssignExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xb5\x02\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x19\n\x11num_sparse_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12)\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x16\n\x0ereplica_memory\x18\n \x01(\x03\x12\x15\n\rreplica_slots\x18\x0b \x01(\r\x12*\n\x08replicas\x18\x0c \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\"j\n\x12SetReplicasRequest\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0ehome_addresses\x18\x03 \x03(\t\"J\n\x0eReplicaFailure\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x13SetReplicasResponse\x12\'\n\x05ready\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12-\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32\x1d.moe.expert.v1.ReplicaFailure\x12\x15\n\rreplica_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_loaded\x18\x04 \x01(\x03*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xaf\x03\n\rExpertService\x12Q\n\nRunExperts\x12 .moe.expert.v1.RunExpertsRequest\x1a!.moe.expert.v1.RunExpertsResponse\x12Z\n\rAssignExperts\x12#.moe.expert.v1.AssignExpertsRequest\x1a$.moe.expert.v1.AssignExpertsResponse\x12H\n\x07GetInfo\x12\x1d.moe.expert.v1.GetInfoRequest\x1a\x1e.moe.expert.v1.GetInfoResponse\x12T\n\x0bSetReplicas\x12!.moe.expert.v1.SetReplicasRequest\x1a\".moe.expert.v1.SetReplicasResponse\x12O\n\x0b\x46\x65tchExpert\x12!.moe.expert.v1.FetchExpertRequest\x1a\x1b.moe.expert.v1.ExpertWeight0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_protos.moe.expert.v1.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1284
-  _globals['_DTYPE']._serialized_end=1372
-  _globals['_TENSOR']._serialized_start=56
-  _globals['_TENSOR']._serialized_end=130
-  _globals['_EXPERTGROUP']._serialized_start=132
-  _globals['_EXPERTGROUP']._serialized_end=181
-  _globals['_RUNEXPERTSREQUEST']._serialized_start=184
-  _globals['_RUNEXPERTSREQUEST']._serialized_end=326
-  _globals['_RUNEXPERTSRESPONSE']._serialized_start=328
-  _globals['_RUNEXPERTSRESPONSE']._serialized_end=426
-  _globals['_EXPERTREF']._serialized_start=428
-  _globals['_EXPERTREF']._serialized_end=470
-  _globals['_ASSIGNEXPERTSREQUEST']._serialized_start=472
-  _globals['_ASSIGNEXPERTSREQUEST']._serialized_end=555
-  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_start=557
-  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_end=635
-  _globals['_GETINFOREQUEST']._serialized_start=637
-  _globals['_GETINFOREQUEST']._serialized_end=653
-  _globals['_GETINFORESPONSE']._serialized_start=656
-  _globals['_GETINFORESPONSE']._serialized_end=965
-  _globals['_SETREPLICASREQUEST']._serialized_start=967
-  _globals['_SETREPLICASREQUEST']._serialized_end=1049
-  _globals['_REPLICAFAILURE']._serialized_start=1051
-  _globals['_REPLICAFAILURE']._serialized_end=1125
-  _globals['_SETREPLICASRESPONSE']._serialized_start=1128
-  _globals['_SETREPLICASRESPONSE']._serialized_end=1282
-  _globals['_EXPERTSERVICE']._serialized_start=1375
-  _globals['_EXPERTSERVICE']._serialized_end=1725
+  _globals['_DTYPE']._serialized_start=1459
+  _globals['_DTYPE']._serialized_end=1547
+  _globals['_FETCHEXPERTREQUEST']._serialized_start=56
+  _globals['_FETCHEXPERTREQUEST']._serialized_end=136
+  _globals['_EXPERTWEIGHT']._serialized_start=138
+  _globals['_EXPERTWEIGHT']._serialized_end=205
+  _globals['_TENSOR']._serialized_start=207
+  _globals['_TENSOR']._serialized_end=281
+  _globals['_EXPERTGROUP']._serialized_start=283
+  _globals['_EXPERTGROUP']._serialized_end=332
+  _globals['_RUNEXPERTSREQUEST']._serialized_start=335
+  _globals['_RUNEXPERTSREQUEST']._serialized_end=477
+  _globals['_RUNEXPERTSRESPONSE']._serialized_start=479
+  _globals['_RUNEXPERTSRESPONSE']._serialized_end=577
+  _globals['_EXPERTREF']._serialized_start=579
+  _globals['_EXPERTREF']._serialized_end=621
+  _globals['_ASSIGNEXPERTSREQUEST']._serialized_start=623
+  _globals['_ASSIGNEXPERTSREQUEST']._serialized_end=706
+  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_start=708
+  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_end=786
+  _globals['_GETINFOREQUEST']._serialized_start=788
+  _globals['_GETINFOREQUEST']._serialized_end=804
+  _globals['_GETINFORESPONSE']._serialized_start=807
+  _globals['_GETINFORESPONSE']._serialized_end=1116
+  _globals['_SETREPLICASREQUEST']._serialized_start=1118
+  _globals['_SETREPLICASREQUEST']._serialized_end=1224
+  _globals['_REPLICAFAILURE']._serialized_start=1226
+  _globals['_REPLICAFAILURE']._serialized_end=1300
+  _globals['_SETREPLICASRESPONSE']._serialized_start=1303
+  _globals['_SETREPLICASRESPONSE']._serialized_end=1457
+  _globals['_EXPERTSERVICE']._serialized_start=1550
+  _globals['_EXPERTSERVICE']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

@@ -18,6 +18,22 @@ DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 
+class FetchExpertRequest(_message.Message):
+    __slots__ = ("expert", "model_id")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    expert: ExpertRef
+    model_id: str
+    def __init__(self, expert: _Optional[_Union[ExpertRef, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class ExpertWeight(_message.Message):
+    __slots__ = ("name", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: Tensor
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -117,12 +133,14 @@ class GetInfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_source: _Optional[str] = ..., d_model: _Optional[int] = ..., num_sparse_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., replica_memory: _Optional[int] = ..., replica_slots: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ...) -> None: ...
 
 class SetReplicasRequest(_message.Message):
-    __slots__ = ("replicas", "model_id")
+    __slots__ = ("replicas", "model_id", "home_addresses")
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    HOME_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     replicas: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     model_id: str
-    def __init__(self, replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    home_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model_id: _Optional[str] = ..., home_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaFailure(_message.Message):
     __slots__ = ("expert", "reason")

@@ -55,6 +55,11 @@ class ExpertServiceStub:
                 request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasRequest.SerializeToString,
                 response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasResponse.FromString,
                 _registered_method=True)
+        self.FetchExpert = channel.unary_stream(
+                '/moe.expert.v1.ExpertService/FetchExpert',
+                request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.FetchExpertRequest.SerializeToString,
+                response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.ExpertWeight.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -90,10 +95,20 @@ class ExpertServiceServicer:
 
     def SetReplicas(self, request, context):
         """Sets the replicas this server holds besides its home experts: drops the ones
-        not listed at once, loads the missing ones from the checkpoint on this call's
-        thread (RunExperts calls keep running), within the replica memory budget.
+        not listed at once, loads the missing ones from the checkpoint (or streams them
+        from their home server) on this call's thread (RunExperts calls keep running),
+        within the replica memory budget.
         Replicas that cannot be held (unknown expert, one of its home experts, over
         budget, unreadable) are reported in `failed`; the rest still load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchExpert(self, request, context):
+        """Streams the weights of an expert this server holds (home or replica), one
+        message per weight tensor: how a server that cannot read the checkpoint gets a
+        replica from its home server. NOT_FOUND when this server does not hold it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +136,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.SetReplicas,
                     request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasRequest.FromString,
                     response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasResponse.SerializeToString,
+            ),
+            'FetchExpert': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchExpert,
+                    request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.FetchExpertRequest.FromString,
+                    response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.ExpertWeight.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +252,33 @@ class ExpertService:
             '/moe.expert.v1.ExpertService/SetReplicas',
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasRequest.SerializeToString,
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.SetReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchExpert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moe.expert.v1.ExpertService/FetchExpert',
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.FetchExpertRequest.SerializeToString,
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.ExpertWeight.FromString,
             options,
             channel_credentials,
             insecure,
