@@ -55,6 +55,7 @@ class ExpertStore:
         self.expert_bytes = 2 * self.config.d_model * self.config.d_ff * torch.empty(0, dtype=self.dtype).element_size()
         self._assign_lock = threading.Lock()
         self._replica_generation = 0
+        self._copy_stream = None  # CUDA stream for replica loading, made on first use
         self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" else None
 
     def close(self) -> None:
@@ -115,9 +116,22 @@ class ExpertStore:
 
     def _load(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
         wi, wo = self.checkpoint.expert_weights(self.layers[key[0]], key[1])
-        # copy=True: safetensors hands out file-backed (mmap) tensors; copy them into
-        # memory we own so weights stay resident instead of paging from disk under pressure.
-        return tuple(w.to(device=self.device, dtype=self.dtype, copy=True).contiguous() for w in (wi, wo))
+        return self._to_device(wi, wo)
+
+    def _to_device(self, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.device.type != "cuda":
+            # copy=True: safetensors hands out file-backed (mmap) tensors; copy them into
+            # memory we own so weights stay resident instead of paging from disk under pressure.
+            return tuple(w.to(dtype=self.dtype, copy=True).contiguous() for w in weights)
+        # On CUDA, copy on a stream of its own from pinned memory, so loading a replica
+        # overlaps the experts running on the default stream; wait only for our copy.
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._copy_stream):
+            out = tuple(w.to(dtype=self.dtype).contiguous().pin_memory().to(self.device, non_blocking=True)
+                        for w in weights)
+        self._copy_stream.synchronize()
+        return out
 
     def weights_of(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
         """(wi, wo) of an expert held here (home or replica); NotFound otherwise."""
@@ -168,8 +182,7 @@ class ExpertStore:
                     refused.append((key, f"could not be loaded: {exc}"))
                     continue
                 try:
-                    wi, wo = fetch(key, source)
-                    weights = tuple(w.to(device=self.device, dtype=self.dtype).contiguous() for w in (wi, wo))
+                    weights = self._to_device(*fetch(key, source))
                     self._check_shapes(key, weights)
                 except Exception as fetch_exc:  # noqa: BLE001
                     refused.append((key, f"not in the checkpoint ({exc}) nor fetched from {source} ({fetch_exc})"))
