@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gateway.config import GatewayConfig
-from gateway.engine import Engine
+from gateway.engine import Engine, Sampling
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.launcher import spawn_predictor, wait_ready
@@ -63,7 +63,7 @@ def test_outputs_do_not_depend_on_the_plan(tiny, reference, servers, policy):
                 assert torch.equal(got, want)  # each expert still runs its whole token set at once
             else:
                 assert (got - want).abs().max().item() < 1e-4  # other matmul shapes round differently
-            rows = engine.generate_batch(engine.prompt_ids(PROMPTS, []), [12] * len(PROMPTS), engine_sampling())
+            rows = engine.generate_batch(engine.prompt_ids(PROMPTS, []), [12] * len(PROMPTS), Sampling())
             for row, r in zip(expected.tolist(), rows):
                 ids = row[1:]
                 if model.config.eos_token_id in ids:
@@ -71,12 +71,6 @@ def test_outputs_do_not_depend_on_the_plan(tiny, reference, servers, policy):
                 assert r.token_ids == ids
     finally:
         engine.close()
-
-
-def engine_sampling():
-    from gateway.engine import Sampling
-
-    return Sampling()
 
 
 def test_bad_replica_requests_are_reported_and_the_server_keeps_serving(tiny, servers):
