@@ -147,7 +147,7 @@ def cmd_serve(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-predictor", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--log-level", default="INFO")
@@ -207,8 +207,11 @@ def main(argv=None) -> int:
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=50071)
     c.set_defaults(fn=cmd_serve)
+    return p
 
-    a = p.parse_args(argv)
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     serving.configure_logging(a.log_level)
     return a.fn(a)
 

@@ -1,0 +1,167 @@
+"""Deployment files, checked offline: no Docker engine or cluster runs here.
+
+Kubernetes manifests pass `kubernetes-validate --strict` against Kubernetes 1.30 (the
+CUDA overlay after applying its patch); names, labels and ports agree across files;
+every command line in them parses with the services' own argument parsers; the
+compose file's health checks and dependencies are wired; the health-check command
+works against a real server."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from expert_server.server import parse_args as expert_args
+from gateway.server import parse_args as gateway_args
+from moe_common.serving import pick_free_port
+from predictor_service.cli import build_parser as predictor_parser
+from tests.conftest import expert_servers
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def base_resources() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    return [d for name in kustomization["resources"] for d in docs(K8S / "base" / name)]
+
+
+def apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if op["op"] == "add" and isinstance(node, list):
+            node.append(op["value"]) if last == "-" else node.insert(int(last), op["value"])
+        elif op["op"] in ("add", "replace"):
+            node[last] = op["value"]
+        else:
+            raise ValueError(f"patch op {op['op']} not handled here")
+    return doc
+
+
+def validate(tmp_path: Path, resources: list[dict]) -> None:
+    files = []
+    for i, d in enumerate(resources):
+        f = tmp_path / f"{i}-{d['kind']}.yaml"
+        f.write_text(yaml.safe_dump(d))
+        files.append(str(f))
+    done = subprocess.run([str(VALIDATE), "--strict", "-k", "1.30.0", *files], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_manifests_are_valid_kubernetes(tmp_path):
+    validate(tmp_path, base_resources())
+
+
+def test_cuda_overlay_is_valid_and_asks_for_gpus(tmp_path):
+    overlay = yaml.safe_load((K8S / "overlays" / "cuda" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../../base"]
+    patched = []
+    for d in base_resources():
+        for patch in overlay["patches"]:
+            if d["kind"] == patch["target"]["kind"] and d["metadata"]["name"] == patch["target"]["name"]:
+                d = apply_json_patch(d, yaml.safe_load((K8S / "overlays" / "cuda" / patch["path"]).read_text()))
+        patched.append(d)
+    validate(tmp_path, patched)
+    container = next(d for d in patched if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert expert_args(container["args"][1:]).device == "cuda"
+
+
+def test_names_labels_and_ports_agree():
+    resources = base_resources()
+    services = {d["metadata"]["name"]: d for d in resources if d["kind"] == "Service"}
+    workloads = {d["metadata"]["name"]: d for d in resources if d["kind"] in ("Deployment", "StatefulSet")}
+    ports = {}
+    for name, w in workloads.items():
+        pod = w["spec"]["template"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        container = pod["spec"]["containers"][0]
+        args = container["args"]
+        port = int(args[args.index("--port") + 1])
+        assert args[args.index("--host") + 1] == "0.0.0.0"  # reachable from other pods
+        assert [p["containerPort"] for p in container["ports"]] == [port]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == port, (name, probe)
+        ports[name] = port
+        service = services[name]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == [port]
+    experts = workloads["moe-expert"]
+    assert experts["spec"]["serviceName"] == "moe-expert" and services["moe-expert"]["spec"]["clusterIP"] == "None"
+    for kind in ("PodDisruptionBudget",):
+        pdb = next(d for d in resources if d["kind"] == kind)
+        assert pdb["spec"]["selector"]["matchLabels"] == experts["spec"]["selector"]["matchLabels"]
+    hpa = next(d for d in resources if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "moe-expert"
+
+    gateway = gateway_args(workloads["moe-gateway"]["spec"]["template"]["spec"]["containers"][0]["args"][1:])
+    replicas = experts["spec"]["replicas"]
+    assert gateway.expert_servers == [f"moe-expert-{i}.moe-expert:{ports['moe-expert']}" for i in range(replicas)]
+    assert gateway.predictor == f"moe-predictor:{ports['moe-predictor']}"
+
+
+def test_every_command_parses():
+    for d in base_resources():
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        program, *args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        parse(program, args)
+    compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+    for service in compose["services"].values():
+        program, *args = service["command"]
+        parse(program, args)
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    cmd = yaml.safe_load(dockerfile.split("\nCMD ", 1)[1].splitlines()[0])
+    assert cmd[0] == "moe-serve" and "--host" in cmd
+
+
+def parse(program: str, args: list[str]):
+    if program == "moe-gateway":
+        return gateway_args(args)
+    if program == "moe-expert-server":
+        return expert_args(args)
+    if program == "moe-predictor":
+        return predictor_parser().parse_args(args)
+    raise AssertionError(f"unknown program {program}")
+
+
+def test_compose_waits_on_health():
+    compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    for name, service in services.items():
+        test = service["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", "moe_common.healthcheck"], name
+        port = service["command"][service["command"].index("--port") + 1]
+        assert test[4] == f"127.0.0.1:{port}"
+    gateway = services["gateway"]
+    assert set(gateway["depends_on"]) == {"expert-0", "expert-1", "predictor"}
+    assert all(v == {"condition": "service_healthy"} for v in gateway["depends_on"].values())
+    listed = gateway_args(gateway["command"][1:]).expert_servers
+    assert listed == ["expert-0:50061", "expert-1:50061"]
+    assert gateway["ports"] == ["127.0.0.1:50051:50051"]
+
+
+def test_healthcheck_command(tiny):
+    check = [sys.executable, "-m", "moe_common.healthcheck"]
+    with expert_servers(tiny, 1) as (addresses, _):
+        assert subprocess.run([*check, addresses[0]], capture_output=True).returncode == 0
+    free = f"127.0.0.1:{pick_free_port()}"
+    done = subprocess.run([*check, free, "--timeout", "0.5"], capture_output=True, text=True)
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["local.sh", "quickstart.sh"])
+def test_shell_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", str(ROOT / "deploy" / script)]).returncode == 0
