@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_common.model_source import DEFAULT_CACHE_DIR
+from moe_common.tls import PLAINTEXT, TlsConfig
 
 GROUP_EXECUTORS = ("sequential", "threads")
 
@@ -31,6 +32,7 @@ class ExpertServerConfig:
     threads: int = 0
     # Memory for replicas of other servers' experts, in bytes (0 = no replicas).
     replica_memory: int = 0
+    tls: TlsConfig = PLAINTEXT  # serving, and fetching replicas from other servers
     # --- experts held at start; the gateway may assign others later ---
     # "" = none until assigned; "all"; or "L:E,L:E-E,..." (layer:expert or layer:first-last).
     experts: str = ""

@@ -14,7 +14,7 @@ from pathlib import Path
 from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
 from expert_server.servicer import ExpertServicer
-from moe_common import model_source, serving
+from moe_common import model_source, serving, tls
 from moe_common.placement import experts_of_server, home_placement
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
@@ -43,9 +43,10 @@ def create_server(config: ExpertServerConfig):
     store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
     server, port, health = serving.create_server(
         config.address,
-        [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(store), s)],
+        [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(store, config.tls), s)],
         [SERVICE_NAME],
         max_workers=config.max_workers,
+        tls=config.tls,
     )
     store.assign(initial_experts(config, store))
     serving.set_serving(health, [SERVICE_NAME])
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
     p.add_argument("--max-workers", type=int, default=16)
     p.add_argument("--log-level", default="INFO")
+    tls.add_arguments(p)
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level)
     shard = None
@@ -89,6 +91,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             max_workers=a.max_workers,
             threads=a.threads,
             replica_memory=parse_bytes(a.replica_memory),
+            tls=tls.from_args(a),
         )
     except ValueError as exc:
         p.error(str(exc))

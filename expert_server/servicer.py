@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from expert_server.experts import ExpertStore
 from moe_common import tensor_codec
 from moe_common.errors import InvalidArgument
 from moe_common.serving import message_options
+from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, store: ExpertStore):
+    def __init__(self, store: ExpertStore, tls: TlsConfig = PLAINTEXT):
         self.store = store
+        self.tls = tls
 
     def RunExperts(self, request, context):
         self.store.check_model(request.model_id)
@@ -57,7 +57,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def _fetch(self, key: tuple[int, int], address: str):
         """Stream one expert's weights from the server at `address` (its home server)."""
-        with grpc.insecure_channel(address, options=message_options()) as channel:
+        with self.tls.channel(address, options=message_options()) as channel:
             stub = expert_pb2_grpc.ExpertServiceStub(channel)
             request = expert_pb2.FetchExpertRequest(expert=expert_pb2.ExpertRef(layer=key[0], expert=key[1]),
                                                     model_id=self.store.source.model_id)

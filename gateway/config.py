@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
+from moe_common.tls import PLAINTEXT, TlsConfig
 
 
 @dataclass
@@ -42,6 +43,7 @@ class GatewayConfig:
     wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
     startup_timeout_s: float = 600.0  # waiting for expert servers to be SERVING and load their experts
+    tls: TlsConfig = PLAINTEXT  # the client-facing port and the channels to expert servers and predictor
 
     def __post_init__(self):
         if not self.expert_servers:

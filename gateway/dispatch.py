@@ -25,6 +25,7 @@ from moe_common import tensor_codec
 from moe_common.errors import FailedPrecondition, MoEError, Unavailable
 from gateway.replication import assign_layer
 from moe_common.serving import message_options
+from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class ExpertClients:
     """
 
     def __init__(self, addresses: list[str], home: list[list[int]], model_id: str,
-                 wire_dtype: str = "float32", timeout_s: float = 60.0, policy: str = "whole"):
+                 wire_dtype: str = "float32", timeout_s: float = 60.0, policy: str = "whole",
+                 tls: TlsConfig = PLAINTEXT):
         if wire_dtype not in tensor_codec.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {sorted(tensor_codec.WIRE_DTYPES)}")
         self.addresses = list(addresses)
@@ -89,7 +91,7 @@ class ExpertClients:
         # Reconnect within a second once a server is back (gRPC's default backoff grows to 2 minutes).
         options = [*message_options(), ("grpc.initial_reconnect_backoff_ms", 100),
                    ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-        self.channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+        self.channels = [tls.channel(a, options=options) for a in self.addresses]
         self.stubs = [expert_pb2_grpc.ExpertServiceStub(c) for c in self.channels]
         self.stats = DispatchStats(tokens_per_server=[0] * len(self.addresses))
         self._stats_lock = threading.Lock()

@@ -133,7 +133,7 @@ class Engine:
         self.home = home_placement(len(self.layers), self.num_experts, len(config.expert_servers))
         self.clients = ExpertClients(
             config.expert_servers, self.home, self.source.model_id, config.wire_dtype, config.expert_timeout_s,
-            config.replica_policy,
+            config.replica_policy, config.tls,
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
@@ -142,12 +142,13 @@ class Engine:
         if config.predictor or config.record_traces or config.replication != "off":
             info = TraceInfo.from_config(self.model.config, self.source)
             writer = TraceWriter(config.record_traces, info) if config.record_traces else None
-            self.observer = PassObserver(self.model, info, config.predictor, config.predictor_timeout_ms, writer)
+            self.observer = PassObserver(self.model, info, config.predictor, config.predictor_timeout_ms, writer,
+                                         config.tls)
 
     def connect(self) -> None:
         """Wait for every expert server, check it runs our model, and assign home experts."""
         for address in self.config.expert_servers:
-            wait_for_serving(address, self.config.startup_timeout_s)
+            wait_for_serving(address, self.config.startup_timeout_s, tls=self.config.tls)
         slots = []
         for server in range(len(self.config.expert_servers)):
             info = self.clients.info(server, timeout_s=30)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from moe_common.serving import message_options
+from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_common.traces import DECODER, ENCODER, Pass, RoutingRecorder, TraceInfo, TraceWriter
 from moe_protos.moe.predictor.v1 import predictor_pb2 as pb
 from moe_protos.moe.predictor.v1 import predictor_pb2_grpc
@@ -40,13 +41,13 @@ class PassObserver:
     """Hooks the gateway's model: forecast requests, load reports and trace recording."""
 
     def __init__(self, model, info: TraceInfo, predictor_address: str = "", timeout_ms: float = 50.0,
-                 trace_writer: TraceWriter | None = None):
+                 trace_writer: TraceWriter | None = None, tls: TlsConfig = PLAINTEXT):
         self.info = info
         self.timeout_s = timeout_ms / 1000
         self.writer = trace_writer
         self.counters = ForecastCounters()
         self.address = predictor_address
-        self.channel = grpc.insecure_channel(predictor_address, options=message_options()) if predictor_address else None
+        self.channel = tls.channel(predictor_address, options=message_options()) if predictor_address else None
         self.stub = predictor_pb2_grpc.PredictorServiceStub(self.channel) if self.channel else None
         self.last_forecast: dict[int, np.ndarray] = {}  # layer -> expected load [E] of the latest pass
         self._pending = None

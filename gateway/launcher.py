@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_common import model_source, serving
+from moe_common import model_source, serving, tls
+from moe_common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger("moe-serve")
 
@@ -86,21 +87,23 @@ def spawn_gateway(model_path: Path, host: str, port: int, expert_addresses: list
 
 
 def spawn_predictor(model_path: Path, host: str, port: int, checkpoint: Path | None = None,
-                    args: list[str] | None = None, log_file=None) -> subprocess.Popen:
-    """Start the predictor service: the trained SRU with a checkpoint, a history method without."""
+                    args: list[str] | None = None, log_file=None, serve_args: list[str] | None = None) -> subprocess.Popen:
+    """Start the predictor service: the trained SRU with a checkpoint, a history method without.
+    args go before the `serve` subcommand (e.g. --log-level), serve_args after it."""
     extra = ["--checkpoint", str(checkpoint)] if checkpoint else []
     return _spawn(["predictor_service", *(args or []), "serve", "--model", str(model_path), "--host", host,
-                   "--port", str(port), *extra], log_file)
+                   "--port", str(port), *extra, *(serve_args or [])], log_file)
 
 
-def wait_ready(proc: subprocess.Popen, address: str, timeout_s: float = 600.0) -> None:
-    serving.wait_for_serving(address, timeout_s, is_alive=lambda: proc.poll() is None)
+def wait_ready(proc: subprocess.Popen, address: str, timeout_s: float = 600.0, tls: TlsConfig = PLAINTEXT) -> None:
+    serving.wait_for_serving(address, timeout_s, is_alive=lambda: proc.poll() is None, tls=tls)
 
 
 def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = "127.0.0.1",
                 cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
-                predictor: bool = True, predictor_checkpoint: Path | None = None) -> Stack:
+                predictor: bool = True, predictor_checkpoint: Path | None = None,
+                tls: TlsConfig = PLAINTEXT) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
     until all are SERVING. port 0 = any free one."""
     if num_expert_servers < 1:
@@ -112,31 +115,30 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
     stack = Stack(f"{host}:{port}", [f"{host}:{p}" for p in expert_ports])
     try:
         for p in expert_ports:
-            stack.processes.append(spawn_expert_server(source.path, host, p, expert_args, log_file))
-        gateway_args = list(gateway_args or [])
+            stack.processes.append(spawn_expert_server(source.path, host, p, [*(expert_args or []), *tls.args()], log_file))
+        gateway_args = [*(gateway_args or []), *tls.args()]
         if predictor:
             predictor_port = serving.pick_free_port(host)
             stack.predictor_address = f"{host}:{predictor_port}"
-            stack.processes.append(spawn_predictor(source.path, host, predictor_port, predictor_checkpoint, log_file=log_file))
+            stack.processes.append(spawn_predictor(source.path, host, predictor_port, predictor_checkpoint,
+                                                   log_file=log_file, serve_args=tls.args()))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
-            wait_ready(proc, address, timeout_s)
+            wait_ready(proc, address, timeout_s, tls)
         stack.processes.append(spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file))
-        wait_ready(stack.processes[-1], stack.gateway_address, timeout_s)
+        wait_ready(stack.processes[-1], stack.gateway_address, timeout_s, tls)
     except BaseException:
         stack.stop()
         raise
     return stack
 
 
-def _demo(address: str) -> None:
+def _demo(address: str, tls: TlsConfig) -> None:
     """One Generate call, printed: what a first client sees."""
-    import grpc
-
     from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
     prompt = "Experts, assemble!"
-    with grpc.insecure_channel(address) as channel:
+    with tls.channel(address) as channel:
         reply = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
             prompts=[prompt], parameters=gateway_pb2.GenerationParameters(max_new_tokens=16)))
     g = reply.generations[0]
@@ -165,8 +167,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-predictor", action="store_true", help="run without the predictor service")
     p.add_argument("--demo", action="store_true", help="send one request once the stack is up and print the reply")
     p.add_argument("--log-level", default="INFO")
+    tls.add_arguments(p)
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level)
+    try:
+        tls_config = tls.from_args(a)
+    except ValueError as exc:
+        p.error(str(exc))
 
     if a.expert_servers < 1:
         p.error("--expert-servers must be >= 1")
@@ -188,7 +195,7 @@ def main(argv=None) -> int:
                           "--replication", a.replication, "--replica-policy", a.replica_policy],
             expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads),
                          "--replica-memory", a.replica_memory],
-            predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint,
+            predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
@@ -202,7 +209,7 @@ def main(argv=None) -> int:
         if stack.predictor_address:
             print(f"predictor: {stack.predictor_address}", flush=True)
         if a.demo:
-            _demo(stack.gateway_address)
+            _demo(stack.gateway_address, tls_config)
         while not stop.wait(0.5):
             dead = [proc for proc in stack.processes if proc.poll() is not None]
             if dead:

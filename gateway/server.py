@@ -17,7 +17,7 @@ from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.servicer import Counters, GatewayServicer, InferenceServicer
-from moe_common import model_source, serving
+from moe_common import model_source, serving, tls
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -45,6 +45,7 @@ class Gateway:
             ],
             SERVICE_NAMES,
             max_workers=config.max_workers,
+            tls=config.tls,
         )
         # Bound and answering health (NOT_SERVING) while expert servers load their experts.
         try:
@@ -92,6 +93,7 @@ def parse_args(argv=None) -> GatewayConfig:
                    help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
+    tls.add_arguments(p)
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level)
     try:
@@ -120,6 +122,7 @@ def parse_args(argv=None) -> GatewayConfig:
             replica_policy=a.replica_policy,
             replication_window=a.replication_window,
             replication_min_gain=a.replication_min_gain,
+            tls=tls.from_args(a),
         )
     except ValueError as exc:
         p.error(str(exc))

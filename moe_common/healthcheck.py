@@ -14,15 +14,18 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moe_common import tls
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("address")
     p.add_argument("--service", default="")
     p.add_argument("--timeout", type=float, default=2.0)
+    tls.add_arguments(p)
     a = p.parse_args(argv)
     try:
-        with grpc.insecure_channel(a.address) as channel:
+        with tls.from_args(a).channel(a.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=a.service),
                                                               timeout=a.timeout)
     except grpc.RpcError as err:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moe_common.errors import ErrorMappingInterceptor
+from moe_common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def create_server(
     service_names: Iterable[str],
     max_workers: int = 16,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: TlsConfig = PLAINTEXT,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a server on `address` ("host:port", port 0 = any free one).
 
@@ -59,7 +61,10 @@ def create_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        port = server.add_insecure_port(address)
+        if tls.serving:
+            port = server.add_secure_port(address, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"could not bind {address}: is another server using it?") from exc
     server.start()
@@ -72,14 +77,15 @@ def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[
         health_servicer.set(name, status)
 
 
-def wait_for_serving(address: str, timeout_s: float = 120.0, is_alive: Callable[[], bool] | None = None) -> None:
+def wait_for_serving(address: str, timeout_s: float = 120.0, is_alive: Callable[[], bool] | None = None,
+                     tls: TlsConfig = PLAINTEXT) -> None:
     """Block until `address` answers SERVING on its health service.
 
     Polls with a short per-call deadline; raises TimeoutError after timeout_s, or
     RuntimeError as soon as is_alive() says the process behind it died.
     """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with tls.channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if is_alive is not None and not is_alive():

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_common import model_source, serving
+from moe_common import model_source, serving, tls
 
 log = logging.getLogger("moe-predictor")
 
@@ -136,10 +136,15 @@ def cmd_serve(a) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     name = predictor_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
+    try:
+        tls_config = tls.from_args(a)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     server, port, health = serving.create_server(
         f"{a.host}:{a.port}",
         [lambda s: predictor_pb2_grpc.add_PredictorServiceServicer_to_server(PredictorServicer(predictor), s)],
-        [name])
+        [name], tls=tls_config)
     serving.set_serving(health, [name])
     log.info("predictor on %s:%d for model %s: %s", a.host, port, info.model_id, predictor.note)
     serving.wait_for_termination()
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.3)
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=50071)
+    tls.add_arguments(c)
     c.set_defaults(fn=cmd_serve)
     return p
 
