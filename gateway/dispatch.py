@@ -159,7 +159,8 @@ class ExpertClients:
         self._result(server, self.stubs[server].AssignExperts.future(self._assign_request(server), timeout=self.timeout_s))
 
     def balancedness(self) -> float:
-        """vLLM's balancedness over every layer dispatch so far (1.0 before any)."""
+        """vLLM's balancedness (gateway.replication.balancedness) over every layer dispatch so
+        far, kept as two running sums instead of the whole [dispatches x servers] matrix."""
         st = self.stats
         return st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0
 

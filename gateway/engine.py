@@ -24,6 +24,7 @@ from gateway.forecasts import PassObserver
 from gateway.replicas import ReplicaManager
 from gateway.model import load_gateway_model, remote_experts
 from moe_common import model_source
+from moe_common.batching import pad_right
 from moe_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from moe_common.placement import home_placement
 from moe_common.serving import wait_for_serving
@@ -219,13 +220,7 @@ class Engine:
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad rows as the HF tokenizer does -> (input_ids [B, S], attention_mask [B, S])."""
-        longest = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return input_ids, mask
+        return pad_right(rows, self.pad_token_id)
 
     @torch.inference_mode()
     def generate_batch(self, rows: list[list[int]], limits: list[int], sampling: Sampling,

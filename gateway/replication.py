@@ -14,7 +14,8 @@ Dispatch has two policies:
            the single-process model. Default.
   "split"  an expert's tokens are split in contiguous chunks over its holders (water-filling
            on current load), so even one very hot expert spreads out. Matmuls of other
-           shapes round differently (~1e-6 relative on CPU): outputs match HF only to float
+           shapes round differently (up to ~2e-6 on outputs of scale 1 for small chunks on
+           CPU, benchmarks/exactness.py): outputs match HF only to float
            tolerance, like a different batch composition does in HF itself.
 The planner models the same policy, so replicas go where the dispatcher can use them.
 Times are load / speed, with speed in tokens per unit time (1.0 = the reference server).

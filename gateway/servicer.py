@@ -126,8 +126,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 address=e.observer.address, forecasts_ok=c.ok, forecasts_late=c.late,
                 forecasts_failed=c.failed, reports_failed=c.reports_failed))
         st = e.clients.stats
-        rep = dict(mode="off", policy=e.clients.policy,
-                   balancedness=st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0)
+        rep = dict(mode="off", policy=e.clients.policy, balancedness=e.clients.balancedness())
         if e.replicas is not None:
             rep = e.replicas.status()
         reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=st.tokens_per_server))

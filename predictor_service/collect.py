@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moe_common import model_source
+from moe_common.batching import pad_right
 from moe_common.traces import RoutingRecorder, TraceInfo, TraceWriter
 
 
@@ -43,13 +44,7 @@ def collect(model: str, documents: list[str], out: Path, *, batch_size: int = 8,
     pad = hf.config.pad_token_id
     try:
         for start in tqdm(range(0, len(chunks), batch_size), desc="collecting", unit="batch", disable=not progress):
-            rows = chunks[start: start + batch_size]
-            width = max(map(len, rows))
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for i, r in enumerate(rows):
-                input_ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = 1
+            input_ids, mask = pad_right(chunks[start: start + batch_size], pad)
             with torch.inference_mode():
                 hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                             min_new_tokens=new_tokens)

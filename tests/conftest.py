@@ -31,6 +31,17 @@ def reference(tiny):
     return model, AutoTokenizer.from_pretrained(tiny.path)
 
 
+def generated_ids(model, output) -> list[list[int]]:
+    """HF generate() output [B, 1 + T] -> the ids the gateway reports per row: without the
+    decoder start token, and ending at EOS (HF pads rows that finished early)."""
+    eos = model.config.eos_token_id
+    rows = []
+    for row in output.tolist():
+        ids = row[1:]
+        rows.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
+    return rows
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()

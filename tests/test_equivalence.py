@@ -10,7 +10,7 @@ import torch
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import channel, gateway
+from tests.conftest import channel, gateway, generated_ids
 
 PROMPTS = [
     "Hello",
@@ -55,10 +55,7 @@ def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_ser
         reply = stub.Generate(gateway_pb2.GenerateRequest(
             prompts=PROMPTS, parameters=gateway_pb2.GenerationParameters(max_new_tokens=24)))
         assert reply.timings.batch_size == len(PROMPTS)
-        for row, gen in zip(expected.tolist(), reply.generations):
-            ids = row[1:]  # drop the decoder start token
-            if model.config.eos_token_id in ids:  # HF pads after EOS; we stop there
-                ids = ids[: ids.index(model.config.eos_token_id) + 1]
+        for ids, gen in zip(generated_ids(model, expected), reply.generations):
             assert list(gen.token_ids) == ids
             assert gen.text == tokenizer.decode(ids, skip_special_tokens=True)
         status = stub.GetStatus(gateway_pb2.GetStatusRequest())

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import channel, gateway
+from tests.conftest import channel, gateway, generated_ids
 
 PROMPTS = ["Hello there", "A longer prompt about experts and routers.", "Hi"]
 
@@ -34,14 +34,7 @@ def hf_generate(reference, prompts, **kwargs):
     model, tokenizer = reference
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(**enc, **kwargs).tolist()
-    rows = []
-    for row in out:
-        ids = row[1:]
-        if model.config.eos_token_id in ids:
-            ids = ids[: ids.index(model.config.eos_token_id) + 1]
-        rows.append(ids)
-    return rows
+        return generated_ids(model, model.generate(**enc, **kwargs))
 
 
 def params(**kw):

@@ -14,7 +14,7 @@ from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.launcher import spawn_predictor, wait_ready
 from moe_common.serving import pick_free_port
-from tests.conftest import channel, expert_servers, gateway, stop
+from tests.conftest import channel, expert_servers, gateway, generated_ids, stop
 from tests.test_equivalence import PROMPTS
 
 REPLICA_MEMORY = "4MB"  # 64 tiny experts of 64 KiB: room for every expert everywhere
@@ -64,10 +64,7 @@ def test_outputs_do_not_depend_on_the_plan(tiny, reference, servers, policy):
             else:
                 assert (got - want).abs().max().item() < 1e-4  # other matmul shapes round differently
             rows = engine.generate_batch(engine.prompt_ids(PROMPTS, []), [12] * len(PROMPTS), Sampling())
-            for row, r in zip(expected.tolist(), rows):
-                ids = row[1:]
-                if model.config.eos_token_id in ids:
-                    ids = ids[: ids.index(model.config.eos_token_id) + 1]
+            for ids, r in zip(generated_ids(model, expected), rows):
                 assert r.token_ids == ids
     finally:
         engine.close()
@@ -133,11 +130,8 @@ def test_modes_end_to_end(tiny, reference, servers, predictor, mode):
                 prompts=PROMPTS[:4], parameters=gateway_pb2.GenerationParameters(max_new_tokens=6)))
             enc = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
             with torch.no_grad():
-                want = model.generate(**enc, max_new_tokens=6, do_sample=False).tolist()
-            for row, g in zip(want, reply.generations):
-                ids = row[1:]
-                if model.config.eos_token_id in ids:
-                    ids = ids[: ids.index(model.config.eos_token_id) + 1]
+                want = generated_ids(model, model.generate(**enc, max_new_tokens=6, do_sample=False))
+            for ids, g in zip(want, reply.generations):
                 assert list(g.token_ids) == ids
         rep = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication
         assert rep.mode == mode and rep.batches == 5 and rep.plans >= 2
