@@ -45,7 +45,8 @@ class DispatchStats:
     server_compute_ns: int = 0  # max over servers of their compute, per layer (the critical path)
     server_codec_ns: int = 0  # max over servers of their tensor codec time, per layer
     gateway_codec_ns: int = 0  # encoding requests and decoding replies in the gateway
-    tokens_per_server: list[int] = field(default_factory=list)
+    # Keyed by address, not index: servers join and leave (gateway/membership.py).
+    tokens_by_server: dict[str, int] = field(default_factory=dict)
     # Balance: balancedness = sum_mean_load / sum_max_load over layer dispatches (vLLM's definition).
     sum_mean_load: float = 0.0
     sum_max_load: float = 0.0
@@ -54,9 +55,8 @@ class DispatchStats:
     planned_ready: int = 0  # ...and were ready then (prefetch hits)
 
     def reset(self) -> None:
-        """Zero every counter (keeps one token counter per server)."""
-        fresh = DispatchStats(tokens_per_server=[0] * len(self.tokens_per_server))
-        self.__dict__.update(fresh.__dict__)
+        """Zero every counter."""
+        self.__dict__.update(DispatchStats().__dict__)
 
 
 class ExpertServerError(MoEError):
@@ -70,12 +70,39 @@ class ExpertsMissing(MoEError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class ExpertClients:
-    """Channels to the expert servers, the home placement and the replicas ready now.
+@dataclass(eq=False)
+class ServerView:
+    """One membership of the expert servers: who they are, the home placement among them
+    and the replicas planned and ready on them. Server indices (home[l][e], ready[s],
+    the s of planned (layer, expert, s)) index `addresses`.
 
-    home[l][e] is an index into `addresses`; ready[s] is the set of (layer, expert)
-    replicas server s holds and has confirmed loaded. Dispatch uses home servers and
-    ready replicas only, so it never waits for a replica.
+    A membership change (gateway/membership.py) builds a new view and swaps it in; a
+    layer call keeps the view it started with, and `inflight` counts those calls so that
+    the old view can be drained before its servers drop experts.
+    """
+
+    addresses: list[str]
+    stubs: list
+    home: list[list[int]]
+    slots: list[int]  # replica slots of each server
+    ready: list[set] = field(default_factory=list)  # ready[s]: {(layer, expert)} confirmed loaded on s
+    planned: set = field(default_factory=set)  # {(layer, expert, server)} the current plan wants
+    replica_sequence: list[int] = field(default_factory=list)  # a reply counts only if it answers the newest call
+    synced: set = field(default_factory=set)  # servers sent a replica set under this view
+    inflight: int = 0
+
+    def __post_init__(self):
+        self.ready = self.ready or [set() for _ in self.addresses]
+        self.replica_sequence = self.replica_sequence or [0] * len(self.addresses)
+
+    def experts_of(self, server: int) -> list[tuple[int, int]]:
+        return [(layer, e) for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == server]
+
+
+class ExpertClients:
+    """Channels to the expert servers and the current ServerView.
+
+    Dispatch uses home servers and ready replicas only, so it never waits for a replica.
     """
 
     def __init__(self, addresses: list[str], home: list[list[int]], model_id: str,
@@ -83,58 +110,114 @@ class ExpertClients:
                  tls: TlsConfig = PLAINTEXT):
         if wire_dtype not in tensor_codec.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {sorted(tensor_codec.WIRE_DTYPES)}")
-        self.addresses = list(addresses)
-        self.home = home
         self.model_id = model_id
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
-        # Reconnect within a second once a server is back (gRPC's default backoff grows to 2 minutes).
-        options = [*message_options(), ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-        self.channels = [tls.channel(a, options=options) for a in self.addresses]
-        self.stubs = [expert_pb2_grpc.ExpertServiceStub(c) for c in self.channels]
-        self.stats = DispatchStats(tokens_per_server=[0] * len(self.addresses))
+        self.tls = tls
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
+        self.stats = DispatchStats()
         self._stats_lock = threading.Lock()
         self.policy = policy
-        self.ready: list[set[tuple[int, int]]] = [set() for _ in self.addresses]
-        self.planned: set[tuple[int, int, int]] = set()  # (layer, expert, server) the current plan wants
-        # Guards ready/planned between the batcher thread and SetReplicas callbacks; a reply
-        # counts only if it answers the newest SetReplicas sent to that server.
+        # Guards the view's ready/planned between the batcher thread and SetReplicas
+        # callbacks, and the swap of views.
         self.replica_lock = threading.Lock()
-        self.replica_sequence = [0] * len(self.addresses)
+        self._drained = threading.Condition(self.replica_lock)
+        self.view = self.make_view(addresses, home, [0] * len(addresses))
+
+    # ---- membership ----
+
+    def stub(self, address: str) -> expert_pb2_grpc.ExpertServiceStub:
+        """The stub of a server, opening its channel on first use."""
+        if address not in self._stubs:
+            # Reconnect within a second once a server is back (gRPC's default backoff grows to 2 minutes).
+            options = [*message_options(), ("grpc.initial_reconnect_backoff_ms", 100),
+                       ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+            self._channels[address] = self.tls.channel(address, options=options)
+            self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
+        return self._stubs[address]
+
+    def make_view(self, addresses: list[str], home: list[list[int]], slots: list[int]) -> ServerView:
+        return ServerView(list(addresses), [self.stub(a) for a in addresses], home, list(slots))
+
+    def swap(self, view: ServerView) -> ServerView:
+        """Make `view` current; returns the previous one. Layer calls already running
+        finish on the previous view (wait_drained)."""
+        with self.replica_lock:
+            old, self.view = self.view, view
+        return old
+
+    def wait_drained(self, view: ServerView, timeout_s: float) -> bool:
+        """Wait until no layer call runs on `view`; False on timeout."""
+        with self._drained:
+            return self._drained.wait_for(lambda: view.inflight == 0, timeout=timeout_s)
+
+    def close_channel(self, address: str) -> None:
+        self._stubs.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.view.addresses
+
+    @property
+    def home(self) -> list[list[int]]:
+        return self.view.home
+
+    def tokens_per_server(self) -> list[int]:
+        """Tokens each current server computed so far, in view order."""
+        with self._stats_lock:
+            return [self.stats.tokens_by_server.get(a, 0) for a in self.view.addresses]
 
     def close(self) -> None:
-        for c in self.channels:
-            c.close()
+        for address in list(self._channels):
+            self.close_channel(address)
 
     def add_dispatch_time(self, ns: int) -> None:
         with self._stats_lock:
             self.stats.dispatch_ns += ns
 
+    # ---- expert sets ----
+
+    def assign_experts(self, address: str, experts: list[tuple[int, int]], timeout_s: float) -> expert_pb2.AssignExpertsResponse:
+        """Tell a server to hold exactly these home experts (it loads the missing ones)."""
+        request = expert_pb2.AssignExpertsRequest(
+            experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in experts], model_id=self.model_id)
+        return self._result(address, self.stub(address).AssignExperts.future(request, timeout=timeout_s))
+
     def assign_home_experts(self, timeout_s: float = 600.0) -> None:
         """Tell every server to hold exactly the experts it is home to (loads them)."""
-        calls = [stub.AssignExperts.future(self._assign_request(s), timeout=timeout_s) for s, stub in enumerate(self.stubs)]
-        for s, call in enumerate(calls):
-            self._result(s, call)
+        view = self.view
+        calls = [(a, view.stubs[s].AssignExperts.future(expert_pb2.AssignExpertsRequest(
+                     experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in view.experts_of(s)],
+                     model_id=self.model_id), timeout=timeout_s))
+                 for s, a in enumerate(view.addresses)]
+        for address, call in calls:
+            self._result(address, call)
 
     def clear_replicas(self) -> None:
         """Drop every replica on every server (start from home placement)."""
-        calls = [stub.SetReplicas.future(expert_pb2.SetReplicasRequest(model_id=self.model_id), timeout=self.timeout_s)
-                 for stub in self.stubs]
-        for s, call in enumerate(calls):
-            self._result(s, call)
-        self.ready = [set() for _ in self.addresses]
-        self.planned = set()
+        view = self.view
+        calls = [(a, self.stub(a).SetReplicas.future(expert_pb2.SetReplicasRequest(model_id=self.model_id),
+                                                     timeout=self.timeout_s)) for a in view.addresses]
+        for address, call in calls:
+            self._result(address, call)
+        with self.replica_lock:
+            view.ready = [set() for _ in view.addresses]
+            view.planned = set()
+            view.synced = set(range(len(view.addresses)))
 
-    def info(self, server: int, timeout_s: float = 2.0) -> expert_pb2.GetInfoResponse:
-        return self._result(server, self.stubs[server].GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
+    def info(self, address: str, timeout_s: float = 2.0) -> expert_pb2.GetInfoResponse:
+        return self._result(address, self.stub(address).GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
 
-    def _result(self, server: int, call):
+    def _result(self, address: str, call):
         try:
             return call.result()
         except grpc.RpcError as err:
             code, details = err.code(), err.details()
-            where = f"expert server {self.addresses[server]}"
+            where = f"expert server {address}"
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 raise Unavailable(f"{where} is unavailable ({code.name}: {details})") from None
             if code == grpc.StatusCode.NOT_FOUND:
@@ -143,20 +226,16 @@ class ExpertClients:
                 raise FailedPrecondition(f"{where}: {details}") from None
             raise ExpertServerError(f"{where} failed: {code.name}: {details}") from None
 
-    def _assign_request(self, server: int) -> expert_pb2.AssignExpertsRequest:
-        refs = [expert_pb2.ExpertRef(layer=layer, expert=e)
-                for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == server]
-        return expert_pb2.AssignExpertsRequest(experts=refs, model_id=self.model_id)
-
-    def reassign(self, server: int) -> None:
+    def reassign(self, view: ServerView, server: int) -> None:
         """Give a server that lost its experts (a restart) its home experts again. Its
         replicas are gone too: stop using them (the next plan may send them again)."""
-        log.warning("re-assigning home experts to expert server %s", self.addresses[server])
+        address = view.addresses[server]
+        log.warning("re-assigning home experts to expert server %s", address)
         with self.replica_lock:
-            self.ready[server] = set()
-            self.planned = {r for r in self.planned if r[2] != server}
-            self.replica_sequence[server] += 1  # ignore replies of SetReplicas sent before the restart
-        self._result(server, self.stubs[server].AssignExperts.future(self._assign_request(server), timeout=self.timeout_s))
+            view.ready[server] = set()
+            view.planned = {r for r in view.planned if r[2] != server}
+            view.replica_sequence[server] += 1  # ignore replies of SetReplicas sent before the restart
+        self.assign_experts(address, view.experts_of(server), self.timeout_s)
 
     def balancedness(self) -> float:
         """vLLM's balancedness (gateway.replication.balancedness) over every layer dispatch so
@@ -164,15 +243,29 @@ class ExpertClients:
         st = self.stats
         return st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0
 
+    # ---- running a layer ----
+
     def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]],
                   retry: bool = True) -> dict[int, torch.Tensor]:
-        """Run one sparse layer's experts remotely.
+        """Run one sparse layer's experts remotely, on the current view's servers.
 
         hidden: [N, d_model]; token_lists: [(expert, token indices [n_e])] with n_e > 0.
         Returns {expert: outputs [n_e, d_model]} (not yet scaled by router probabilities).
         """
+        with self.replica_lock:
+            view = self.view
+            view.inflight += 1
+        try:
+            return self._run_layer(view, layer, hidden, token_lists, retry)
+        finally:
+            with self._drained:
+                view.inflight -= 1
+                self._drained.notify_all()
+
+    def _run_layer(self, view: ServerView, layer: int, hidden: torch.Tensor,
+                   token_lists: list[tuple[int, torch.Tensor]], retry: bool) -> dict[int, torch.Tensor]:
         t0 = time.perf_counter_ns()
-        by_server = self._assign(layer, token_lists)
+        by_server = self._assign(view, layer, token_lists)
         requests, calls = {}, {}
         for server, items in by_server.items():
             rows = torch.cat([hidden[tokens] for _, tokens in items])  # [n_server, d_model]
@@ -183,7 +276,7 @@ class ExpertClients:
                 model_id=self.model_id,
             )
             # Sent at once: this server computes while the next request is encoded.
-            calls[server] = self.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s)
+            calls[server] = view.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s)
         sent = sum(len(r.hidden_states.data) for r in requests.values())
         t_sent = time.perf_counter_ns()
         outputs: dict[int, list[tuple[int, torch.Tensor]]] = {}  # expert -> [(first token, rows)]
@@ -192,7 +285,7 @@ class ExpertClients:
         try:
             for server, call in calls.items():
                 try:
-                    reply = self._result(server, call)
+                    reply = self._result(view.addresses[server], call)
                 except ExpertsMissing as exc:
                     if not retry:
                         raise Unavailable(f"{exc} (again after re-assigning its experts)") from None
@@ -201,8 +294,8 @@ class ExpertClients:
                     # more without its replicas.
                     for other in calls.values():
                         other.cancel()
-                    self.reassign(server)
-                    return self.run_layer(layer, hidden, token_lists, retry=False)
+                    self.reassign(view, server)
+                    return self._run_layer(view, layer, hidden, token_lists, retry=False)
                 compute = max(compute, reply.compute_ns)
                 codec = max(codec, reply.codec_ns)
                 received += len(reply.outputs.data)
@@ -218,6 +311,8 @@ class ExpertClients:
                 call.cancel()  # the layer failed: do not leave the other servers computing for nobody
             raise
         t1 = time.perf_counter_ns()
+        layer_loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(view.addresses))]
+        log.debug("layer %d: tokens per server %s", layer, layer_loads)
         with self._stats_lock:
             st = self.stats
             st.calls += 1
@@ -229,43 +324,43 @@ class ExpertClients:
             st.server_compute_ns += compute
             st.server_codec_ns += codec
             st.gateway_codec_ns += (t_sent - t0) + decode_ns
-            for server, items in by_server.items():
-                st.tokens_per_server[server] += sum(len(t) for _, t in items)
-            layer_loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(self.addresses))]
-            log.debug("layer %d: tokens per server %s", layer, layer_loads)
+            for server, load in enumerate(layer_loads):
+                address = view.addresses[server]
+                st.tokens_by_server[address] = st.tokens_by_server.get(address, 0) + load
             st.sum_mean_load += sum(layer_loads) / len(layer_loads)
             st.sum_max_load += max(layer_loads)
             for s, items in by_server.items():
-                st.replica_tokens += sum(len(t) for e, t in items if self.home[layer][e] != s)
+                st.replica_tokens += sum(len(t) for e, t in items if view.home[layer][e] != s)
             with self.replica_lock:
-                for (pl, e, s) in self.planned:
+                for (pl, e, s) in view.planned:
                     if pl == layer:
                         st.planned_checks += 1
-                        st.planned_ready += (layer, e) in self.ready[s]
+                        st.planned_ready += (layer, e) in view.ready[s]
         # An expert split over servers comes back in chunks: join them in token order.
         return {e: torch.cat([o for _, o in sorted(parts, key=lambda x: x[0])]) if len(parts) > 1 else parts[0][1]
                 for e, parts in outputs.items()}
 
-    def _assign(self, layer: int, token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, list[tuple[int, torch.Tensor]]]:
+    def _assign(self, view: ServerView, layer: int,
+                token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, list[tuple[int, torch.Tensor]]]:
         """Server -> [(expert, token indices)] for one layer: home servers and ready replicas,
         by the dispatch policy (gateway/replication.py)."""
-        if not self.planned:  # no replicas: every expert to its home server
+        with self.replica_lock:
+            ready = [set(keys) for keys in view.ready] if view.planned else None
+        if ready is None:  # no replicas: every expert to its home server
             by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
             for expert, tokens in token_lists:
-                by_server.setdefault(self.home[layer][expert], []).append((expert, tokens))
+                by_server.setdefault(view.home[layer][expert], []).append((expert, tokens))
             return by_server
-        num_experts = len(self.home[layer])
+        num_experts = len(view.home[layer])
         counts = [0] * num_experts
         for expert, tokens in token_lists:
             counts[expert] = len(tokens)
-        holders = [[self.home[layer][e]] for e in range(num_experts)]
-        with self.replica_lock:
-            ready = [set(keys) for keys in self.ready]
+        holders = [[view.home[layer][e]] for e in range(num_experts)]
         for s, keys in enumerate(ready):
             for (pl, e) in keys:
                 if pl == layer and s != holders[e][0]:
                     holders[e].append(s)
-        chunks = assign_layer(counts, holders, len(self.addresses), self.policy)
+        chunks = assign_layer(counts, holders, len(view.addresses), self.policy)
         by_server = {}
         for expert, tokens in token_lists:
             start = 0

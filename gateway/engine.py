@@ -131,9 +131,9 @@ class Engine:
         self.vocab_size: int = mc.vocab_size
         self.pad_token_id: int = mc.pad_token_id
         self.eos_token_id: int = mc.eos_token_id
-        self.home = home_placement(len(self.layers), self.num_experts, len(config.expert_servers))
+        home = home_placement(len(self.layers), self.num_experts, len(config.expert_servers))
         self.clients = ExpertClients(
-            config.expert_servers, self.home, self.source.model_id, config.wire_dtype, config.expert_timeout_s,
+            config.expert_servers, home, self.source.model_id, config.wire_dtype, config.expert_timeout_s,
             config.replica_policy, config.tls,
         )
         for module in remote_experts(self.model):
@@ -150,23 +150,26 @@ class Engine:
         """Wait for every expert server, check it runs our model, and assign home experts."""
         for address in self.config.expert_servers:
             wait_for_serving(address, self.config.startup_timeout_s, tls=self.config.tls)
-        slots = []
-        for server in range(len(self.config.expert_servers)):
-            info = self.clients.info(server, timeout_s=30)
-            if info.model_id != self.source.model_id:
-                raise FailedPrecondition(
-                    f"expert server {self.config.expert_servers[server]} serves model {info.model_id} "
-                    f"({info.model_source}); the gateway runs {self.source.model_id} ({self.source.spec})"
-                )
-            slots.append(info.replica_slots)
+        self.clients.view.slots = [self.check_server(address) for address in self.config.expert_servers]
         t0 = time.monotonic()
         self.clients.assign_home_experts(self.config.startup_timeout_s)
         self.clients.clear_replicas()  # a previous gateway's replicas are not ours to use
-        log.info("expert servers hold their home experts (%.1f s); replica slots %s", time.monotonic() - t0, slots)
+        log.info("expert servers hold their home experts (%.1f s); replica slots %s", time.monotonic() - t0,
+                 self.clients.view.slots)
         if self.config.replication != "off":
-            self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication, slots,
+            self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
                                            self.config.replication_window, self.config.replication_min_gain)
             self.observer.replicas = self.replicas
+
+    def check_server(self, address: str) -> int:
+        """Check that an expert server runs this gateway's model; returns its replica slots."""
+        info = self.clients.info(address, timeout_s=30)
+        if info.model_id != self.source.model_id:
+            raise FailedPrecondition(
+                f"expert server {address} serves model {info.model_id} ({info.model_source}); "
+                f"the gateway runs {self.source.model_id} ({self.source.spec})"
+            )
+        return info.replica_slots
 
     def close(self) -> None:
         if self.observer is not None:

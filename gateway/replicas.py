@@ -23,7 +23,7 @@ from collections import deque
 import grpc
 import numpy as np
 
-from gateway.dispatch import ExpertClients
+from gateway.dispatch import ExpertClients, ServerView
 from gateway.replication import plan_replicas
 from moe_common.traces import Pass, TraceInfo
 from moe_protos.moe.expert.v1 import expert_pb2
@@ -33,14 +33,12 @@ MODES = ("off", "reactive", "window", "predictive")
 
 
 class ReplicaManager:
-    def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, slots: list[int], window: int = 8,
-                 min_gain: float = 0.02):
+    def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02):
         if mode not in MODES:
             raise ValueError(f"replication mode must be one of {MODES}")
         self.clients = clients
         self.info = info
         self.mode = mode
-        self.slots = slots
         self.window = window
         self.min_gain = min_gain
         self.batches = 0
@@ -79,75 +77,77 @@ class ReplicaManager:
         if self.mode == "predictive" and forecast:
             for layer, load in forecast.items():
                 loads[layer] = load
+        view = self.clients.view  # servers may join or leave meanwhile: plan for one membership
         t0 = time.perf_counter()
-        plan = plan_replicas(loads.tolist(), self.clients.home, self.slots, policy=self.clients.policy,
-                             previous=self.clients.planned, min_gain=self.min_gain)
+        plan = plan_replicas(loads.tolist(), view.home, view.slots, policy=self.clients.policy,
+                             previous=view.planned, min_gain=self.min_gain)
         self.planning_ms.append((time.perf_counter() - t0) * 1e3)
         self.plans += 1
         self.kept_plans += plan.kept_previous
         self.last_plan = plan
-        added, dropped = len(plan.replicas - self.clients.planned), len(self.clients.planned - plan.replicas)
-        st = self.clients.stats
+        added, dropped = len(plan.replicas - view.planned), len(view.planned - plan.replicas)
         log.info("batch %d (%s): %d replicas (+%d -%d%s), forecast makespan %.0f vs %.0f without, planned in %.1f ms; "
                  "so far balancedness %.3f, tokens per server %s, prefetch hits %d/%d",
                  self.batches, self.mode, len(plan.replicas), added, dropped, ", previous kept" if plan.kept_previous else "",
                  plan.makespan, plan.baseline_makespan, self.planning_ms[-1],
-                 self.clients.balancedness(), st.tokens_per_server,
-                 st.planned_ready, st.planned_checks)
-        if not plan.kept_previous or plan.replicas != self.clients.planned:
-            self._apply(plan.replicas)
+                 self.clients.balancedness(), self.clients.tokens_per_server(),
+                 self.clients.stats.planned_ready, self.clients.stats.planned_checks)
+        if not plan.kept_previous or plan.replicas != view.planned or len(view.synced) < len(view.addresses):
+            self._apply(view, plan.replicas)
 
     # ---- moving weights ----
 
-    def _apply(self, replicas: set[tuple[int, int, int]]) -> None:
+    def _apply(self, view: ServerView, replicas: set[tuple[int, int, int]]) -> None:
         clients = self.clients
         changed = []
         with clients.replica_lock:
-            for s in range(len(clients.addresses)):
+            for s in range(len(view.addresses)):
                 want = {(layer, e) for layer, e, srv in replicas if srv == s}
-                had = {(layer, e) for layer, e, srv in clients.planned if srv == s}
+                had = {(layer, e) for layer, e, srv in view.planned if srv == s}
                 # Replicas the plan drops stop being used now, before the server evicts them.
-                clients.ready[s] &= want
-                if want != had:
-                    clients.replica_sequence[s] += 1
-                    changed.append((s, want, clients.replica_sequence[s]))
-            clients.planned = set(replicas)
+                view.ready[s] &= want
+                # A server new to this view may still hold replicas of an earlier one: tell it.
+                if want != had or s not in view.synced:
+                    view.replica_sequence[s] += 1
+                    view.synced.add(s)
+                    changed.append((s, want, view.replica_sequence[s]))
+            view.planned = set(replicas)
         for s, want, sequence in changed:
             ordered = sorted(want)
             request = expert_pb2.SetReplicasRequest(
                 replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in ordered],
                 model_id=clients.model_id,
                 # Where to stream a replica from if that server cannot read the checkpoint.
-                home_addresses=[clients.addresses[clients.home[layer][e]] for layer, e in ordered])
-            call = clients.stubs[s].SetReplicas.future(request, timeout=clients.timeout_s * 10)
-            call.add_done_callback(lambda f, s=s, sequence=sequence: self._on_loaded(s, sequence, f))
+                home_addresses=[view.addresses[view.home[layer][e]] for layer, e in ordered])
+            call = view.stubs[s].SetReplicas.future(request, timeout=clients.timeout_s * 10)
+            call.add_done_callback(lambda f, s=s, sequence=sequence: self._on_loaded(view, s, sequence, f))
 
-    def _on_loaded(self, server: int, sequence: int, future) -> None:
+    def _on_loaded(self, view: ServerView, server: int, sequence: int, future) -> None:
         try:
             reply = future.result()
         except grpc.RpcError as err:
             self.failures += 1
-            log.warning("SetReplicas on %s failed: %s", self.clients.addresses[server], err.details())
+            log.warning("SetReplicas on %s failed: %s", view.addresses[server], err.details())
             return
         ready = {(r.layer, r.expert) for r in reply.ready}
         clients = self.clients
         with clients.replica_lock:
             self.bytes_moved += reply.bytes_loaded
-            if sequence != clients.replica_sequence[server]:
+            if sequence != view.replica_sequence[server]:
                 return  # a newer SetReplicas was sent to this server: its reply decides
-            current = {(layer, e) for layer, e, s in clients.planned if s == server}
-            clients.ready[server] = ready & current
+            current = {(layer, e) for layer, e, s in view.planned if s == server}
+            view.ready[server] = ready & current
         for f in reply.failed:
             self.failures += 1
-            log.warning("expert server %s refused replica %d:%d: %s", self.clients.addresses[server],
+            log.warning("expert server %s refused replica %d:%d: %s", view.addresses[server],
                         f.expert.layer, f.expert.expert, f.reason)
 
     def status(self) -> dict:
         st = self.clients.stats
         return dict(
             mode=self.mode, policy=self.clients.policy, batches=self.batches, plans=self.plans,
-            kept_plans=self.kept_plans, replicas_planned=len(self.clients.planned),
-            replicas_ready=sum(len(r) for r in self.clients.ready),
+            kept_plans=self.kept_plans, replicas_planned=len(self.clients.view.planned),
+            replicas_ready=sum(len(r) for r in self.clients.view.ready),
             prefetch_hit_rate=st.planned_ready / st.planned_checks if st.planned_checks else 0.0,
             balancedness=self.clients.balancedness(),
             replica_tokens=st.replica_tokens, bytes_moved=self.bytes_moved, failures=self.failures,

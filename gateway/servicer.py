@@ -109,10 +109,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             requests_failed=self.counters.requests_failed, wire_dtype=e.config.wire_dtype,
         )
         healthy = True
-        for s, address in enumerate(e.config.expert_servers):
-            status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in e.home))
+        view = e.clients.view
+        for s, address in enumerate(view.addresses):
+            status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in view.home))
             try:
-                info = e.clients.info(s, timeout_s=2.0)
+                info = e.clients.info(address, timeout_s=2.0)
                 status.healthy = True
                 status.weight_bytes = info.weight_bytes
                 status.device = info.device
@@ -125,12 +126,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             reply.predictor.CopyFrom(gateway_pb2.PredictorStatus(
                 address=e.observer.address, forecasts_ok=c.ok, forecasts_late=c.late,
                 forecasts_failed=c.failed, reports_failed=c.reports_failed))
-        st = e.clients.stats
         rep = dict(mode="off", policy=e.clients.policy, balancedness=e.clients.balancedness())
         if e.replicas is not None:
             rep = e.replicas.status()
-        reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=st.tokens_per_server))
-        for layer, row in zip(e.layers, e.home):
+        reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=e.clients.tokens_per_server()))
+        for layer, row in zip(e.layers, view.home):
             reply.placement.add(layer=layer.index, name=layer.name, home_server=row)
         return reply
 

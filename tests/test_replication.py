@@ -28,16 +28,16 @@ def servers(tiny):
 
 def apply_plan(engine: Engine, replicas: set) -> None:
     """Send a plan through the gateway's replica manager and wait until every replica is ready."""
-    engine.replicas._apply(replicas)
+    engine.replicas._apply(engine.clients.view, replicas)
     deadline = time.monotonic() + 60
     want = [{(layer, e) for layer, e, s in replicas if s == server} for server in range(len(engine.clients.addresses))]
-    while engine.clients.ready != want:
+    while engine.clients.view.ready != want:
         assert time.monotonic() < deadline, "replicas did not become ready"
         time.sleep(0.05)
 
 
 def every_replica(engine: Engine) -> set:
-    return {(layer, e, s) for layer, row in enumerate(engine.home) for e, home in enumerate(row)
+    return {(layer, e, s) for layer, row in enumerate(engine.clients.home) for e, home in enumerate(row)
             for s in range(len(engine.clients.addresses)) if s != home}
 
 
@@ -177,7 +177,7 @@ def test_replica_is_streamed_from_its_home_server_when_the_checkpoint_lacks_it(t
         engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=first + second, replication="reactive"))
         try:
             engine.connect()
-            assert engine.home == engine_home
+            assert engine.clients.home == engine_home
             plan = {(layer, e, 1) for layer in range(4) for e in range(8) if engine_home[layer][e] == 0}
             apply_plan(engine, plan)
             assert engine.replicas.bytes_moved == len(plan) * 2 * 64 * 128 * 4 and engine.replicas.failures == 0
