@@ -38,6 +38,12 @@ class ExpertServerConfig:
     experts: str = ""
     # Or a shard of the default home placement: (index, count).
     shard: tuple[int, int] | None = None
+    # --- membership (gateway/membership.py) ---
+    register_with: str = ""  # gateway host:port to join at start (and leave at shutdown)
+    advertise: str = ""  # host:port the gateway should call; default: --host:--port
+    # On SIGTERM: NOT_SERVING, then serve on until the gateway moved the home experts
+    # away (it is given none), at most this long.
+    drain_timeout_s: float = 60.0
     preload: list[tuple[int, int]] = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -57,12 +63,24 @@ class ExpertServerConfig:
             raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= index < count")
         if self.experts and self.shard is not None:
             raise ValueError("give --experts or --shard, not both")
+        if self.drain_timeout_s < 0:
+            raise ValueError("--drain-timeout-s must be >= 0")
+        if self.register_with and ":" not in self.register_with:
+            raise ValueError(f"--register-with must be host:port, not {self.register_with!r}")
         if self.experts not in ("", "all"):
             parse_expert_list(self.experts)  # fail now, not after loading the model
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def advertised(self, port: int) -> str:
+        """The address other processes reach this server at, once bound to `port`."""
+        if self.advertise:
+            return self.advertise
+        if self.host in ("0.0.0.0", "::", "[::]"):
+            raise ValueError("bound to all interfaces: give --advertise HOST:PORT for --register-with")
+        return f"{self.host}:{port}"
 
 
 def parse_bytes(text: str) -> int:

@@ -67,6 +67,9 @@ class ExpertStore:
     def held(self) -> list[ExpertKey]:
         return sorted(self._weights)
 
+    def home(self) -> list[ExpertKey]:
+        return sorted(self._home)
+
     def replicas(self) -> list[ExpertKey]:
         return sorted(self._replicas)
 

@@ -3,13 +3,21 @@
     moe-expert-server --model tiny --port 50061                 # experts assigned by the gateway
     moe-expert-server --model tiny --port 50061 --shard 0/2     # preload shard 0 of 2 (home placement)
     moe-expert-server --model DIR --experts 0:0-3,1:0-3         # preload these (layer:expert)
+    moe-expert-server --model tiny --port 50063 --register-with 127.0.0.1:50051   # join a running gateway
+
+On SIGTERM the server drains: health turns NOT_SERVING, GetInfo says draining, the
+gateway moves its home experts to the other servers (gateway/membership.py), and
+the server exits once it holds none (or after --drain-timeout-s).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
+
+import grpc
 
 from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
@@ -17,6 +25,7 @@ from expert_server.servicer import ExpertServicer
 from moe_common import model_source, serving, tls
 from moe_common.placement import experts_of_server, home_placement
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["ExpertService"].full_name
@@ -33,24 +42,64 @@ def initial_experts(config: ExpertServerConfig, store: ExpertStore) -> list[tupl
     return []
 
 
-def create_server(config: ExpertServerConfig):
-    """Load the model's experts named by config and start serving. Returns (server, port, store)."""
-    if config.threads:
-        import torch
+class ExpertServer:
+    """A running expert server: gRPC server, expert store, and its shutdown (drain)."""
 
-        torch.set_num_threads(config.threads)
-    source = model_source.resolve(config.model, config.cache_dir)
-    store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
-    server, port, health = serving.create_server(
-        config.address,
-        [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(store, config.tls), s)],
-        [SERVICE_NAME],
-        max_workers=config.max_workers,
-        tls=config.tls,
-    )
-    store.assign(initial_experts(config, store))
-    serving.set_serving(health, [SERVICE_NAME])
-    return server, port, store
+    def __init__(self, config: ExpertServerConfig):
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        self.config = config
+        source = model_source.resolve(config.model, config.cache_dir)
+        self.store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
+        self.servicer = ExpertServicer(self.store, config.tls)
+        self.server, self.port, self.health = serving.create_server(
+            config.address,
+            [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(self.servicer, s)],
+            [SERVICE_NAME],
+            max_workers=config.max_workers,
+            tls=config.tls,
+        )
+        try:
+            self.store.assign(initial_experts(config, self.store))
+        except BaseException:
+            self.stop()
+            raise
+        serving.set_serving(self.health, [SERVICE_NAME])
+
+    def register(self) -> None:
+        """Join the gateway given by --register-with (it moves a share of experts here)."""
+        me = self.config.advertised(self.port)
+        with self.config.tls.channel(self.config.register_with) as channel:
+            change = gateway_pb2_grpc.MembershipServiceStub(channel).AddExpertServer(
+                gateway_pb2.AddExpertServerRequest(address=me), timeout=self.config.drain_timeout_s + 600)
+        log.info("joined gateway %s as %s: %d experts moved in %.2f s", self.config.register_with, me,
+                 change.experts_moved, change.total_s)
+
+    def drain(self) -> None:
+        """Shut down without failing requests: say NOT_SERVING (draining), ask the gateway to
+        move our home experts away (or wait for its health watch to), and serve until we hold
+        none or the drain timeout passes."""
+        self.servicer.draining.set()
+        serving.set_serving(self.health, [SERVICE_NAME], serving=False)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        if self.store.home() and self.config.register_with:
+            try:
+                with self.config.tls.channel(self.config.register_with) as channel:
+                    gateway_pb2_grpc.MembershipServiceStub(channel).RemoveExpertServer(
+                        gateway_pb2.RemoveExpertServerRequest(address=self.config.advertised(self.port)),
+                        timeout=self.config.drain_timeout_s)
+            except grpc.RpcError as err:
+                log.warning("leaving gateway %s: %s: %s", self.config.register_with, err.code().name, err.details())
+        while self.store.home() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.store.home():
+            log.warning("drain timeout: stopping with %d home experts still assigned", len(self.store.home()))
+
+    def stop(self) -> None:
+        self.server.stop(grace=2).wait()
+        self.store.close()
 
 
 def parse_args(argv=None) -> ExpertServerConfig:
@@ -67,6 +116,10 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
     p.add_argument("--max-workers", type=int, default=16)
+    p.add_argument("--register-with", default="", help="gateway host:port to join at start and leave at shutdown")
+    p.add_argument("--advertise", default="", help="host:port the gateway should call (default: --host:--port)")
+    p.add_argument("--drain-timeout-s", type=float, default=60.0,
+                   help="on SIGTERM, serve on until the gateway moved our experts away, at most this long")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
     a = p.parse_args(argv)
@@ -91,6 +144,9 @@ def parse_args(argv=None) -> ExpertServerConfig:
             max_workers=a.max_workers,
             threads=a.threads,
             replica_memory=parse_bytes(a.replica_memory),
+            register_with=a.register_with,
+            advertise=a.advertise,
+            drain_timeout_s=a.drain_timeout_s,
             tls=tls.from_args(a),
         )
     except ValueError as exc:
@@ -99,13 +155,23 @@ def parse_args(argv=None) -> ExpertServerConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    server, port, store = create_server(config)
+    server = ExpertServer(config)
+    store = server.store
     log.info(
         "expert server on %s:%d: model %s (%s), %d experts held, %.1f MB, device %s",
-        config.host, port, config.model, store.source.model_id, len(store.held()), store.weight_bytes() / 1e6, store.device,
+        config.host, server.port, config.model, store.source.model_id, len(store.held()), store.weight_bytes() / 1e6,
+        store.device,
     )
+    if config.register_with:
+        try:
+            server.register()
+        except (grpc.RpcError, ValueError) as err:
+            detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+            log.error("could not join gateway %s: %s", config.register_with, detail)
+            server.stop()
+            return 1
     serving.wait_for_termination()
-    log.info("shutting down")
-    server.stop(grace=2).wait()
-    store.close()
+    log.info("shutting down: draining")
+    server.drain()
+    server.stop()
     return 0

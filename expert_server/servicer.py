@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from expert_server.experts import ExpertStore
@@ -16,6 +17,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, store: ExpertStore, tls: TlsConfig = PLAINTEXT):
         self.store = store
         self.tls = tls
+        self.draining = threading.Event()  # set on shutdown (expert_server/server.py)
 
     def RunExperts(self, request, context):
         self.store.check_model(request.model_id)
@@ -81,4 +83,5 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             replica_memory=s.replica_memory,
             replica_slots=s.replica_slots,
             replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in s.replicas()],
+            draining=self.draining.is_set(),
         )

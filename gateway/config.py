@@ -15,6 +15,11 @@ class GatewayConfig:
     # --- model ---
     model: str  # --model: checkpoint directory, hub id or preset
     expert_servers: list[str] = field(default_factory=list)  # host:port of each expert server, placement order
+    # --- membership (gateway/membership.py) ---
+    expert_discovery: str = ""  # host:port of a DNS name re-resolved for expert servers (headless Service)
+    membership_interval_s: float = 1.0  # how often discovery and the health watch run
+    evict_after_s: float = 10.0  # an unreachable member's experts move to the others after this long
+    join_timeout_s: float = 10.0  # how long a joining server may take to answer SERVING
     cache_dir: Path = DEFAULT_CACHE_DIR
     model_name: str = "switch"  # name clients use (Open Inference Protocol model name)
     # --- serving ---
@@ -46,8 +51,10 @@ class GatewayConfig:
     tls: TlsConfig = PLAINTEXT  # the client-facing port and the channels to expert servers and predictor
 
     def __post_init__(self):
-        if not self.expert_servers:
-            raise ValueError("give at least one expert server (--expert-servers host:port,...)")
+        if not self.expert_servers and not self.expert_discovery:
+            raise ValueError("give the expert servers (--expert-servers host:port,...) or --expert-discovery NAME:PORT")
+        if self.membership_interval_s <= 0 or self.evict_after_s < 0 or self.join_timeout_s <= 0:
+            raise ValueError("need --membership-interval-s > 0, --evict-after-s >= 0 and --join-timeout-s > 0")
         if len(set(self.expert_servers)) != len(self.expert_servers):
             raise ValueError(f"expert servers listed twice: {self.expert_servers}")
         if self.wire_dtype not in WIRE_DTYPES:

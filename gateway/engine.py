@@ -21,6 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from gateway.config import GatewayConfig
 from gateway.dispatch import ExpertClients
 from gateway.forecasts import PassObserver
+from gateway.membership import resolve
 from gateway.replicas import ReplicaManager
 from gateway.model import load_gateway_model, remote_experts
 from moe_common import model_source
@@ -131,10 +132,9 @@ class Engine:
         self.vocab_size: int = mc.vocab_size
         self.pad_token_id: int = mc.pad_token_id
         self.eos_token_id: int = mc.eos_token_id
-        home = home_placement(len(self.layers), self.num_experts, len(config.expert_servers))
+        # No servers yet: connect() makes the first view, from --expert-servers or discovery.
         self.clients = ExpertClients(
-            config.expert_servers, home, self.source.model_id, config.wire_dtype, config.expert_timeout_s,
-            config.replica_policy, config.tls,
+            [], [], self.source.model_id, config.wire_dtype, config.expert_timeout_s, config.replica_policy, config.tls,
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
@@ -148,9 +148,12 @@ class Engine:
 
     def connect(self) -> None:
         """Wait for every expert server, check it runs our model, and assign home experts."""
-        for address in self.config.expert_servers:
+        servers = self.config.expert_servers or self._discover_first()
+        for address in servers:
             wait_for_serving(address, self.config.startup_timeout_s, tls=self.config.tls)
-        self.clients.view.slots = [self.check_server(address) for address in self.config.expert_servers]
+        slots = [self.check_server(address) for address in servers]
+        home = home_placement(len(self.layers), self.num_experts, len(servers))
+        self.clients.swap(self.clients.make_view(servers, home, slots))
         t0 = time.monotonic()
         self.clients.assign_home_experts(self.config.startup_timeout_s)
         self.clients.clear_replicas()  # a previous gateway's replicas are not ours to use
@@ -160,6 +163,17 @@ class Engine:
             self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
                                            self.config.replication_window, self.config.replication_min_gain)
             self.observer.replicas = self.replicas
+
+    def _discover_first(self) -> list[str]:
+        """Wait until --expert-discovery resolves to at least one expert server."""
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while not (servers := resolve(self.config.expert_discovery)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.config.expert_discovery} resolved to no expert server "
+                                   f"in {self.config.startup_timeout_s:.0f} s")
+            time.sleep(self.config.membership_interval_s)
+        log.info("discovered expert servers %s from %s", servers, self.config.expert_discovery)
+        return servers
 
     def check_server(self, address: str) -> int:
         """Check that an expert server runs this gateway's model; returns its replica slots."""

@@ -16,7 +16,8 @@ from pathlib import Path
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
-from gateway.servicer import Counters, GatewayServicer, InferenceServicer
+from gateway.membership import Membership
+from gateway.servicer import Counters, GatewayServicer, InferenceServicer, MembershipServicer
 from moe_common import model_source, serving, tls
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -26,21 +27,25 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = [
     gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
     oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    gateway_pb2.DESCRIPTOR.services_by_name["MembershipService"].full_name,
 ]
 
 
 class Gateway:
-    """A running gateway: gRPC server, engine and batcher. stop() releases all."""
+    """A running gateway: gRPC server, engine, batcher and membership. stop() releases all."""
 
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.engine = Engine(config)
         self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
+        self.membership = Membership(self.engine)
         counters = Counters()
         self.server, self.port, health = serving.create_server(
             config.address,
             [
-                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.engine, self.batcher, counters), s),
+                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+                    GatewayServicer(self.engine, self.batcher, counters, self.membership), s),
+                lambda s: gateway_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.membership), s),
                 lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.engine, self.batcher, counters), s),
             ],
             SERVICE_NAMES,
@@ -53,9 +58,11 @@ class Gateway:
         except BaseException:
             self.stop()
             raise
+        self.membership.start()
         serving.set_serving(health, SERVICE_NAMES)
 
     def stop(self) -> None:
+        self.membership.stop()
         self.server.stop(grace=2).wait()
         self.batcher.stop()
         self.engine.close()
@@ -64,7 +71,14 @@ class Gateway:
 def parse_args(argv=None) -> GatewayConfig:
     p = argparse.ArgumentParser(prog="moe-gateway", description="Serve a Switch Transformer whose experts run on expert servers.")
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
-    p.add_argument("--expert-servers", required=True, help="comma-separated host:port of the expert servers")
+    p.add_argument("--expert-servers", default="", help="comma-separated host:port of the expert servers")
+    p.add_argument("--expert-discovery", default="",
+                   help="NAME:PORT re-resolved every --membership-interval-s; each address is an expert server "
+                        "(a Kubernetes headless Service or compose service); new ones join")
+    p.add_argument("--membership-interval-s", type=float, default=1.0, help="period of discovery and the health watch")
+    p.add_argument("--evict-after-s", type=float, default=10.0,
+                   help="move an unreachable expert server's experts to the others after this long")
+    p.add_argument("--join-timeout-s", type=float, default=10.0, help="how long a joining expert server may take to be SERVING")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--model-name", default="switch", help="name clients use for the model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
@@ -100,6 +114,10 @@ def parse_args(argv=None) -> GatewayConfig:
         return GatewayConfig(
             model=a.model,
             expert_servers=[s.strip() for s in a.expert_servers.split(",") if s.strip()],
+            expert_discovery=a.expert_discovery,
+            membership_interval_s=a.membership_interval_s,
+            evict_after_s=a.evict_after_s,
+            join_timeout_s=a.join_timeout_s,
             cache_dir=a.cache_dir,
             model_name=a.model_name,
             host=a.host,
@@ -132,7 +150,7 @@ def main(argv=None) -> int:
     config = parse_args(argv)
     gateway = Gateway(config)
     log.info("gateway on %s:%d serving model %r (%s) with %d expert servers",
-             config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(config.expert_servers))
+             config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(gateway.engine.clients.addresses))
     serving.wait_for_termination()
     log.info("shutting down")
     gateway.stop()

@@ -43,10 +43,11 @@ def _sampling_from_pb(p: gateway_pb2.GenerationParameters) -> Sampling:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters):
+    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters, membership=None):
         self.engine = engine
         self.batcher = batcher
         self.counters = counters
+        self.membership = membership
 
     def _job(self, request: gateway_pb2.GenerateRequest, stream: bool) -> Job:
         e = self.engine
@@ -132,6 +133,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=e.clients.tokens_per_server()))
         for layer, row in zip(e.layers, view.home):
             reply.placement.add(layer=layer.index, name=layer.name, home_server=row)
+        if self.membership is not None:
+            reply.membership_changes.extend(change_message(c) for c in self.membership.changes)
         return reply
 
 
@@ -228,8 +231,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def _ready(self) -> bool:
         try:
-            for s in range(len(self.engine.config.expert_servers)):
-                self.engine.clients.info(s, timeout_s=1.0)
+            for address in self.engine.clients.view.addresses:
+                self.engine.clients.info(address, timeout_s=1.0)
             return True
         except Exception:  # noqa: BLE001 - not ready
             return False
@@ -335,3 +338,24 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                 reply.outputs.add(name=name, datatype="INT64", shape=list(out.shape))
                 reply.raw_output_contents.append(out.tobytes())
         return reply
+
+
+# ---------------------------------------------------------------------------
+# Membership (expert servers joining and leaving)
+# ---------------------------------------------------------------------------
+
+
+def change_message(change) -> gateway_pb2.MembershipChange:
+    return gateway_pb2.MembershipChange(servers=change.servers, experts_moved=change.experts_moved,
+                                        load_s=change.load_s, drain_s=change.drain_s, total_s=change.total_s)
+
+
+class MembershipServicer(gateway_pb2_grpc.MembershipServiceServicer):
+    def __init__(self, membership):
+        self.membership = membership
+
+    def AddExpertServer(self, request, context):
+        return change_message(self.membership.add(request.address))
+
+    def RemoveExpertServer(self, request, context):
+        return change_message(self.membership.remove(request.address.strip(), graceful=True))

@@ -27,6 +27,10 @@ class NotFound(MoEError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(MoEError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(MoEError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 

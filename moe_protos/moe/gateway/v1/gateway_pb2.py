@@ -24,39 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'moe_protos/moe/gateway/v1/gateway.proto\x12\x0emoe.gateway.v1\"\xdb\x01\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tdo_sample\x18\x02 \x01(\x08\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x98\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12+\n\ttoken_ids\x18\x03 \x03(\x0b\x32\x18.moe.gateway.v1.TokenIds\x12\x38\n\nparameters\x18\x04 \x01(\x0b\x32$.moe.gateway.v1.GenerationParameters\"Y\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_token_ns\x18\x02 \x01(\x03\x12\x10\n\x08total_ns\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"^\n\nGeneration\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x18\n\x10num_input_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"m\n\x10GenerateResponse\x12/\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1a.moe.gateway.v1.Generation\x12(\n\x07timings\x18\x02 \x01(\x0b\x32\x17.moe.gateway.v1.Timings\"\x9a\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\x08token_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x07timings\x18\x05 \x01(\x0b\x32\x17.moe.gateway.v1.TimingsB\x0b\n\t_token_id\"\x12\n\x10GetStatusRequest\"v\n\x12\x45xpertServerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x18\n\x10num_home_experts\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"B\n\x0eLayerPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bhome_server\x18\x03 \x03(\r\"\x8e\x03\n\x11GetStatusResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x33\n\x07servers\x18\x05 \x03(\x0b\x32\".moe.gateway.v1.ExpertServerStatus\x12\x31\n\tplacement\x18\x06 \x03(\x0b\x32\x1e.moe.gateway.v1.LayerPlacement\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x17\n\x0frequests_failed\x18\t \x01(\x04\x12\x12\n\nwire_dtype\x18\n \x01(\t\x12\x32\n\tpredictor\x18\x0b \x01(\x0b\x32\x1f.moe.gateway.v1.PredictorStatus\x12\x36\n\x0breplication\x18\x0c \x01(\x0b\x32!.moe.gateway.v1.ReplicationStatus\"\xfa\x02\n\x11ReplicationStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\r\n\x05plans\x18\x04 \x01(\x04\x12\x12\n\nkept_plans\x18\x05 \x01(\x04\x12\x18\n\x10replicas_planned\x18\x06 \x01(\r\x12\x16\n\x0ereplicas_ready\x18\x07 \x01(\r\x12\x19\n\x11prefetch_hit_rate\x18\x08 \x01(\x01\x12\x14\n\x0c\x62\x61lancedness\x18\t \x01(\x01\x12\x16\n\x0ereplica_tokens\x18\n \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x0b \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x0c \x01(\x04\x12\x17\n\x0fplanning_ms_p50\x18\r \x01(\x01\x12\x19\n\x11\x66orecast_makespan\x18\x0e \x01(\x01\x12\"\n\x1a\x66orecast_baseline_makespan\x18\x0f \x01(\x01\x12\x19\n\x11tokens_per_server\x18\x10 \x03(\x04\"\x82\x01\n\x0fPredictorStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x14\n\x0c\x66orecasts_ok\x18\x02 \x01(\x04\x12\x16\n\x0e\x66orecasts_late\x18\x03 \x01(\x04\x12\x18\n\x10\x66orecasts_failed\x18\x04 \x01(\x04\x12\x16\n\x0ereports_failed\x18\x05 \x01(\x04\x32\x8e\x02\n\x0eGatewayService\x12M\n\x08Generate\x12\x1f.moe.gateway.v1.GenerateRequest\x1a .moe.gateway.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.moe.gateway.v1.GenerateRequest\x1a&.moe.gateway.v1.GenerateStreamResponse0\x01\x12P\n\tGetStatus\x12 .moe.gateway.v1.GetStatusRequest\x1a!.moe.gateway.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'moe_protos/moe/gateway/v1/gateway.proto\x12\x0emoe.gateway.v1\")\n\x16\x41\x64\x64\x45xpertServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\",\n\x19RemoveExpertServerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"l\n\x10MembershipChange\x12\x0f\n\x07servers\x18\x01 \x03(\t\x12\x15\n\rexperts_moved\x18\x02 \x01(\r\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\x12\x0f\n\x07\x64rain_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xdb\x01\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tdo_sample\x18\x02 \x01(\x08\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x98\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12+\n\ttoken_ids\x18\x03 \x03(\x0b\x32\x18.moe.gateway.v1.TokenIds\x12\x38\n\nparameters\x18\x04 \x01(\x0b\x32$.moe.gateway.v1.GenerationParameters\"Y\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x03\x12\x16\n\x0e\x66irst_token_ns\x18\x02 \x01(\x03\x12\x10\n\x08total_ns\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"^\n\nGeneration\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x18\n\x10num_input_tokens\x18\x03 \x01(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"m\n\x10GenerateResponse\x12/\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1a.moe.gateway.v1.Generation\x12(\n\x07timings\x18\x02 \x01(\x0b\x32\x17.moe.gateway.v1.Timings\"\x9a\x01\n\x16GenerateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\x08token_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x07timings\x18\x05 \x01(\x0b\x32\x17.moe.gateway.v1.TimingsB\x0b\n\t_token_id\"\x12\n\x10GetStatusRequest\"v\n\x12\x45xpertServerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x18\n\x10num_home_experts\x18\x03 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"B\n\x0eLayerPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bhome_server\x18\x03 \x03(\r\"\xcc\x03\n\x11GetStatusResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0bnum_experts\x18\x04 \x01(\r\x12\x33\n\x07servers\x18\x05 \x03(\x0b\x32\".moe.gateway.v1.ExpertServerStatus\x12\x31\n\tplacement\x18\x06 \x03(\x0b\x32\x1e.moe.gateway.v1.LayerPlacement\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\x12\x16\n\x0erequests_total\x18\x08 \x01(\x04\x12\x17\n\x0frequests_failed\x18\t \x01(\x04\x12\x12\n\nwire_dtype\x18\n \x01(\t\x12\x32\n\tpredictor\x18\x0b \x01(\x0b\x32\x1f.moe.gateway.v1.PredictorStatus\x12\x36\n\x0breplication\x18\x0c \x01(\x0b\x32!.moe.gateway.v1.ReplicationStatus\x12<\n\x12membership_changes\x18\r \x03(\x0b\x32 .moe.gateway.v1.MembershipChange\"\xfa\x02\n\x11ReplicationStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x04\x12\r\n\x05plans\x18\x04 \x01(\x04\x12\x12\n\nkept_plans\x18\x05 \x01(\x04\x12\x18\n\x10replicas_planned\x18\x06 \x01(\r\x12\x16\n\x0ereplicas_ready\x18\x07 \x01(\r\x12\x19\n\x11prefetch_hit_rate\x18\x08 \x01(\x01\x12\x14\n\x0c\x62\x61lancedness\x18\t \x01(\x01\x12\x16\n\x0ereplica_tokens\x18\n \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x0b \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x0c \x01(\x04\x12\x17\n\x0fplanning_ms_p50\x18\r \x01(\x01\x12\x19\n\x11\x66orecast_makespan\x18\x0e \x01(\x01\x12\"\n\x1a\x66orecast_baseline_makespan\x18\x0f \x01(\x01\x12\x19\n\x11tokens_per_server\x18\x10 \x03(\x04\"\x82\x01\n\x0fPredictorStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x14\n\x0c\x66orecasts_ok\x18\x02 \x01(\x04\x12\x16\n\x0e\x66orecasts_late\x18\x03 \x01(\x04\x12\x18\n\x10\x66orecasts_failed\x18\x04 \x01(\x04\x12\x16\n\x0ereports_failed\x18\x05 \x01(\x04\x32\x8e\x02\n\x0eGatewayService\x12M\n\x08Generate\x12\x1f.moe.gateway.v1.GenerateRequest\x1a .moe.gateway.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.moe.gateway.v1.GenerateRequest\x1a&.moe.gateway.v1.GenerateStreamResponse0\x01\x12P\n\tGetStatus\x12 .moe.gateway.v1.GetStatusRequest\x1a!.moe.gateway.v1.GetStatusResponse2\xd3\x01\n\x11MembershipService\x12[\n\x0f\x41\x64\x64\x45xpertServer\x12&.moe.gateway.v1.AddExpertServerRequest\x1a .moe.gateway.v1.MembershipChange\x12\x61\n\x12RemoveExpertServer\x12).moe.gateway.v1.RemoveExpertServerRequest\x1a .moe.gateway.v1.MembershipChangeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_protos.moe.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATIONPARAMETERS']._serialized_start=60
-  _globals['_GENERATIONPARAMETERS']._serialized_end=279
-  _globals['_TOKENIDS']._serialized_start=281
-  _globals['_TOKENIDS']._serialized_end=304
-  _globals['_GENERATEREQUEST']._serialized_start=307
-  _globals['_GENERATEREQUEST']._serialized_end=459
-  _globals['_TIMINGS']._serialized_start=461
-  _globals['_TIMINGS']._serialized_end=550
-  _globals['_GENERATION']._serialized_start=552
-  _globals['_GENERATION']._serialized_end=646
-  _globals['_GENERATERESPONSE']._serialized_start=648
-  _globals['_GENERATERESPONSE']._serialized_end=757
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=760
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=914
-  _globals['_GETSTATUSREQUEST']._serialized_start=916
-  _globals['_GETSTATUSREQUEST']._serialized_end=934
-  _globals['_EXPERTSERVERSTATUS']._serialized_start=936
-  _globals['_EXPERTSERVERSTATUS']._serialized_end=1054
-  _globals['_LAYERPLACEMENT']._serialized_start=1056
-  _globals['_LAYERPLACEMENT']._serialized_end=1122
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1125
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1523
-  _globals['_REPLICATIONSTATUS']._serialized_start=1526
-  _globals['_REPLICATIONSTATUS']._serialized_end=1904
-  _globals['_PREDICTORSTATUS']._serialized_start=1907
-  _globals['_PREDICTORSTATUS']._serialized_end=2037
-  _globals['_GATEWAYSERVICE']._serialized_start=2040
-  _globals['_GATEWAYSERVICE']._serialized_end=2310
+  _globals['_ADDEXPERTSERVERREQUEST']._serialized_start=59
+  _globals['_ADDEXPERTSERVERREQUEST']._serialized_end=100
+  _globals['_REMOVEEXPERTSERVERREQUEST']._serialized_start=102
+  _globals['_REMOVEEXPERTSERVERREQUEST']._serialized_end=146
+  _globals['_MEMBERSHIPCHANGE']._serialized_start=148
+  _globals['_MEMBERSHIPCHANGE']._serialized_end=256
+  _globals['_GENERATIONPARAMETERS']._serialized_start=259
+  _globals['_GENERATIONPARAMETERS']._serialized_end=478
+  _globals['_TOKENIDS']._serialized_start=480
+  _globals['_TOKENIDS']._serialized_end=503
+  _globals['_GENERATEREQUEST']._serialized_start=506
+  _globals['_GENERATEREQUEST']._serialized_end=658
+  _globals['_TIMINGS']._serialized_start=660
+  _globals['_TIMINGS']._serialized_end=749
+  _globals['_GENERATION']._serialized_start=751
+  _globals['_GENERATION']._serialized_end=845
+  _globals['_GENERATERESPONSE']._serialized_start=847
+  _globals['_GENERATERESPONSE']._serialized_end=956
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=959
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1113
+  _globals['_GETSTATUSREQUEST']._serialized_start=1115
+  _globals['_GETSTATUSREQUEST']._serialized_end=1133
+  _globals['_EXPERTSERVERSTATUS']._serialized_start=1135
+  _globals['_EXPERTSERVERSTATUS']._serialized_end=1253
+  _globals['_LAYERPLACEMENT']._serialized_start=1255
+  _globals['_LAYERPLACEMENT']._serialized_end=1321
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1324
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1784
+  _globals['_REPLICATIONSTATUS']._serialized_start=1787
+  _globals['_REPLICATIONSTATUS']._serialized_end=2165
+  _globals['_PREDICTORSTATUS']._serialized_start=2168
+  _globals['_PREDICTORSTATUS']._serialized_end=2298
+  _globals['_GATEWAYSERVICE']._serialized_start=2301
+  _globals['_GATEWAYSERVICE']._serialized_end=2571
+  _globals['_MEMBERSHIPSERVICE']._serialized_start=2574
+  _globals['_MEMBERSHIPSERVICE']._serialized_end=2785
 # @@protoc_insertion_point(module_scope)

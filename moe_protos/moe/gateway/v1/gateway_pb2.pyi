@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AddExpertServerRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class RemoveExpertServerRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class MembershipChange(_message.Message):
+    __slots__ = ("servers", "experts_moved", "load_s", "drain_s", "total_s")
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    experts_moved: int
+    load_s: float
+    drain_s: float
+    total_s: float
+    def __init__(self, servers: _Optional[_Iterable[str]] = ..., experts_moved: _Optional[int] = ..., load_s: _Optional[float] = ..., drain_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+
 class GenerationParameters(_message.Message):
     __slots__ = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -115,7 +141,7 @@ class LayerPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., name: _Optional[str] = ..., home_server: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication")
+    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication", "membership_changes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +154,7 @@ class GetStatusResponse(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_CHANGES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     model_id: str
@@ -140,7 +167,8 @@ class GetStatusResponse(_message.Message):
     wire_dtype: str
     predictor: PredictorStatus
     replication: ReplicationStatus
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ...) -> None: ...
+    membership_changes: _containers.RepeatedCompositeFieldContainer[MembershipChange]
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ..., membership_changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ...) -> None: ...
 
 class ReplicationStatus(_message.Message):
     __slots__ = ("mode", "policy", "batches", "plans", "kept_plans", "replicas_planned", "replicas_ready", "prefetch_hit_rate", "balancedness", "replica_tokens", "bytes_moved", "failures", "planning_ms_p50", "forecast_makespan", "forecast_baseline_makespan", "tokens_per_server")

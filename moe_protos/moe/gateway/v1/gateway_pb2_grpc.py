@@ -191,3 +191,137 @@ class GatewayService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MembershipServiceStub:
+    """Expert servers joining and leaving the running gateway (gateway/membership.py).
+    A change loads the experts that move on their new home servers first, then moves
+    traffic, then drains the old placement: requests in flight do not fail. Changes
+    run one at a time; a call waits until its change is done.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddExpertServer = channel.unary_unary(
+                '/moe.gateway.v1.MembershipService/AddExpertServer',
+                request_serializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.AddExpertServerRequest.SerializeToString,
+                response_deserializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.MembershipChange.FromString,
+                _registered_method=True)
+        self.RemoveExpertServer = channel.unary_unary(
+                '/moe.gateway.v1.MembershipService/RemoveExpertServer',
+                request_serializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.RemoveExpertServerRequest.SerializeToString,
+                response_deserializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.MembershipChange.FromString,
+                _registered_method=True)
+
+
+class MembershipServiceServicer:
+    """Expert servers joining and leaving the running gateway (gateway/membership.py).
+    A change loads the experts that move on their new home servers first, then moves
+    traffic, then drains the old placement: requests in flight do not fail. Changes
+    run one at a time; a call waits until its change is done.
+    """
+
+    def AddExpertServer(self, request, context):
+        """Adds an expert server (it must be SERVING and run the gateway's model) and
+        moves its share of home experts to it. Errors: ALREADY_EXISTS when it is a
+        member, UNAVAILABLE when it does not answer, FAILED_PRECONDITION when it runs
+        another model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveExpertServer(self, request, context):
+        """Removes an expert server gracefully: its home experts move to the others,
+        then traffic stops reaching it, then it is told to hold nothing. Errors:
+        NOT_FOUND when it is not a member, FAILED_PRECONDITION for the last member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MembershipServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddExpertServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddExpertServer,
+                    request_deserializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.AddExpertServerRequest.FromString,
+                    response_serializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.MembershipChange.SerializeToString,
+            ),
+            'RemoveExpertServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveExpertServer,
+                    request_deserializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.RemoveExpertServerRequest.FromString,
+                    response_serializer=moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.MembershipChange.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moe.gateway.v1.MembershipService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moe.gateway.v1.MembershipService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MembershipService:
+    """Expert servers joining and leaving the running gateway (gateway/membership.py).
+    A change loads the experts that move on their new home servers first, then moves
+    traffic, then drains the old placement: requests in flight do not fail. Changes
+    run one at a time; a call waits until its change is done.
+    """
+
+    @staticmethod
+    def AddExpertServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.gateway.v1.MembershipService/AddExpertServer',
+            moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.AddExpertServerRequest.SerializeToString,
+            moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.MembershipChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveExpertServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.gateway.v1.MembershipService/RemoveExpertServer',
+            moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.RemoveExpertServerRequest.SerializeToString,
+            moe__protos_dot_moe_dot_gateway_dot_v1_dot_gateway__pb2.MembershipChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
