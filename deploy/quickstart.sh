@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test]"
-PYTHON=.venv/bin/python exec deploy/local.sh --demo "$@"
+PYTHON=.venv/bin/python exec deploy/local/run.sh --demo "$@"

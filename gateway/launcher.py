@@ -1,6 +1,11 @@
 """moe-serve: start a whole stack on this machine as separate OS processes.
 
     moe-serve --model tiny --expert-servers 2 --port 50051
+    moe-serve --config deploy/local/stack.yaml          # the same flags as a YAML file
+
+While it runs, `kill -USR1 <pid>` adds an expert server (it joins the gateway with
+--register-with) and `kill -USR2 <pid>` removes the newest one (it drains: the
+gateway moves its experts away before it exits); requests keep being served.
 
 Starts N expert servers and the gateway on loopback, waits until each answers
 SERVING on its health service, prints the gateway address, and on Ctrl-C or
@@ -146,10 +151,12 @@ def _demo(address: str, tls: TlsConfig) -> None:
           f"({reply.timings.total_ns / 1e6:.0f} ms; a random-init preset writes gibberish)", flush=True)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
-    p.add_argument("--expert-servers", type=int, default=2, help="number of expert server processes")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML file of these options (keys as the flags, without --); flags given here win")
+    p.add_argument("--model", help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
+    p.add_argument("--expert-servers", type=int, default=2, help="number of expert server processes at start")
     p.add_argument("--port", type=int, default=50051, help="gateway port")
     p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
@@ -168,15 +175,78 @@ def main(argv=None) -> int:
     p.add_argument("--demo", action="store_true", help="send one request once the stack is up and print the reply")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, with defaults from --config's YAML file when given."""
+    p = build_parser()
     a = p.parse_args(argv)
+    if a.config is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(a.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            p.error(f"--config {a.config}: {exc}")
+        if not isinstance(loaded, dict):
+            p.error(f"--config {a.config}: expected a mapping of option: value")
+        known = {action.dest for action in p._actions} - {"help", "config"}
+        values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            p.error(f"--config {a.config}: unknown options {unknown}; known: {sorted(known)}")
+        p.set_defaults(**values)
+        a = p.parse_args(argv)
+    if not a.model:
+        p.error("--model is required (as a flag or in --config)")
+    if a.expert_servers < 1:
+        p.error("--expert-servers must be >= 1")
+    return a
+
+
+class Supervisor:
+    """Adds and removes expert server processes of a running stack (SIGUSR1 / SIGUSR2)."""
+
+    def __init__(self, stack: Stack, model_path: Path, host: str, expert_args: list[str], tls_config: TlsConfig):
+        self.stack = stack
+        self.model_path = model_path
+        self.host = host
+        self.expert_args = expert_args
+        self.tls = tls_config
+        self.experts = list(zip(stack.processes[:len(stack.expert_addresses)], stack.expert_addresses))
+        self.leaving: list[subprocess.Popen] = []  # told to stop; their exit is expected
+
+    def add(self) -> None:
+        port = serving.pick_free_port(self.host)
+        address = f"{self.host}:{port}"
+        proc = spawn_expert_server(self.model_path, self.host, port,
+                                   [*self.expert_args, "--register-with", self.stack.gateway_address, *self.tls.args()])
+        self.stack.processes.append(proc)
+        self.experts.append((proc, address))
+        log.info("adding expert server %s (pid %d); it joins the gateway once loaded", address, proc.pid)
+
+    def remove(self) -> None:
+        if len(self.experts) <= 1:
+            log.warning("not removing the last expert server")
+            return
+        proc, address = self.experts.pop()
+        self.leaving.append(proc)
+        log.info("removing expert server %s (pid %d); it drains first", address, proc.pid)
+        proc.terminate()
+
+    def dead(self) -> list[subprocess.Popen]:
+        """Children that exited without being told to."""
+        return [p for p in self.stack.processes if p.poll() is not None and p not in self.leaving]
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     serving.configure_logging(a.log_level)
     try:
         tls_config = tls.from_args(a)
     except ValueError as exc:
-        p.error(str(exc))
-
-    if a.expert_servers < 1:
-        p.error("--expert-servers must be >= 1")
+        build_parser().error(str(exc))
 
     def interrupt(*_):
         raise KeyboardInterrupt  # while starting: unwind start_stack, which stops what it started
@@ -187,31 +257,39 @@ def main(argv=None) -> int:
     # (benchmarks/forward_throughput.py --expert-threads measures the difference).
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
+    expert_args = ["--device", a.device, "--log-level", a.log_level, "--threads", str(threads),
+                   "--replica-memory", str(a.replica_memory)]
     try:
         stack = start_stack(
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
             gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
                           "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
                           "--replication", a.replication, "--replica-policy", a.replica_policy],
-            expert_args=["--device", a.device, "--log-level", a.log_level, "--threads", str(threads),
-                         "--replica-memory", a.replica_memory],
+            expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
         return 130
+    supervisor = Supervisor(stack, model_source.resolve(a.model, a.cache_dir).path, a.host, expert_args, tls_config)
     stop = threading.Event()
+    requests: list[str] = []  # "add" / "remove", handled by the loop below rather than in the handler
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: requests.append("add"))
+    signal.signal(signal.SIGUSR2, lambda *_: requests.append("remove"))
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
         if stack.predictor_address:
             print(f"predictor: {stack.predictor_address}", flush=True)
+        print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
         if a.demo:
             _demo(stack.gateway_address, tls_config)
         while not stop.wait(0.5):
-            dead = [proc for proc in stack.processes if proc.poll() is not None]
+            while requests:
+                getattr(supervisor, requests.pop(0))()
+            dead = supervisor.dead()
             if dead:
                 log.error("a child process exited (%s, code %s); stopping the stack", dead[0].args[2], dead[0].returncode)
                 return 1

@@ -107,8 +107,9 @@ def test_names_labels_and_ports_agree():
     assert hpa["spec"]["scaleTargetRef"]["name"] == "moe-expert"
 
     gateway = gateway_args(workloads["moe-gateway"]["spec"]["template"]["spec"]["containers"][0]["args"][1:])
-    replicas = experts["spec"]["replicas"]
-    assert gateway.expert_servers == [f"moe-expert-{i}.moe-expert:{ports['moe-expert']}" for i in range(replicas)]
+    assert gateway.expert_discovery == f"moe-expert:{ports['moe-expert']}" and not gateway.expert_servers
+    server = expert_args(experts["spec"]["template"]["spec"]["containers"][0]["args"][1:])
+    assert experts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > server.drain_timeout_s
     assert gateway.predictor == f"moe-predictor:{ports['moe-predictor']}"
 
 
@@ -146,10 +147,13 @@ def test_compose_waits_on_health():
         port = service["command"][service["command"].index("--port") + 1]
         assert test[4] == f"127.0.0.1:{port}"
     gateway = services["gateway"]
-    assert set(gateway["depends_on"]) == {"expert-0", "expert-1", "predictor"}
+    assert set(gateway["depends_on"]) == {"expert", "predictor"}
     assert all(v == {"condition": "service_healthy"} for v in gateway["depends_on"].values())
-    listed = gateway_args(gateway["command"][1:]).expert_servers
-    assert listed == ["expert-0:50061", "expert-1:50061"]
+    # Scalable with --scale expert=N: found by its service name, drained within the grace period.
+    assert gateway_args(gateway["command"][1:]).expert_discovery == "expert:50061"
+    server = expert_args(services["expert"]["command"][1:])
+    assert int(services["expert"]["stop_grace_period"].rstrip("s")) > server.drain_timeout_s
+    assert "container_name" not in services["expert"] and "ports" not in services["expert"]
     assert gateway["ports"] == ["127.0.0.1:50051:50051"]
 
 
@@ -162,6 +166,6 @@ def test_healthcheck_command(tiny):
     assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
 
 
-@pytest.mark.parametrize("script", ["local.sh", "quickstart.sh"])
+@pytest.mark.parametrize("script", ["local/run.sh", "quickstart.sh"])
 def test_shell_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(ROOT / "deploy" / script)]).returncode == 0
