@@ -43,6 +43,8 @@ class DispatchStats:
     dispatch_ns: int = 0  # wall time inside RemoteExperts.forward
     rpc_wall_ns: int = 0  # from encoding the first request to decoding the last reply, per layer
     server_compute_ns: int = 0  # max over servers of their compute, per layer (the critical path)
+    server_compute_mean_ns: float = 0.0  # mean over the view's servers (idle ones count 0), per layer
+    compute_by_server: dict[str, int] = field(default_factory=dict)  # address -> compute ns reported
     server_codec_ns: int = 0  # max over servers of their tensor codec time, per layer
     gateway_codec_ns: int = 0  # encoding requests and decoding replies in the gateway
     # Keyed by address, not index: servers join and leave (gateway/membership.py).
@@ -171,6 +173,11 @@ class ExpertClients:
         with self._stats_lock:
             return [self.stats.tokens_by_server.get(a, 0) for a in self.view.addresses]
 
+    def compute_per_server(self) -> list[int]:
+        """Expert compute (ns) each current server reported so far, in view order."""
+        with self._stats_lock:
+            return [self.stats.compute_by_server.get(a, 0) for a in self.view.addresses]
+
     def close(self) -> None:
         for address in list(self._channels):
             self.close_channel(address)
@@ -282,6 +289,7 @@ class ExpertClients:
         outputs: dict[int, list[tuple[int, torch.Tensor]]] = {}  # expert -> [(first token, rows)]
         compute = codec = received = 0
         decode_ns = 0
+        compute_of: dict[int, int] = {}
         try:
             for server, call in calls.items():
                 try:
@@ -297,6 +305,7 @@ class ExpertClients:
                     self.reassign(view, server)
                     return self._run_layer(view, layer, hidden, token_lists, retry=False)
                 compute = max(compute, reply.compute_ns)
+                compute_of[server] = reply.compute_ns
                 codec = max(codec, reply.codec_ns)
                 received += len(reply.outputs.data)
                 td = time.perf_counter_ns()
@@ -322,6 +331,10 @@ class ExpertClients:
             st.bytes_received += received
             st.rpc_wall_ns += t1 - t0
             st.server_compute_ns += compute
+            st.server_compute_mean_ns += sum(compute_of.values()) / len(view.addresses)
+            for server, ns in compute_of.items():
+                address = view.addresses[server]
+                st.compute_by_server[address] = st.compute_by_server.get(address, 0) + ns
             st.server_codec_ns += codec
             st.gateway_codec_ns += (t_sent - t0) + decode_ns
             for server, load in enumerate(layer_loads):

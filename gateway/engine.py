@@ -138,6 +138,7 @@ class Engine:
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
+        self.forward_ns = 0  # wall time of generate_batch / forward_logits, summed (GetStatus)
         self.observer: PassObserver | None = None
         self.replicas: ReplicaManager | None = None
         if config.predictor or config.record_traces or config.replication != "off":
@@ -267,7 +268,11 @@ class Engine:
                 torch.seed()
         else:
             kwargs.update(do_sample=False)
-        self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        t0 = time.perf_counter_ns()
+        try:
+            self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.forward_ns += time.perf_counter_ns() - t0
         return streamer.rows
 
     @torch.inference_mode()

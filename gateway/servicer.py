@@ -111,8 +111,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         )
         healthy = True
         view = e.clients.view
+        tokens, compute = e.clients.tokens_per_server(), e.clients.compute_per_server()
         for s, address in enumerate(view.addresses):
-            status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in view.home))
+            status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in view.home),
+                                       tokens=tokens[s], compute_ns=compute[s])
             try:
                 info = e.clients.info(address, timeout_s=2.0)
                 status.healthy = True
@@ -133,6 +135,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=e.clients.tokens_per_server()))
         for layer, row in zip(e.layers, view.home):
             reply.placement.add(layer=layer.index, name=layer.name, home_server=row)
+        st = e.clients.stats
+        reply.expert_path.CopyFrom(gateway_pb2.ExpertPathStats(
+            layer_calls=st.calls, rpcs=st.rpcs, tokens=st.tokens, bytes_sent=st.bytes_sent,
+            bytes_received=st.bytes_received, forward_ns=e.forward_ns, dispatch_ns=st.dispatch_ns,
+            rpc_wall_ns=st.rpc_wall_ns, compute_max_ns=st.server_compute_ns,
+            compute_mean_ns=int(st.server_compute_mean_ns), gateway_codec_ns=st.gateway_codec_ns,
+            server_codec_ns=st.server_codec_ns))
         if self.membership is not None:
             reply.membership_changes.extend(change_message(c) for c in self.membership.changes)
         return reply

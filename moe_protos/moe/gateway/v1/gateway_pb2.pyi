@@ -117,18 +117,50 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertServerStatus(_message.Message):
-    __slots__ = ("address", "healthy", "num_home_experts", "weight_bytes", "device")
+    __slots__ = ("address", "healthy", "num_home_experts", "weight_bytes", "device", "tokens", "compute_ns")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_HOME_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     address: str
     healthy: bool
     num_home_experts: int
     weight_bytes: int
     device: str
-    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_home_experts: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    tokens: int
+    compute_ns: int
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_home_experts: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., tokens: _Optional[int] = ..., compute_ns: _Optional[int] = ...) -> None: ...
+
+class ExpertPathStats(_message.Message):
+    __slots__ = ("layer_calls", "rpcs", "tokens", "bytes_sent", "bytes_received", "forward_ns", "dispatch_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "gateway_codec_ns", "server_codec_ns")
+    LAYER_CALLS_FIELD_NUMBER: _ClassVar[int]
+    RPCS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_NS_FIELD_NUMBER: _ClassVar[int]
+    RPC_WALL_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MAX_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MEAN_NS_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_CODEC_NS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_CODEC_NS_FIELD_NUMBER: _ClassVar[int]
+    layer_calls: int
+    rpcs: int
+    tokens: int
+    bytes_sent: int
+    bytes_received: int
+    forward_ns: int
+    dispatch_ns: int
+    rpc_wall_ns: int
+    compute_max_ns: int
+    compute_mean_ns: int
+    gateway_codec_ns: int
+    server_codec_ns: int
+    def __init__(self, layer_calls: _Optional[int] = ..., rpcs: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., forward_ns: _Optional[int] = ..., dispatch_ns: _Optional[int] = ..., rpc_wall_ns: _Optional[int] = ..., compute_max_ns: _Optional[int] = ..., compute_mean_ns: _Optional[int] = ..., gateway_codec_ns: _Optional[int] = ..., server_codec_ns: _Optional[int] = ...) -> None: ...
 
 class LayerPlacement(_message.Message):
     __slots__ = ("layer", "name", "home_server")
@@ -141,7 +173,7 @@ class LayerPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., name: _Optional[str] = ..., home_server: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication", "membership_changes")
+    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication", "membership_changes", "expert_path")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +187,7 @@ class GetStatusResponse(_message.Message):
     PREDICTOR_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PATH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     model_id: str
@@ -168,7 +201,8 @@ class GetStatusResponse(_message.Message):
     predictor: PredictorStatus
     replication: ReplicationStatus
     membership_changes: _containers.RepeatedCompositeFieldContainer[MembershipChange]
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ..., membership_changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ...) -> None: ...
+    expert_path: ExpertPathStats
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ..., membership_changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ..., expert_path: _Optional[_Union[ExpertPathStats, _Mapping]] = ...) -> None: ...
 
 class ReplicationStatus(_message.Message):
     __slots__ = ("mode", "policy", "batches", "plans", "kept_plans", "replicas_planned", "replicas_ready", "prefetch_hit_rate", "balancedness", "replica_tokens", "bytes_moved", "failures", "planning_ms_p50", "forecast_makespan", "forecast_baseline_makespan", "tokens_per_server")
