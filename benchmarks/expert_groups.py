@@ -24,14 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from expert_server.experts import ExpertStore  # noqa: E402
+from moe_bench.efficiency import zipf_split  # noqa: E402
 from moe_common import model_source  # noqa: E402
-
-
-def zipf_split(tokens: int, experts: int, s: float = 1.0) -> list[int]:
-    weights = [1 / (i + 1) ** s for i in range(experts)]
-    counts = [max(1, int(tokens * w / sum(weights))) for w in weights]
-    counts[0] += tokens - sum(counts)
-    return counts
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from gateway.launcher import spawn_expert_server, start_stack  # noqa: E402
 from moe_common import model_source, serving  # noqa: E402
+from moe_common.batching import generated_rows  # noqa: E402
 from moe_common.corpus import stdlib_documents  # noqa: E402
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 
@@ -43,13 +44,9 @@ def reference_outputs(source, prompts: list[list[int]], max_new_tokens: int) -> 
     from transformers import SwitchTransformersForConditionalGeneration
 
     model = SwitchTransformersForConditionalGeneration.from_pretrained(source.path).eval()
-    eos = model.config.eos_token_id
-    out = []
     with torch.inference_mode():
-        for ids in prompts:
-            row = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()[1:]
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
+        return [generated_rows(model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                                              do_sample=False), model.config.eos_token_id)[0] for ids in prompts]
 
 
 class Load:

@@ -44,6 +44,9 @@ class ExpertServerConfig:
     # On SIGTERM: NOT_SERVING, then serve on until the gateway moved the home experts
     # away (it is given none), at most this long.
     drain_timeout_s: float = 60.0
+    # ...but stop sooner once no call has arrived for this long: no gateway is using the
+    # server (the gateway's health watch calls every --membership-interval-s, 1 s).
+    drain_quiet_s: float = 2.5
     preload: list[tuple[int, int]] = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -63,8 +66,8 @@ class ExpertServerConfig:
             raise ValueError(f"--shard {self.shard[0]}/{self.shard[1]}: need 0 <= index < count")
         if self.experts and self.shard is not None:
             raise ValueError("give --experts or --shard, not both")
-        if self.drain_timeout_s < 0:
-            raise ValueError("--drain-timeout-s must be >= 0")
+        if self.drain_timeout_s < 0 or self.drain_quiet_s < 0:
+            raise ValueError("--drain-timeout-s and --drain-quiet-s must be >= 0")
         if self.register_with and ":" not in self.register_with:
             raise ValueError(f"--register-with must be host:port, not {self.register_with!r}")
         if self.experts not in ("", "all"):

@@ -54,12 +54,14 @@ class ExpertServer:
         source = model_source.resolve(config.model, config.cache_dir)
         self.store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
         self.servicer = ExpertServicer(self.store, config.tls)
+        self.activity = serving.ActivityInterceptor()
         self.server, self.port, self.health = serving.create_server(
             config.address,
             [lambda s: expert_pb2_grpc.add_ExpertServiceServicer_to_server(self.servicer, s)],
             [SERVICE_NAME],
             max_workers=config.max_workers,
             tls=config.tls,
+            interceptors=[self.activity],
         )
         try:
             self.store.assign(initial_experts(config, self.store))
@@ -80,7 +82,8 @@ class ExpertServer:
     def drain(self) -> None:
         """Shut down without failing requests: say NOT_SERVING (draining), ask the gateway to
         move our home experts away (or wait for its health watch to), and serve until we hold
-        none or the drain timeout passes."""
+        none, or nobody has called for drain_quiet_s (no gateway is watching: it stopped
+        first, or never used us), or the drain timeout passes."""
         self.servicer.draining.set()
         serving.set_serving(self.health, [SERVICE_NAME], serving=False)
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -93,6 +96,9 @@ class ExpertServer:
             except grpc.RpcError as err:
                 log.warning("leaving gateway %s: %s: %s", self.config.register_with, err.code().name, err.details())
         while self.store.home() and time.monotonic() < deadline:
+            if time.monotonic() - self.activity.last_call > self.config.drain_quiet_s:
+                log.info("no calls for %.1f s: no gateway is using this server; stopping", self.config.drain_quiet_s)
+                return
             time.sleep(0.1)
         if self.store.home():
             log.warning("drain timeout: stopping with %d home experts still assigned", len(self.store.home()))
@@ -120,6 +126,8 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--advertise", default="", help="host:port the gateway should call (default: --host:--port)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0,
                    help="on SIGTERM, serve on until the gateway moved our experts away, at most this long")
+    p.add_argument("--drain-quiet-s", type=float, default=2.5,
+                   help="...or until no call (health checks included) arrived for this long")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
     a = p.parse_args(argv)
@@ -147,6 +155,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             register_with=a.register_with,
             advertise=a.advertise,
             drain_timeout_s=a.drain_timeout_s,
+            drain_quiet_s=a.drain_quiet_s,
             tls=tls.from_args(a),
         )
     except ValueError as exc:

@@ -32,6 +32,28 @@ log = logging.getLogger(__name__)
 MODES = ("off", "reactive", "window", "predictive")
 
 
+def planning_loads(mode: str, history: list[np.ndarray], forecast: dict[int, np.ndarray] | None, batch: int,
+                   window: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """The loads [L, E] to plan batch number `batch` (1-based) from, or None to keep the
+    current replicas. history: actual loads [L, E] of the previous batches, oldest first;
+    forecast: layer -> expected load [E] of this batch (predictive only). Pure: the
+    gateway and the simulator (moe_bench/simulator.py) both plan with it."""
+    if mode == "off" or (not history and not (mode == "predictive" and forecast)):
+        return None
+    if mode == "window" and (batch - 1) % window != 0:
+        return None
+    if not history:
+        loads = np.zeros(shape)  # predictive, first batch: the forecast is all there is
+    elif mode == "window":
+        loads = np.mean(history[-window:], axis=0)
+    else:
+        loads = history[-1].copy()
+    if mode == "predictive" and forecast:
+        for layer, load in forecast.items():
+            loads[layer] = load
+    return loads
+
+
 class ReplicaManager:
     def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02):
         if mode not in MODES:
@@ -64,19 +86,9 @@ class ReplicaManager:
             self._history.append(self._current)
         self._current = np.zeros_like(self._current)
         self.batches += 1
-        if self.mode == "off" or (not self._history and not (self.mode == "predictive" and forecast)):
+        loads = planning_loads(self.mode, list(self._history), forecast, self.batches, self.window, self._current.shape)
+        if loads is None:
             return
-        if self.mode == "window" and (self.batches - 1) % self.window != 0:
-            return
-        if not self._history:
-            loads = np.zeros_like(self._current)  # predictive, first batch: the forecast is all there is
-        elif self.mode == "window":
-            loads = np.mean(self._history, axis=0)
-        else:
-            loads = self._history[-1].copy()
-        if self.mode == "predictive" and forecast:
-            for layer, load in forecast.items():
-                loads[layer] = load
         view = self.clients.view  # servers may join or leave meanwhile: plan for one membership
         t0 = time.perf_counter()
         plan = plan_replicas(loads.tolist(), view.home, view.slots, policy=self.clients.policy,

@@ -14,3 +14,13 @@ def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, t
         input_ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return input_ids, mask
+
+
+def generated_rows(output: torch.Tensor, eos_token_id: int) -> list[list[int]]:
+    """HF generate() output [B, 1 + T] -> each row's generated ids as the gateway reports
+    them: without the decoder start token, ending at EOS (HF pads rows that finished early)."""
+    rows = []
+    for row in output.tolist():
+        ids = row[1:]
+        rows.append(ids[: ids.index(eos_token_id) + 1] if eos_token_id in ids else ids)
+    return rows

@@ -32,6 +32,17 @@ def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+class ActivityInterceptor(grpc.ServerInterceptor):
+    """Notes when the last call of any method (health checks included) arrived."""
+
+    def __init__(self):
+        self.last_call = time.monotonic()
+
+    def intercept_service(self, continuation, handler_call_details):
+        self.last_call = time.monotonic()
+        return continuation(handler_call_details)
+
+
 def create_server(
     address: str,
     register: Iterable[Callable[[grpc.Server], None]],
@@ -39,6 +50,7 @@ def create_server(
     max_workers: int = 16,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: TlsConfig = PLAINTEXT,
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a server on `address` ("host:port", port 0 = any free one).
 
@@ -47,7 +59,7 @@ def create_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[ErrorMappingInterceptor()],
+        interceptors=[*interceptors, ErrorMappingInterceptor()],
         # Without so_reuseport=0 a second server binds a port already in use and the two
         # silently split the traffic (e.g. a stack started twice on one port).
         options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.launcher import spawn_expert_server, spawn_gateway, wait_ready
 from moe_common import model_source
+from moe_common.batching import generated_rows
 from moe_common.serving import message_options, pick_free_port
 
 HOST = "127.0.0.1"
@@ -32,14 +33,8 @@ def reference(tiny):
 
 
 def generated_ids(model, output) -> list[list[int]]:
-    """HF generate() output [B, 1 + T] -> the ids the gateway reports per row: without the
-    decoder start token, and ending at EOS (HF pads rows that finished early)."""
-    eos = model.config.eos_token_id
-    rows = []
-    for row in output.tolist():
-        ids = row[1:]
-        rows.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
-    return rows
+    """HF generate() output [B, 1 + T] -> the ids the gateway reports per row."""
+    return generated_rows(output, model.config.eos_token_id)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -65,6 +60,9 @@ def expert_servers(source, count: int, args=None):
             wait_ready(proc, address, 120)
         yield addresses, procs
     finally:
+        for proc in procs:  # all at once: each may drain for a moment
+            if proc.poll() is None:
+                proc.terminate()
         for proc in procs:
             stop(proc)
 

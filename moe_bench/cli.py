@@ -1,0 +1,473 @@
+"""moe-bench: one command for every performance figure of the README.
+
+    moe-bench --model base-e64-l4 --expert-servers 2,4 --json bench.json --plots docs/bench --readme README.md
+
+In one run, on real processes started and stopped here:
+  1. the single-process HF model (`monolithic`) serves the workload, one batch at a time;
+  2. for each expert-server count (the first one makes the main table; the others are
+     for validating the simulator) and each replication mode, a gateway over those
+     servers serves the same requests: tokens/s (prefill, decode, total), latency
+     p50/p99, balancedness, each server's busy share, where the time goes, weights
+     moved, prefetch hits, and whether every output equals the single-process model's;
+  3. one expert server in mode off (the disaggregation overhead);
+  4. expert compute efficiency: the expert path's FLOP/s on a routed batch against one
+     dense matmul of the same FLOPs;
+  5. the simulator (moe_bench/simulator.py) replays the recorded routing: validated
+     against every measured (servers, mode), then projected to --simulate-servers.
+Without --predictor-checkpoint it first records routing on the corpus's first
+--train-docs documents and trains the forecaster on them; the benchmark uses only the
+documents after those, so the forecaster never sees the benchmark text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from moe_bench import report, simulator
+from moe_bench.workload import Monolithic, Workload, drive, make_requests, summarize
+from moe_common import model_source
+
+log = logging.getLogger("moe-bench")
+MODES = ("off", "reactive", "window", "predictive")
+HOST = "127.0.0.1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="base-e32-l4", help="checkpoint directory, hub id or preset")
+    p.add_argument("--expert-servers", default="2",
+                   help="expert servers: N, or N,M,... (the first makes the main table; all validate the simulator)")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="text file, one document per line (default: the standard library's docstrings)")
+    p.add_argument("--modes", default=",".join(MODES), help="replication modes to run, comma-separated")
+    p.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
+    p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
+    p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
+    p.add_argument("--readme", type=Path, default=None, help="replace the README's moe-bench section with the report")
+    g = p.add_argument_group("workload")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per request (one request = one batch)")
+    g.add_argument("--prompt-tokens", type=int, default=128)
+    g.add_argument("--new-tokens", type=int, default=8)
+    g.add_argument("--clients", type=int, default=2, help="concurrent closed-loop clients")
+    g.add_argument("--requests", type=int, default=12, help="measured requests per configuration")
+    g.add_argument("--warmup", type=int, default=2, help="requests before measuring")
+    g = p.add_argument_group("replication and forecasts")
+    g.add_argument("--predictor-checkpoint", type=Path, default=None,
+                   help="trained forecaster; without it one is trained on the first --train-docs documents")
+    g.add_argument("--train-docs", type=int, default=200, help="documents for training the forecaster (and not benchmarked)")
+    g.add_argument("--replica-memory", default="160MB", help="replica memory per expert server")
+    g.add_argument("--policy", default="whole", choices=["whole", "split"])
+    g.add_argument("--window", type=int, default=4, help="batches per plan in window mode")
+    g = p.add_argument_group("simulator")
+    g.add_argument("--simulate-servers", default="8,16,64", help="server counts to project (empty: none)")
+    g.add_argument("--gpu-costs", type=Path, default=None,
+                   help="JSON of expert costs measured on a GPU (benchmarks/gpu_costs.py) for the projection")
+    g.add_argument("--no-one-server", action="store_true", help="skip the one-expert-server run")
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--work-dir", type=Path, default=None, help="traces and the trained forecaster (default: a temp dir)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    cores = os.cpu_count() or 1
+    mem = psutil.virtual_memory().total / 2**30
+    return dict(cores=cores, memory_gib=round(mem, 1), gpu=gpu, python=platform.python_version(), torch=torch.__version__,
+                description=f"{platform.machine()} Linux, {cores} cores, {mem:.0f} GiB, {gpu}, torch {torch.__version__}")
+
+
+def documents(corpus: Path | None) -> list[str]:
+    if corpus is None:
+        from moe_common.corpus import stdlib_documents
+
+        return stdlib_documents()
+    return [line.strip() for line in corpus.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
+    """Record routing on the training documents and train the forecaster on it."""
+    from moe_common.traces import load_manifest, read_passes
+    from predictor_service import forecaster
+    from predictor_service.collect import collect
+
+    traces = work / "train-traces"
+    log.info("no --predictor-checkpoint: recording routing on documents 0..%d and training the forecaster", len(docs) - 1)
+    collect(source.spec, docs, traces, batch_size=a.batch_size, max_length=a.prompt_tokens, new_tokens=a.new_tokens,
+            cache_dir=a.cache_dir)
+    from moe_common.checkpoint import Checkpoint
+
+    init = Checkpoint(source.path).read(["shared.weight"])["shared.weight"]  # as `moe-predictor train --model` does
+    model, rep = forecaster.train(load_manifest(traces), list(read_passes(traces)), source_vocab(source),
+                                  init_embeddings=init)
+    path = work / "forecaster.pt"
+    forecaster.save(path, model, load_manifest(traces), rep)
+    log.info("forecaster trained in %.0f s", rep["train_seconds"])
+    return path
+
+
+def source_vocab(source) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.path).vocab_size
+
+
+# ---------------------------------------------------------------------------
+# one gateway configuration
+# ---------------------------------------------------------------------------
+
+def _status(stub):
+    from moe_protos.moe.gateway.v1 import gateway_pb2
+
+    return stub.GetStatus(gateway_pb2.GetStatusRequest(), timeout=30)
+
+
+def _sampler(stub, stop: threading.Event, every_s: float = 0.5) -> tuple[list, threading.Thread]:
+    """Poll per-server token counts until stop: ([(t, tokens per server so far)], the polling thread)."""
+    samples: list = []
+
+    def run():
+        t0 = time.perf_counter()
+        while True:
+            try:
+                st = _status(stub)
+                samples.append((time.perf_counter() - t0, [s.tokens for s in st.servers]))
+            except Exception:  # noqa: BLE001 - a missed sample only thins the plot
+                pass
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return samples, thread
+
+
+def run_gateway(a, source, addresses: list[str], mode: str, predictor: str, requests, reference, w: Workload) -> dict:
+    """Serve the workload through a fresh gateway in `mode`; every figure of one table row."""
+    import grpc
+
+    from gateway.launcher import spawn_gateway, wait_ready
+    from moe_common.serving import pick_free_port
+    from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+    port = pick_free_port()
+    args = ["--replication", mode, "--replica-policy", a.policy, "--replication-window", str(a.window),
+            "--max-batch-size", str(w.batch_size), "--max-wait-ms", "0", "--predictor-timeout-ms", "500",
+            "--log-level", "WARNING"]
+    if predictor:
+        args += ["--predictor", predictor]
+    proc = spawn_gateway(source.path, HOST, port, addresses, args)
+    try:
+        wait_ready(proc, f"{HOST}:{port}")
+        with grpc.insecure_channel(f"{HOST}:{port}") as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+            def send(prompts):
+                reply = stub.Generate(gateway_pb2.GenerateRequest(
+                    token_ids=[gateway_pb2.TokenIds(ids=p) for p in prompts],
+                    parameters=gateway_pb2.GenerationParameters(max_new_tokens=w.new_tokens)), timeout=900)
+                t = reply.timings
+                return (t.first_token_ns / 1e9, (t.total_ns - t.queue_ns - t.first_token_ns) / 1e9,
+                        [list(g.token_ids) for g in reply.generations])
+
+            indexed = list(enumerate(requests))
+            drive(send, indexed[:w.warmup], w.clients)
+            before = _status(stub)
+            stop = threading.Event()
+            samples, sampler = _sampler(stub, stop)
+            records, wall = drive(send, indexed[w.warmup:], w.clients)
+            stop.set()
+            sampler.join()
+            after = _status(stub)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    out = summarize(records, wall)
+    p0, p1 = before.expert_path, after.expert_path
+
+    def d(field):
+        return (getattr(p1, field) - getattr(p0, field)) / 1e9
+
+    forward = d("forward_ns") or 1e-9
+    rpc_wall, cmax, cmean = d("rpc_wall_ns"), d("compute_max_ns"), d("compute_mean_ns")
+    dmax = p1.load_max_sum - p0.load_max_sum
+    compute = [(s1.compute_ns - s0.compute_ns) / 1e9 for s0, s1 in zip(before.servers, after.servers)]
+    rates = [(t1, [(b - a_) / (t1 - t0) for a_, b in zip(c0, c1)])
+             for (t0, c0), (t1, c1) in zip(samples, samples[1:]) if t1 > t0]
+    out.update(
+        balancedness=(p1.load_mean_sum - p0.load_mean_sum) / dmax if dmax else 1.0,
+        busy_share=[c / wall for c in compute],
+        time_split=dict(gateway_compute=(forward - rpc_wall) / forward, expert_compute=cmean / forward,
+                        waiting_on_slowest_server=(cmax - cmean) / forward,
+                        transport_and_serialization=(rpc_wall - cmax) / forward),
+        seconds=dict(forward=forward, rpc_wall=rpc_wall, compute_max=cmax, compute_mean=cmean),
+        layer_calls=p1.layer_calls - p0.layer_calls,
+        weights_moved_bytes=after.replication.bytes_moved - before.replication.bytes_moved,
+        prefetch_hit_rate=after.replication.prefetch_hit_rate,
+        replicas_ready=after.replication.replicas_ready,
+        identical_to_reference=all(r.outputs == reference[r.request] for r in records),
+        load_over_time=rates,
+    )
+    return out
+
+
+def run_monolithic(source, requests, w: Workload, trace_dir: Path):
+    """Serve the workload with the single-process model: (summary, outputs per request, TraceInfo).
+    Afterwards replays it once, untimed, recording the routing into trace_dir."""
+    from moe_common.traces import RoutingRecorder, TraceInfo, TraceWriter
+
+    log.info("single-process model: %d + %d requests", w.warmup, w.requests)
+    mono = Monolithic(source.path)
+    indexed = list(enumerate(requests))
+
+    def send(prompts):
+        return mono.send(prompts, w.new_tokens)
+
+    warm, _ = drive(send, indexed[:w.warmup], w.clients)
+    records, wall = drive(send, indexed[w.warmup:], w.clients)
+    reference = {r.request: r.outputs for r in [*warm, *records]}
+    info = TraceInfo.from_config(mono.model.config, source)
+    writer = TraceWriter(trace_dir, info)
+    recorder = RoutingRecorder(mono.model, info, on_pass=writer.add)
+    try:
+        for _, prompts in indexed:  # one batch per request, in order: batch ids follow request indices
+            send(prompts)
+    finally:
+        recorder.remove()
+        writer.close()
+    return summarize(records, wall), reference, info
+
+
+class ExpertServers:
+    """N expert server processes with the machine's cores split between them."""
+
+    def __init__(self, source, count: int, replica_memory: str):
+        from gateway.launcher import spawn_expert_server, wait_ready
+        from moe_common.serving import pick_free_port
+
+        self.threads = max(1, (os.cpu_count() or 1) // count)
+        self.procs, self.addresses = [], []
+        try:
+            for _ in range(count):
+                port = pick_free_port()
+                self.procs.append(spawn_expert_server(source.path, HOST, port, [
+                    "--replica-memory", replica_memory, "--threads", str(self.threads), "--log-level", "WARNING"]))
+                self.addresses.append(f"{HOST}:{port}")
+            for proc, address in zip(self.procs, self.addresses):
+                wait_ready(proc, address)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def run(a) -> dict:
+    from expert_server.config import parse_bytes
+    from gateway.launcher import spawn_predictor, wait_ready
+    from moe_common.serving import pick_free_port
+    from moe_common.traces import read_passes
+    from predictor_service import forecaster as forecaster_lib
+    from predictor_service.collect import chunk_documents
+    from transformers import AutoTokenizer
+
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown modes {bad}; choose from {MODES}")
+    counts = [int(n) for n in a.expert_servers.split(",") if n]
+    w = Workload(a.batch_size, a.prompt_tokens, a.new_tokens, a.clients, a.requests, a.warmup)
+    source = model_source.resolve(a.model, a.cache_dir)
+    work = a.work_dir or Path(tempfile.mkdtemp(prefix="moe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    docs = documents(a.corpus)
+    if len(docs) <= a.train_docs:
+        raise SystemExit(f"the corpus has {len(docs)} documents; --train-docs {a.train_docs} leaves none to benchmark")
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    requests = make_requests(chunk_documents(tokenizer, docs[a.train_docs:], w.prompt_tokens), w)
+    checkpoint = a.predictor_checkpoint or train_forecaster(a, source, docs[:a.train_docs], work)
+    forecaster, _, forecaster_report = forecaster_lib.load(checkpoint, source.model_id)
+
+    # 1. The single-process model: timed, then once more with a routing recorder (untimed) for the simulator.
+    trace_dir = work / "bench-trace"
+    monolithic, reference, info = run_monolithic(source, requests, w, trace_dir)
+
+    result: dict = dict(
+        command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
+        model=source.spec, num_experts=info.num_experts, num_sparse_layers=info.num_layers,
+        expert_servers=counts[0], replica_memory=a.replica_memory, policy=a.policy,
+        workload=w.__dict__, forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
+        monolithic=monolithic, modes={},
+    )
+
+    # 2-3. Gateways over expert servers.
+    predictor_port = pick_free_port()
+    predictor = spawn_predictor(source.path, HOST, predictor_port, checkpoint, ["--log-level", "WARNING"])
+    measured: dict[int, dict[str, dict]] = {}
+    threads_of: dict[int, int] = {}
+    try:
+        wait_ready(predictor, f"{HOST}:{predictor_port}")
+        runs = [(n, modes) for n in counts]
+        if not a.no_one_server and 1 not in counts:
+            runs.append((1, ["off"]))
+        for n, run_modes in runs:
+            servers = ExpertServers(source, n, a.replica_memory)
+            threads_of[n] = servers.threads
+            try:
+                for mode in run_modes:
+                    log.info("%d expert servers, mode %s", n, mode)
+                    r = run_gateway(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", requests, reference, w)
+                    r["vs_monolithic"] = r["tokens_per_s"]["total"] / monolithic["tokens_per_s"]["total"]
+                    measured.setdefault(n, {})[mode] = r
+                    log.info("  %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s",
+                             r["tokens_per_s"]["total"], r["vs_monolithic"], r["balancedness"], r["identical_to_reference"])
+            finally:
+                servers.stop()
+    finally:
+        predictor.terminate()
+        predictor.wait(timeout=60)
+    result["modes"] = measured[counts[0]]
+    if 1 in measured and counts[0] != 1:
+        result["one_server"] = measured[1]["off"]
+    result["measured"] = {str(n): {m: {k: v for k, v in r.items() if k != "load_over_time"} for m, r in rows.items()}
+                          for n, rows in measured.items()}
+
+    # 4. Expert compute efficiency, on a routed batch from the trace.
+    from expert_server.experts import ExpertStore
+    from moe_bench.efficiency import measure
+
+    passes = list(read_passes(trace_dir))
+    batches = simulator.batches_of(passes)
+    first = next(p for p in batches[w.warmup] if p.kind == 0)
+    routed = [int(n) for n in first.loads(info.num_experts)[0] if n > 0]
+    store = ExpertStore(source)
+    result["efficiency"] = measure(store, routed, threads_of[counts[0]])
+    load_times = []
+    for e in range(3):
+        t0 = time.perf_counter()
+        store._load((0, e))
+        load_times.append(time.perf_counter() - t0)
+    replica_load_s = statistics.median(load_times)
+    store.close()
+    del store
+    gc.collect()
+
+    # 5. Simulator: calibrate on mode off at the first server count, validate, project.
+    slots = parse_bytes(a.replica_memory) // (2 * 4 * _d_model_ff(source))
+    off = measured[counts[0]].get("off")
+    if off is not None:
+        eff = result["efficiency"]
+        cal = dict(wall_s=off["wall_s"], rpc_wall_s=off["seconds"]["rpc_wall"],
+                   compute_max_s=off["seconds"]["compute_max"], layer_calls=off["layer_calls"])
+        costs = simulator.calibrate(cal, eff["group_s"], eff["token_s"], replica_load_s,
+                                    f"cpu, {eff['threads']} thread(s) per server")
+        result["calibration"] = dict(servers=counts[0], **costs.to_json())
+        tokens = off["input_tokens"] + off["generated_tokens"]
+        cores = os.cpu_count() or 1
+        validation = []
+        for n, rows in measured.items():
+            for mode, r in rows.items():
+                sim = simulator.simulate(info, batches, n, mode, costs, slots=slots, policy=a.policy, window=a.window,
+                                         parallel=max(1, cores // threads_of[n]), forecaster=forecaster,
+                                         measured_from=w.warmup)
+                simulated = tokens / sim["seconds"]
+                measured_tps = r["tokens_per_s"]["total"]
+                validation.append(dict(servers=n, mode=mode, measured=measured_tps, simulated=simulated,
+                                       error=simulated / measured_tps - 1, measured_balancedness=r["balancedness"],
+                                       simulated_balancedness=sim["balancedness"]))
+        result["validation"] = validation
+        result["routing_skew"] = simulator.skew(info, batches[w.warmup:])
+        projection = [int(n) for n in a.simulate_servers.split(",") if n]
+        proj_costs = costs
+        if a.gpu_costs:
+            gpu = json.loads(a.gpu_costs.read_text())
+            proj_costs = simulator.Costs(gpu["group_s"], gpu["token_s"], costs.layer_overhead_s, costs.non_expert_s,
+                                         gpu.get("replica_load_s", costs.replica_load_s),
+                                         f"expert costs measured on {gpu.get('device', 'a GPU')} {gpu.get('date', '')}")
+        result["simulation_costs"] = proj_costs.to_json()
+        result["simulated_policy"] = a.policy
+        result["simulated"], result["simulated_split"] = {}, {}
+        for n in projection:
+            row = {}
+            for mode in modes:
+                sim = simulator.simulate(info, batches, n, mode, proj_costs, slots=slots, policy=a.policy,
+                                         window=a.window, forecaster=forecaster, measured_from=w.warmup)
+                row[mode] = dict(tokens_per_s=tokens / sim["seconds"], balancedness=sim["balancedness"],
+                                 expert_layer_s=sim["expert_layer_s"], prefetch_hit_rate=sim["prefetch_hit_rate"],
+                                 replicas_loaded=sim["replicas_loaded"])
+            result["simulated"][str(n)] = row
+            layer = {}
+            for name, mode, policy in (("off_s", "off", "whole"), ("whole_s", "predictive", "whole"),
+                                       ("split_s", "predictive", "split")):
+                layer[name] = simulator.simulate(info, batches, n, mode, proj_costs, slots=slots, policy=policy,
+                                                 window=a.window, forecaster=forecaster,
+                                                 measured_from=w.warmup)["expert_layer_s"]
+            result["simulated_split"][str(n)] = layer
+    return result
+
+
+def _d_model_ff(source) -> int:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(source.path)
+    return c.d_model * c.d_ff
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(a)
+    plots = {}
+    if a.plots:
+        files = report.plot(result, a.plots)
+        base = a.readme.parent.resolve() if a.readme else Path.cwd()
+        plots = {name: os.path.relpath(path.resolve(), base) for name, path in files.items()}
+    text = report.markdown(result, plots)
+    print(text, flush=True)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+    if a.markdown:
+        a.markdown.write_text(text)
+    if a.readme:
+        report.update_readme(a.readme, text)
+    ok = all(r["identical_to_reference"] for rows in result["measured"].values() for r in rows.values())
+    return 0 if ok else 1
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON: {type(x)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Expert-server compute: per-token costs for the simulator, and achieved FLOP/s on a
+realistic batch against a dense matmul of the same FLOPs on the same machine."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from expert_server.experts import ExpertStore
+
+
+def zipf_split(tokens: int, experts: int, s: float = 1.0) -> list[int]:
+    """A skewed split of `tokens` over `experts` (Zipf-like, as routers produce); every expert gets >= 1."""
+    weights = [1 / (i + 1) ** s for i in range(experts)]
+    counts = [max(1, int(tokens * w / sum(weights))) for w in weights]
+    counts[0] += tokens - sum(counts)
+    return counts
+
+
+def _median_s(fn, rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(store: ExpertStore, counts: list[int], threads: int, rounds: int = 5) -> dict:
+    """Run one sparse layer's experts over groups of `counts` tokens (as one RunExperts call
+    does) with `threads` torch threads, and a dense FFN matmul of the same total tokens.
+
+    Also fits the simulator's cost model: time of a call = group_s per expert group +
+    token_s per token, from single-group calls of several sizes.
+    Returns seconds, GFLOP/s, efficiency (expert path / dense) and the fitted costs.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        experts = len(counts)
+        store.assign([(0, e) for e in range(experts)])
+        tokens = sum(counts)
+        x = torch.randn(tokens, store.d_model)
+        d_ff = store.config.d_ff
+        flops = 2 * 2 * tokens * store.d_model * d_ff
+        wi, wo = torch.randn(d_ff, store.d_model), torch.randn(store.d_model, d_ff)
+        groups = list(enumerate(counts))
+        with torch.inference_mode():
+            expert_s = _median_s(lambda: store.run(0, groups, x), rounds)
+            dense_s = _median_s(lambda: store.ffn(x, wi, wo), rounds)
+            sizes = [1, 8, 32, 128, 512]
+            xs = torch.randn(max(sizes), store.d_model)
+            single = [_median_s(lambda n=n: store.run(0, [(0, n)], xs[:n]), rounds) for n in sizes]
+        token_s, group_s = np.polyfit(sizes, single, 1)
+        return dict(tokens=tokens, experts=experts, largest_group=max(counts), threads=threads,
+                    expert_s=expert_s, dense_s=dense_s,
+                    expert_gflops=flops / expert_s / 1e9, dense_gflops=flops / dense_s / 1e9,
+                    efficiency=dense_s / expert_s,
+                    group_s=max(float(group_s), 0.0), token_s=float(token_s),
+                    device=str(store.device), dtype=str(store.dtype).removeprefix("torch."))
+    finally:
+        torch.set_num_threads(before)
+        store.assign([])

@@ -1,0 +1,158 @@
+"""Cluster simulator: replay recorded routing through the real planner and dispatch code
+with measured costs, to project tokens/s and balancedness for more expert servers than
+one machine can run.
+
+What it replays: a routing trace the gateway recorded while the benchmark ran
+(moe_common/traces.py), batch by batch and pass by pass. Per batch it plans replicas
+exactly as the gateway does (gateway.replicas.planning_loads, then
+gateway.replication.plan_replicas); predictive mode forecasts each batch's encoder
+loads with the trained forecaster, as the predictor service does. Per sparse-layer
+call it dispatches with gateway.replication.assign_layer, using only replicas that
+are loaded by then (a replica takes `replica_load_s` to load after its plan, one after
+another per server, as SetReplicas does).
+
+Cost model (Costs), per layer call:
+    server time   T_s = sum over its expert groups of (group_s + tokens * token_s)
+    compute       max(max_s T_s, sum_s T_s / parallel)   (parallel: how many servers
+                  compute at once: one per device, or cores / threads on a shared CPU)
+    layer time    layer_overhead_s + compute
+and the whole run takes non_expert_s (gateway attention, norms, routers, LM head,
+request handling; measured) plus the layer times.
+
+Calibration (calibrate): group_s and token_s come from expert_server microbenchmarks
+(moe_bench.efficiency) or a file of GPU measurements; non_expert_s and
+layer_overhead_s from the measured run of mode off at one server count. Everything
+else (other modes, other server counts) is predicted, and moe-bench prints it beside
+what it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gateway.replicas import planning_loads
+from gateway.replication import assign_layer, plan_replicas
+from moe_common.placement import home_placement
+from moe_common.traces import ENCODER, Pass, TraceInfo
+
+
+@dataclass
+class Costs:
+    group_s: float  # fixed cost of one expert group in a RunExperts call
+    token_s: float  # per routed token
+    layer_overhead_s: float  # per layer call beyond the slowest server's compute: RPCs, codec, gather/scatter
+    non_expert_s: float  # the rest of the run: everything outside expert layer calls
+    replica_load_s: float  # loading one replica
+    source: str = ""  # where the expert costs come from (e.g. "cpu, 1 thread", "cuda H200")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def batches_of(passes: list[Pass]) -> list[list[Pass]]:
+    """Passes grouped by batch, in recorded order."""
+    out: dict[int, list[Pass]] = {}
+    for p in passes:
+        out.setdefault(p.batch_id, []).append(p)
+    return list(out.values())
+
+
+def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode: str, costs: Costs, *,
+             slots: int, policy: str = "whole", window: int = 8, parallel: int | None = None,
+             forecaster=None, measured_from: int = 0, min_gain: float = 0.02) -> dict:
+    """Replay `batches` on `num_servers` servers in replication `mode`.
+
+    slots: replica slots per server; parallel: servers computing at once (None = all);
+    forecaster: predictor_service.forecaster.Forecaster for predictive mode (None: the
+    forecast is missing and predictive plans from history, as the gateway would);
+    measured_from: batches before it only warm up the planner (as the benchmark's warm-up
+    requests do). Returns seconds, balancedness, expert-layer seconds, replica figures.
+    """
+    num_layers, num_experts = info.num_layers, info.num_experts
+    home = home_placement(num_layers, num_experts, num_servers)
+    parallel = parallel or num_servers
+    history: list[np.ndarray] = []
+    planned: set[tuple[int, int, int]] = set()
+    ready_at: dict[tuple[int, int, int], float] = {}  # replica -> simulated time it is loaded
+    clock = 0.0
+    layer_s = mean_sum = max_sum = 0.0
+    layer_calls = loads_moved = 0
+    hits = checks = 0
+    for b, batch in enumerate(batches):
+        measured = b >= measured_from
+        forecast = None
+        if mode == "predictive" and forecaster is not None:
+            encoder = next((p for p in batch if p.kind == ENCODER), None)
+            if encoder is not None:
+                import torch
+
+                loads = forecaster.forecast(ENCODER, torch.from_numpy(encoder.tokens).long()).numpy()
+                forecast = dict(zip(info.encoder_layers, loads))
+        loads = planning_loads(mode, history, forecast, b + 1, window, (num_layers, num_experts))
+        if loads is not None:
+            plan = plan_replicas(loads.tolist(), home, [slots] * num_servers, policy=policy, previous=planned,
+                                 min_gain=min_gain)
+            if plan.replicas != planned:
+                for server in range(num_servers):
+                    new = sorted(r for r in plan.replicas - planned if r[2] == server)
+                    for k, replica in enumerate(new, start=1):
+                        ready_at[replica] = clock + k * costs.replica_load_s
+                    loads_moved += len(new) if measured else 0
+                ready_at = {r: t for r, t in ready_at.items() if r in plan.replicas}
+                planned = set(plan.replicas)
+        actual = np.zeros((num_layers, num_experts))
+        for p in batch:
+            pass_loads = p.loads(num_experts)
+            for j, layer in enumerate(info.layers_of(p.kind)):
+                counts = pass_loads[j].astype(int).tolist()
+                actual[layer] += pass_loads[j]
+                holders = [[home[layer][e]] for e in range(num_experts)]
+                for (pl, e, s), t in ready_at.items():
+                    if pl == layer:
+                        checks += measured
+                        if t <= clock:
+                            holders[e].append(s)
+                            hits += measured
+                chunks = assign_layer(counts, holders, num_servers, policy)
+                server_s = [0.0] * num_servers
+                server_tokens = [0] * num_servers
+                for parts in chunks:
+                    for s, n in parts:
+                        if n:
+                            server_s[s] += costs.group_s + n * costs.token_s
+                            server_tokens[s] += n
+                compute = max(max(server_s), sum(server_s) / parallel)
+                clock += costs.layer_overhead_s + compute
+                if measured and sum(counts):
+                    layer_s += compute
+                    layer_calls += 1
+                    mean_sum += sum(server_tokens) / num_servers
+                    max_sum += max(server_tokens)
+        history.append(actual)
+    seconds = costs.non_expert_s + layer_calls * costs.layer_overhead_s + layer_s
+    return dict(seconds=seconds, expert_layer_s=layer_s, layer_calls=layer_calls,
+                balancedness=mean_sum / max_sum if max_sum else 1.0,
+                replicas_loaded=loads_moved, prefetch_hit_rate=hits / checks if checks else 0.0)
+
+
+def calibrate(measured_off: dict, group_s: float, token_s: float, replica_load_s: float, source: str) -> Costs:
+    """Costs from the measured run of mode off (keys: wall_s, rpc_wall_s, compute_max_s,
+    layer_calls, from the gateway's GetStatus over the measured span) and expert costs."""
+    calls = max(1, measured_off["layer_calls"])
+    return Costs(group_s=group_s, token_s=token_s,
+                 layer_overhead_s=max(0.0, measured_off["rpc_wall_s"] - measured_off["compute_max_s"]) / calls,
+                 non_expert_s=max(0.0, measured_off["wall_s"] - measured_off["rpc_wall_s"]),
+                 replica_load_s=replica_load_s, source=source)
+
+
+def skew(info: TraceInfo, batches: list[list[Pass]]) -> float:
+    """Busiest expert's tokens over the fair share (tokens / experts), averaged over layer calls."""
+    ratios = []
+    for batch in batches:
+        for p in batch:
+            for row in p.loads(info.num_experts):
+                if row.sum():
+                    ratios.append(row.max() / (row.sum() / info.num_experts))
+    return float(np.mean(ratios)) if ratios else 1.0
