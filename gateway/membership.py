@@ -136,7 +136,12 @@ class Membership:
             log.warning("membership: layer calls on the old placement still running after %.0f s; dropping anyway",
                         2 * self.clients.timeout_s)
         t_drain = time.monotonic()
-        self._assign_all({a: after[a] for a in addresses if before.get(a, set()) - after[a]}, timeout)
+        # Best effort: the new placement already serves; a server that fails here only holds
+        # experts it no longer needs (and the watch evicts it if it died).
+        try:
+            self._assign_all({a: after[a] for a in addresses if before.get(a, set()) - after[a]}, timeout)
+        except MoEError as exc:
+            log.warning("membership: dropping moved experts failed: %s", exc)
         for address in leaving:
             if graceful:
                 try:  # hold nothing: a server waiting to shut down may exit now

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--readme", type=Path, default=None, help="replace the README's moe-bench section with the report")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="measure nothing: make the report, plots and README section from an earlier --json file")
     g = p.add_argument_group("workload")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per request (one request = one batch)")
     g.add_argument("--prompt-tokens", type=int, default=128)
@@ -442,7 +444,7 @@ def _d_model_ff(source) -> int:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(a)
+    result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
     plots = {}
     if a.plots:
         files = report.plot(result, a.plots)

@@ -20,14 +20,16 @@ def zipf_split(tokens: int, experts: int, s: float = 1.0) -> list[int]:
     return counts
 
 
-def _median_s(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
+def _median_s(fn, rounds: int, device: torch.device) -> float:
+    def timed():
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(rounds))
 
 
 def measure(store: ExpertStore, counts: list[int], threads: int, rounds: int = 5) -> dict:
@@ -44,17 +46,22 @@ def measure(store: ExpertStore, counts: list[int], threads: int, rounds: int = 5
         experts = len(counts)
         store.assign([(0, e) for e in range(experts)])
         tokens = sum(counts)
+        dev = store.device
+        # As RunExperts gets it: on the CPU (the expert path includes the copies to and from a GPU).
         x = torch.randn(tokens, store.d_model)
         d_ff = store.config.d_ff
         flops = 2 * 2 * tokens * store.d_model * d_ff
-        wi, wo = torch.randn(d_ff, store.d_model), torch.randn(store.d_model, d_ff)
+        # The dense reference runs where the weights live, in the compute dtype.
+        xd = x.to(dev, store.dtype)
+        wi = torch.randn(d_ff, store.d_model, device=dev, dtype=store.dtype)
+        wo = torch.randn(store.d_model, d_ff, device=dev, dtype=store.dtype)
         groups = list(enumerate(counts))
         with torch.inference_mode():
-            expert_s = _median_s(lambda: store.run(0, groups, x), rounds)
-            dense_s = _median_s(lambda: store.ffn(x, wi, wo), rounds)
+            expert_s = _median_s(lambda: store.run(0, groups, x), rounds, dev)
+            dense_s = _median_s(lambda: store.ffn(xd, wi, wo), rounds, dev)
             sizes = [1, 8, 32, 128, 512]
             xs = torch.randn(max(sizes), store.d_model)
-            single = [_median_s(lambda n=n: store.run(0, [(0, n)], xs[:n]), rounds) for n in sizes]
+            single = [_median_s(lambda n=n: store.run(0, [(0, n)], xs[:n]), rounds, dev) for n in sizes]
         token_s, group_s = np.polyfit(sizes, single, 1)
         return dict(tokens=tokens, experts=experts, largest_group=max(counts), threads=threads,
                     expert_s=expert_s, dense_s=dense_s,

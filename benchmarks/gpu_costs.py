@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Expert costs on a GPU, for the simulator's projection (moe-bench --gpu-costs FILE).
+
+    python benchmarks/gpu_costs.py --model base-e64-l4 --out benchmarks/results/gpu_costs.json
+
+Runs the expert server's ExpertStore on CUDA (weights loaded through the same code as
+`moe-expert-server --device cuda`, replicas on its copy stream from pinned memory) and
+measures, as moe-bench does on the CPU: a routed batch's expert path against one dense
+matmul of the same FLOPs, the fitted per-group and per-token costs, and the time to
+load one replica. Also checks that the CUDA experts agree with the CPU ones (float
+tolerance: GPU kernels round differently). Writes JSON with the device and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from expert_server.experts import ExpertStore  # noqa: E402
+from moe_bench.efficiency import measure, zipf_split  # noqa: E402
+from moe_common import model_source  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="base-e64-l4")
+    p.add_argument("--tokens", type=int, default=1024, help="routed tokens of one layer call (8 x 128)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_costs.json"))
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device here", file=sys.stderr)
+        return 2
+    source = model_source.resolve(a.model)
+    gpu = ExpertStore(source, device="cuda", dtype=a.dtype)
+    cpu = ExpertStore(source)
+    counts = zipf_split(a.tokens, gpu.num_experts)
+    result = measure(gpu, counts, threads=1)
+    # Agreement with the CPU expert path on the same routed batch.
+    keys = [(0, e) for e in range(len(counts))]
+    gpu.assign(keys)
+    cpu.assign(keys)
+    x = torch.randn(sum(counts), gpu.d_model)
+    groups = list(enumerate(counts))
+    diff = (gpu.run(0, groups, x).float() - cpu.run(0, groups, x)).abs().max().item()
+    loads = []
+    for e in range(5):
+        t0 = time.perf_counter()
+        gpu._load((1, e))  # what SetReplicas does per replica: read, pin, copy on the copy stream
+        loads.append(time.perf_counter() - t0)
+    result.update(device=torch.cuda.get_device_name(0), date=date.today().isoformat(), model=source.spec,
+                  replica_load_s=statistics.median(loads), max_abs_diff_vs_cpu=diff)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""moe-bench: the simulator's arithmetic on a hand-made trace, and one whole run on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_bench import simulator
+from moe_common.traces import ENCODER, Pass, TraceInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One sparse layer of 4 experts on 2 servers: home placement [0, 1, 0, 1]. Every batch
+# routes 6 tokens to expert 0 and 2 to expert 2, so server 0 gets all 8 and server 1 none.
+INFO = TraceInfo("m", "hand-made", 16, 4, 64, [0], [], ["encoder.block.1"])
+
+
+def batch(batch_id: int) -> list[Pass]:
+    experts = np.array([[0, 0, 0, 0, 0, 0, 2, 2]], dtype=np.int16)[..., None]  # [B=1, S=8, Lp=1]
+    return [Pass(batch_id, ENCODER, 0, np.ones((1, 8), np.int32), np.ones((1, 8), bool), experts,
+                 np.zeros_like(experts, dtype=bool))]
+
+
+def costs(replica_load_s: float = 0.0) -> simulator.Costs:
+    # One second per token, nothing else: simulated seconds = sum of the busiest server's tokens.
+    return simulator.Costs(group_s=0.0, token_s=1.0, layer_overhead_s=0.0, non_expert_s=0.0,
+                           replica_load_s=replica_load_s)
+
+
+def run(mode, policy="whole", replica_load_s=0.0, slots=1):
+    return simulator.simulate(INFO, [batch(0), batch(1)], 2, mode, costs(replica_load_s), slots=slots, policy=policy)
+
+
+def test_off_keeps_home_placement():
+    r = run("off")
+    assert r["seconds"] == 16 and r["layer_calls"] == 2
+    assert r["balancedness"] == pytest.approx(8 / 16)  # mean 4 over max 8, twice
+
+
+def test_reactive_replicates_the_hot_expert_for_the_second_batch():
+    # Batch 0 has no history: 8. Batch 1 plans from batch 0: with `whole`, a copy of expert 0
+    # on server 1 takes its 6 tokens, server 0 keeps 2: 6.
+    r = run("reactive")
+    assert r["seconds"] == 8 + 6
+    assert r["balancedness"] == pytest.approx((4 + 4) / (8 + 6))
+    assert r["replicas_loaded"] == 1 and r["prefetch_hit_rate"] == 1.0
+    # `split` also splits expert 0's tokens: 4 and 4.
+    assert run("reactive", policy="split")["seconds"] == 8 + 4
+
+
+def test_a_replica_still_loading_is_not_used():
+    # The second batch starts at t = 8 s; a replica needing 100 s to load is not ready then.
+    r = run("reactive", replica_load_s=100.0)
+    assert r["seconds"] == 16 and r["prefetch_hit_rate"] == 0.0
+
+
+def test_no_slots_no_replicas():
+    assert run("reactive", slots=0)["seconds"] == 16
+
+
+def test_calibration_splits_the_measured_run():
+    c = simulator.calibrate(dict(wall_s=10.0, rpc_wall_s=4.0, compute_max_s=3.0, layer_calls=100), 0.001, 0.0001, 0.5, "cpu")
+    assert c.layer_overhead_s == pytest.approx(0.01) and c.non_expert_s == pytest.approx(6.0)
+    assert (c.group_s, c.token_s, c.replica_load_s) == (0.001, 0.0001, 0.5)
+
+
+def test_moe_bench_on_the_tiny_preset(tmp_path, tiny):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n## Performance\n<!-- moe-bench:start -->\nold\n<!-- moe-bench:end -->\n\nafter\n")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "moe_bench.cli", "--model", "tiny", "--cache-dir", str(tiny.path.parents[1]),
+           "--expert-servers", "2", "--requests", "3", "--warmup", "1", "--batch-size", "4", "--prompt-tokens", "32",
+           "--new-tokens", "3", "--train-docs", "20", "--simulate-servers", "8", "--json", str(out),
+           "--plots", str(tmp_path / "plots"), "--readme", str(readme), "--work-dir", str(tmp_path / "work")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"off", "reactive", "window", "predictive"}
+    for r in [result["monolithic"], *result["modes"].values()]:
+        assert set(r["tokens_per_s"]) == {"prefill", "decode", "total"} and r["tokens_per_s"]["total"] > 0
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    for name, r in result["modes"].items():
+        assert r["identical_to_reference"], name
+        assert 0 < r["balancedness"] <= 1 and len(r["busy_share"]) == 2
+        assert sum(r["time_split"].values()) == pytest.approx(1.0)
+        assert {"weights_moved_bytes", "prefetch_hit_rate"} <= set(r)
+    assert result["modes"]["off"]["weights_moved_bytes"] == 0
+    assert result["one_server"]["identical_to_reference"]
+    assert 0 < result["efficiency"]["efficiency"] and result["efficiency"]["token_s"] > 0
+    assert {v["servers"] for v in result["validation"]} == {1, 2}
+    assert set(result["simulated"]) == {"8"} and set(result["simulated"]["8"]) == set(result["modes"])
+    for name in ("modes.png", "simulated.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "old" not in text and "| predictive |" in text and text.endswith("after\n")
+    assert "](plots/modes.png)" in text
