@@ -6,8 +6,8 @@ Modes (--replication):
   window      plan every `window` batches from the mean loads of the last `window`
               batches, as history-based balancers (DeepSeek's EPLB in vLLM/SGLang) do.
   predictive  plan before each batch from the predictor's forecast for THIS batch
-              (encoder layers; decoder layers use the previous batch's loads, since
-              decoder steps are forecast one step at a time).
+              (encoder layers; decoder layers use the mean loads of the last `window`
+              batches, since decoder steps are forecast one step at a time).
 The plan comes from plan_replicas (pure, gateway/replication.py). Servers get their
 new replica sets through SetReplicas calls that run beside the batch: the gateway
 never waits for them, and dispatch uses a replica only once its server confirmed it
@@ -37,14 +37,19 @@ def planning_loads(mode: str, history: list[np.ndarray], forecast: dict[int, np.
     """The loads [L, E] to plan batch number `batch` (1-based) from, or None to keep the
     current replicas. history: actual loads [L, E] of the previous batches, oldest first;
     forecast: layer -> expected load [E] of this batch (predictive only). Pure: the
-    gateway and the simulator (moe_bench/simulator.py) both plan with it."""
+    gateway and the simulator (moe_bench/simulator.py) both plan with it.
+
+    reactive plans from the last batch, window from the mean of the last `window` batches
+    (every `window` batches), predictive from the forecast for the layers it covers (the
+    encoder's) and, for the others, from the mean of the last `window` batches: a decoder
+    layer sees only batch x new tokens per batch, so one batch is a noisy estimate."""
     if mode == "off" or (not history and not (mode == "predictive" and forecast)):
         return None
     if mode == "window" and (batch - 1) % window != 0:
         return None
     if not history:
         loads = np.zeros(shape)  # predictive, first batch: the forecast is all there is
-    elif mode == "window":
+    elif mode in ("window", "predictive"):
         loads = np.mean(history[-window:], axis=0)
     else:
         loads = history[-1].copy()

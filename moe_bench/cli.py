@@ -222,6 +222,7 @@ def run_gateway(a, source, addresses: list[str], mode: str, predictor: str, requ
                         transport_and_serialization=(rpc_wall - cmax) / forward),
         seconds=dict(forward=forward, rpc_wall=rpc_wall, compute_max=cmax, compute_mean=cmean),
         layer_calls=p1.layer_calls - p0.layer_calls,
+        rpcs=p1.rpcs - p0.rpcs,
         weights_moved_bytes=after.replication.bytes_moved - before.replication.bytes_moved,
         prefetch_hit_rate=after.replication.prefetch_hit_rate,
         replicas_ready=after.replication.replicas_ready,
@@ -384,54 +385,71 @@ def run(a) -> dict:
     slots = parse_bytes(a.replica_memory) // (2 * 4 * _d_model_ff(source))
     off = measured[counts[0]].get("off")
     if off is not None:
-        eff = result["efficiency"]
-        cal = dict(wall_s=off["wall_s"], rpc_wall_s=off["seconds"]["rpc_wall"],
-                   compute_max_s=off["seconds"]["compute_max"], layer_calls=off["layer_calls"])
-        costs = simulator.calibrate(cal, eff["group_s"], eff["token_s"], replica_load_s,
-                                    f"cpu, {eff['threads']} thread(s) per server")
-        result["calibration"] = dict(servers=counts[0], **costs.to_json())
-        tokens = off["input_tokens"] + off["generated_tokens"]
-        cores = os.cpu_count() or 1
-        validation = []
-        for n, rows in measured.items():
-            for mode, r in rows.items():
-                sim = simulator.simulate(info, batches, n, mode, costs, slots=slots, policy=a.policy, window=a.window,
-                                         parallel=max(1, cores // threads_of[n]), forecaster=forecaster,
-                                         measured_from=w.warmup)
-                simulated = tokens / sim["seconds"]
-                measured_tps = r["tokens_per_s"]["total"]
-                validation.append(dict(servers=n, mode=mode, measured=measured_tps, simulated=simulated,
-                                       error=simulated / measured_tps - 1, measured_balancedness=r["balancedness"],
-                                       simulated_balancedness=sim["balancedness"]))
-        result["validation"] = validation
-        result["routing_skew"] = simulator.skew(info, batches[w.warmup:])
-        projection = [int(n) for n in a.simulate_servers.split(",") if n]
-        proj_costs = costs
-        if a.gpu_costs:
-            gpu = json.loads(a.gpu_costs.read_text())
-            proj_costs = simulator.Costs(gpu["group_s"], gpu["token_s"], costs.layer_overhead_s, costs.non_expert_s,
-                                         gpu.get("replica_load_s", costs.replica_load_s),
-                                         f"expert costs measured on {gpu.get('device', 'a GPU')} {gpu.get('date', '')}")
-        result["simulation_costs"] = proj_costs.to_json()
-        result["simulated_policy"] = a.policy
-        result["simulated"], result["simulated_split"] = {}, {}
-        for n in projection:
-            row = {}
-            for mode in modes:
-                sim = simulator.simulate(info, batches, n, mode, proj_costs, slots=slots, policy=a.policy,
-                                         window=a.window, forecaster=forecaster, measured_from=w.warmup)
-                row[mode] = dict(tokens_per_s=tokens / sim["seconds"], balancedness=sim["balancedness"],
-                                 expert_layer_s=sim["expert_layer_s"], prefetch_hit_rate=sim["prefetch_hit_rate"],
-                                 replicas_loaded=sim["replicas_loaded"])
-            result["simulated"][str(n)] = row
-            layer = {}
-            for name, mode, policy in (("off_s", "off", "whole"), ("whole_s", "predictive", "whole"),
-                                       ("split_s", "predictive", "split")):
-                layer[name] = simulator.simulate(info, batches, n, mode, proj_costs, slots=slots, policy=policy,
-                                                 window=a.window, forecaster=forecaster,
-                                                 measured_from=w.warmup)["expert_layer_s"]
-            result["simulated_split"][str(n)] = layer
+        simulate_results(a, result, info, batches, measured, counts, threads_of, slots, replica_load_s, forecaster,
+                         modes, w)
     return result
+
+
+def _figures(r: dict) -> dict:
+    """A measured run's figures for simulator.calibrate."""
+    s = r["seconds"]
+    return dict(wall_s=r["wall_s"], rpc_wall_s=s["rpc_wall"], compute_max_s=s["compute_max"],
+                compute_mean_s=s["compute_mean"], layer_calls=r["layer_calls"], rpcs=r["rpcs"])
+
+
+def simulate_results(a, result, info, batches, measured, counts, threads_of, slots, replica_load_s, forecaster,
+                     modes, w) -> None:
+    """Calibrate on mode off at the first server count, validate on every measured run, project."""
+    eff = result["efficiency"]
+    cores = os.cpu_count() or 1
+    n_cal = counts[0]
+    off = measured[n_cal]["off"]
+    one = measured.get(1, {}).get("off")
+
+    def sim(n, mode, costs, policy=a.policy, parallel=None):
+        return simulator.simulate(info, batches, n, mode, costs, slots=slots, policy=policy, window=a.window,
+                                  parallel=parallel, forecaster=forecaster, measured_from=w.warmup)
+
+    raw = simulator.Costs(eff["group_s"], eff["token_s"], 0.0, 0.0, replica_load_s)
+    unscaled = sim(n_cal, "off", raw, parallel=max(1, cores // threads_of[n_cal]))
+    costs = simulator.calibrate(_figures(off), eff["group_s"], eff["token_s"], replica_load_s,
+                                f"cpu, {eff['threads']} thread(s) per server, calibrated",
+                                one=_figures(one) if one else None, simulated_compute_mean_s=unscaled["compute_mean_s"])
+    result["calibration"] = dict(servers=n_cal, **costs.to_json())
+    tokens = off["input_tokens"] + off["generated_tokens"]
+    validation = []
+    for n, rows in measured.items():
+        for mode, r in rows.items():
+            s = sim(n, mode, costs, parallel=max(1, cores // threads_of[n]))
+            validation.append(dict(servers=n, mode=mode, measured=r["tokens_per_s"]["total"],
+                                   simulated=tokens / s["seconds"], error=tokens / s["seconds"] / r["tokens_per_s"]["total"] - 1,
+                                   measured_balancedness=r["balancedness"], simulated_balancedness=s["balancedness"]))
+    result["validation"] = validation
+    result["routing_skew"] = simulator.skew(info, batches[w.warmup:])
+    proj = costs
+    if a.gpu_costs:
+        gpu = json.loads(a.gpu_costs.read_text())
+        proj = simulator.Costs(gpu["group_s"], gpu["token_s"], costs.layer_overhead_s, costs.non_expert_s,
+                               gpu.get("replica_load_s", costs.replica_load_s),
+                               f"expert costs measured on {gpu.get('device', 'a GPU')} {gpu.get('date', '')}",
+                               costs.rpc_overhead_s)
+    result["simulation_costs"] = proj.to_json()
+    result["simulated_policy"] = a.policy
+    result["simulated"], result["simulated_split"] = {}, {}
+    for n in [int(x) for x in a.simulate_servers.split(",") if x]:
+        row = {}
+        for mode in modes:
+            s = sim(n, mode, proj)
+            row[mode] = dict(tokens_per_s=tokens / s["seconds"], balancedness=s["balancedness"],
+                             expert_layer_s=s["expert_layer_s"], encoder_layer_s=s["encoder_layer_s"],
+                             prefetch_hit_rate=s["prefetch_hit_rate"], replicas_loaded=s["replicas_loaded"])
+        result["simulated"][str(n)] = row
+        layers = {}
+        for name, mode, policy in (("off", "off", "whole"), ("whole", "predictive", "whole"),
+                                   ("split", "predictive", "split")):
+            s = sim(n, mode, proj, policy=policy)
+            layers[name] = dict(all_s=s["expert_layer_s"], encoder_s=s["encoder_layer_s"], tokens_per_s=tokens / s["seconds"])
+        result["simulated_split"][str(n)] = layers
 
 
 def _d_model_ff(source) -> int:

@@ -15,15 +15,17 @@ Cost model (Costs), per layer call:
     server time   T_s = sum over its expert groups of (group_s + tokens * token_s)
     compute       max(max_s T_s, sum_s T_s / parallel)   (parallel: how many servers
                   compute at once: one per device, or cores / threads on a shared CPU)
-    layer time    layer_overhead_s + compute
+    layer time    layer_overhead_s + rpc_overhead_s * (servers with work) + compute
 and the whole run takes non_expert_s (gateway attention, norms, routers, LM head,
 request handling; measured) plus the layer times.
 
 Calibration (calibrate): group_s and token_s come from expert_server microbenchmarks
-(moe_bench.efficiency) or a file of GPU measurements; non_expert_s and
-layer_overhead_s from the measured run of mode off at one server count. Everything
-else (other modes, other server counts) is predicted, and moe-bench prints it beside
-what it measured.
+(moe_bench.efficiency) or a file of GPU measurements, scaled so that the simulated
+expert compute of mode off at the calibration server count equals the compute the
+servers reported there; non_expert_s and the per-call overhead come from that same
+run, and the per-RPC part of the overhead from the one-server run. Everything else
+(other modes, other server counts) is predicted, and moe-bench prints it beside what
+it measured.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ import numpy as np
 from gateway.replicas import planning_loads
 from gateway.replication import assign_layer, plan_replicas
 from moe_common.placement import home_placement
-from moe_common.traces import ENCODER, Pass, TraceInfo
+from moe_common.traces import DECODER, ENCODER, Pass, TraceInfo
 
 
 @dataclass
 class Costs:
     group_s: float  # fixed cost of one expert group in a RunExperts call
     token_s: float  # per routed token
-    layer_overhead_s: float  # per layer call beyond the slowest server's compute: RPCs, codec, gather/scatter
+    layer_overhead_s: float  # per layer call beyond the slowest server's compute: gather/scatter, ...
     non_expert_s: float  # the rest of the run: everything outside expert layer calls
     replica_load_s: float  # loading one replica
     source: str = ""  # where the expert costs come from (e.g. "cpu, 1 thread", "cuda H200")
+    rpc_overhead_s: float = 0.0  # per RPC of a layer call (one per server with work): codec, transport
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -77,8 +80,9 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
     planned: set[tuple[int, int, int]] = set()
     ready_at: dict[tuple[int, int, int], float] = {}  # replica -> simulated time it is loaded
     clock = 0.0
-    layer_s = mean_sum = max_sum = 0.0
-    layer_calls = loads_moved = 0
+    layer_s = mean_sum = max_sum = compute_mean_s = 0.0
+    layer_s_by_kind = [0.0, 0.0]
+    layer_calls = loads_moved = rpcs = 0
     hits = checks = 0
     for b, batch in enumerate(batches):
         measured = b >= measured_from
@@ -124,27 +128,49 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
                             server_s[s] += costs.group_s + n * costs.token_s
                             server_tokens[s] += n
                 compute = max(max(server_s), sum(server_s) / parallel)
-                clock += costs.layer_overhead_s + compute
+                busy = sum(1 for t in server_tokens if t)
+                clock += costs.layer_overhead_s + costs.rpc_overhead_s * busy + compute
                 if measured and sum(counts):
                     layer_s += compute
+                    layer_s_by_kind[p.kind] += compute
+                    compute_mean_s += sum(server_s) / num_servers
                     layer_calls += 1
+                    rpcs += busy
                     mean_sum += sum(server_tokens) / num_servers
                     max_sum += max(server_tokens)
         history.append(actual)
-    seconds = costs.non_expert_s + layer_calls * costs.layer_overhead_s + layer_s
-    return dict(seconds=seconds, expert_layer_s=layer_s, layer_calls=layer_calls,
+    seconds = costs.non_expert_s + layer_calls * costs.layer_overhead_s + rpcs * costs.rpc_overhead_s + layer_s
+    return dict(seconds=seconds, expert_layer_s=layer_s, layer_calls=layer_calls, rpcs=rpcs,
+                encoder_layer_s=layer_s_by_kind[ENCODER], decoder_layer_s=layer_s_by_kind[DECODER],
+                compute_mean_s=compute_mean_s,
                 balancedness=mean_sum / max_sum if max_sum else 1.0,
                 replicas_loaded=loads_moved, prefetch_hit_rate=hits / checks if checks else 0.0)
 
 
-def calibrate(measured_off: dict, group_s: float, token_s: float, replica_load_s: float, source: str) -> Costs:
-    """Costs from the measured run of mode off (keys: wall_s, rpc_wall_s, compute_max_s,
-    layer_calls, from the gateway's GetStatus over the measured span) and expert costs."""
-    calls = max(1, measured_off["layer_calls"])
-    return Costs(group_s=group_s, token_s=token_s,
-                 layer_overhead_s=max(0.0, measured_off["rpc_wall_s"] - measured_off["compute_max_s"]) / calls,
-                 non_expert_s=max(0.0, measured_off["wall_s"] - measured_off["rpc_wall_s"]),
-                 replica_load_s=replica_load_s, source=source)
+def calibrate(cal: dict, group_s: float, token_s: float, replica_load_s: float, source: str,
+              one: dict | None = None, simulated_compute_mean_s: float | None = None) -> Costs:
+    """Costs from measured runs of mode off, each a dict of its figures over the measured
+    span (wall_s, rpc_wall_s, compute_max_s, compute_mean_s, layer_calls, rpcs):
+    `cal` at the calibration server count, `one` (optional) with one server.
+
+    group_s and token_s (microbenchmark) are scaled by cal's measured mean compute over
+    simulated_compute_mean_s (the simulator's for cal, run with the unscaled costs). The
+    time a layer call spends beyond the slowest server's compute is split into a part per
+    call and a part per RPC by the two runs (one RPC per call with one server); with
+    only `cal` it is all per call.
+    """
+    scale = cal["compute_mean_s"] / simulated_compute_mean_s if simulated_compute_mean_s else 1.0
+    calls = max(1, cal["layer_calls"])
+    per_call = max(0.0, cal["rpc_wall_s"] - cal["compute_max_s"]) / calls
+    per_rpc = 0.0
+    rpcs_per_call = cal["rpcs"] / calls
+    if one is not None and rpcs_per_call > 1:
+        one_per_call = max(0.0, one["rpc_wall_s"] - one["compute_max_s"]) / max(1, one["layer_calls"])
+        per_rpc = max(0.0, (per_call - one_per_call) / (rpcs_per_call - 1))
+    return Costs(group_s=group_s * scale, token_s=token_s * scale,
+                 layer_overhead_s=max(0.0, per_call - per_rpc * rpcs_per_call),
+                 non_expert_s=max(0.0, cal["wall_s"] - cal["rpc_wall_s"]),
+                 replica_load_s=replica_load_s, source=source, rpc_overhead_s=per_rpc)
 
 
 def skew(info: TraceInfo, batches: list[list[Pass]]) -> float:

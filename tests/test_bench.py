@@ -64,9 +64,16 @@ def test_no_slots_no_replicas():
 
 
 def test_calibration_splits_the_measured_run():
-    c = simulator.calibrate(dict(wall_s=10.0, rpc_wall_s=4.0, compute_max_s=3.0, layer_calls=100), 0.001, 0.0001, 0.5, "cpu")
-    assert c.layer_overhead_s == pytest.approx(0.01) and c.non_expert_s == pytest.approx(6.0)
-    assert (c.group_s, c.token_s, c.replica_load_s) == (0.001, 0.0001, 0.5)
+    cal = dict(wall_s=10.0, rpc_wall_s=4.0, compute_max_s=3.0, compute_mean_s=2.0, layer_calls=100, rpcs=200)
+    one = dict(wall_s=12.0, rpc_wall_s=5.0, compute_max_s=4.4, compute_mean_s=4.4, layer_calls=100, rpcs=100)
+    c = simulator.calibrate(cal, 0.001, 0.0001, 0.5, "cpu", one=one, simulated_compute_mean_s=4.0)
+    # 10 ms beyond compute per call with 2 RPCs, 6 ms with 1: 4 ms per RPC, 2 ms per call.
+    assert c.rpc_overhead_s == pytest.approx(0.004) and c.layer_overhead_s == pytest.approx(0.002)
+    assert c.non_expert_s == pytest.approx(6.0)
+    # The servers computed half what the microbenchmark costs predict: costs halve.
+    assert (c.group_s, c.token_s, c.replica_load_s) == pytest.approx((0.0005, 0.00005, 0.5))
+    alone = simulator.calibrate(cal, 0.001, 0.0001, 0.5, "cpu")
+    assert alone.rpc_overhead_s == 0 and alone.layer_overhead_s == pytest.approx(0.01) and alone.token_s == 0.0001
 
 
 def test_moe_bench_on_the_tiny_preset(tmp_path, tiny):
