@@ -143,12 +143,15 @@ def makespan(loads: list[list[float]], home: list[list[int]], replicas: set[Repl
 
 def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[int], *, policy: str = "whole",
                   speeds: list[float] | None = None, previous: set[Replica] | None = None, min_gain: float = 0.02,
-                  candidates_per_layer: int = 4) -> Plan:
+                  candidates_per_layer: int = 4, targets_per_candidate: int = 4) -> Plan:
     """Choose replicas that make the forecast makespan smallest within each server's slots.
 
-    Greedy: repeatedly add the single replica with the largest makespan reduction,
-    trying for each layer its `candidates_per_layer` most loaded experts on that layer's
-    slowest server, copied to each server with a free slot. Stops when no replica helps.
+    Greedy: repeatedly add the single replica with the largest makespan reduction (ties:
+    the largest relief of that layer's slowest server, which crosses plateaus where
+    several servers are equally slow), trying for each layer its `candidates_per_layer`
+    most loaded experts on that layer's slowest server, copied to one of the
+    `targets_per_candidate` least loaded servers with a free slot. Stops when no replica
+    helps.
     Hysteresis: if `previous` (trimmed to the slots) forecasts within min_gain (a share
     of the no-replica makespan) of the new plan, it is kept, so weights do not churn.
     """
@@ -163,29 +166,37 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
     times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds) for layer in range(num_layers)]
     baseline = sum(times)
 
-    def best_for_layer(layer: int) -> tuple[float, Replica | None]:
+    def best_for_layer(layer: int) -> tuple[tuple[float, float], Replica | None]:
+        """The best replica for this layer and its (makespan gain, slowest server's gain).
+        The second part lets the greedy cross plateaus: when several servers tie as the
+        slowest, no single replica shortens the layer, but relieving one of them is progress."""
         counts = [max(0, int(round(x))) for x in loads[layer]]
         per_server = server_loads(assign_layer(counts, holders[layer], num_servers, policy, speeds), num_servers)
         slowest = max(range(num_servers), key=lambda s: (per_server[s] / speeds[s], -s))
         on_slowest = sorted((e for e in range(len(counts)) if slowest in holders[layer][e] and counts[e] > 0),
                             key=lambda e: (-counts[e], e))[:candidates_per_layer]
-        best_gain, best = 0.0, None
+        # Copies go to the least loaded servers with a free slot: under either policy a
+        # busier target relieves less. Trying only a few keeps planning fast at 64 servers.
+        targets = sorted((s for s in range(num_servers) if free[s] > 0),
+                         key=lambda s: (per_server[s] / speeds[s], s))
+        best_gain, best = (0.0, 0.0), None
         for e in on_slowest:
-            for s in range(num_servers):
-                if free[s] <= 0 or s in holders[layer][e]:
-                    continue
+            for s in [t for t in targets if t not in holders[layer][e]][:targets_per_candidate]:
                 trial = [list(h) for h in holders[layer]]
                 trial[e].append(s)
-                gain = times[layer] - layer_time(loads[layer], trial, num_servers, policy, speeds)
-                if gain > best_gain + 1e-9:
+                after = server_loads(assign_layer(counts, trial, num_servers, policy, speeds), num_servers)
+                gain = (times[layer] - max(n / speeds[k] for k, n in enumerate(after)),
+                        (per_server[slowest] - after[slowest]) / speeds[slowest])
+                progress = gain[0] > 1e-9 or (gain[0] > -1e-9 and gain[1] > 1e-9)
+                if progress and (best is None or gain > best_gain):
                     best_gain, best = gain, (layer, e, s)
         return best_gain, best
 
     best = {layer: best_for_layer(layer) for layer in range(num_layers)}
     while True:
         layer = max(best, key=lambda k: (best[k][0], -k))
-        gain, replica = best[layer]
-        if replica is None or gain <= 1e-9:
+        (gain, _), replica = best[layer]
+        if replica is None:
             break
         _, e, s = replica
         if free[s] <= 0 or s in holders[layer][e]:  # a slot another layer took meanwhile
