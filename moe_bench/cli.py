@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--new-tokens", type=int, default=8)
     g.add_argument("--clients", type=int, default=2, help="concurrent closed-loop clients")
     g.add_argument("--requests", type=int, default=12, help="measured requests per configuration")
-    g.add_argument("--warmup", type=int, default=2, help="requests before measuring")
+    g.add_argument("--warmup", type=int, default=2, help="requests before measuring, in every round")
+    g.add_argument("--rounds", type=int, default=2,
+                   help="split the measured requests into rounds run in ABBA order (drift hits all alike)")
     g = p.add_argument_group("replication and forecasts")
     g.add_argument("--predictor-checkpoint", type=Path, default=None,
                    help="trained forecaster; without it one is trained on the first --train-docs documents")
@@ -162,8 +164,19 @@ def _sampler(stub, stop: threading.Event, every_s: float = 0.5) -> tuple[list, t
     return samples, thread
 
 
-def run_gateway(a, source, addresses: list[str], mode: str, predictor: str, requests, reference, w: Workload) -> dict:
-    """Serve the workload through a fresh gateway in `mode`; every figure of one table row."""
+def _reference(mono: Monolithic, indexed, mono_runs, w: Workload):
+    """(request index, outputs) of the single-process model for every request: from its
+    timed rounds, and the warm-up requests served once more."""
+    seen = {r.request: r.outputs for recs, _ in mono_runs for r in recs}
+    for index, prompts in indexed:
+        if index not in seen:
+            seen[index] = mono.send(prompts, w.new_tokens)[2]
+    return seen.items()
+
+
+def serve_round(a, source, addresses: list[str], mode: str, predictor: str, warm, measured, w: Workload) -> dict:
+    """Serve warm-up then measured (index, prompts) requests through a fresh gateway in
+    `mode`; returns the raw figures of the measured part (mode_figures combines rounds)."""
     import grpc
 
     from gateway.launcher import spawn_gateway, wait_ready
@@ -190,73 +203,82 @@ def run_gateway(a, source, addresses: list[str], mode: str, predictor: str, requ
                 return (t.first_token_ns / 1e9, (t.total_ns - t.queue_ns - t.first_token_ns) / 1e9,
                         [list(g.token_ids) for g in reply.generations])
 
-            indexed = list(enumerate(requests))
-            drive(send, indexed[:w.warmup], w.clients)
+            drive(send, warm, w.clients)
             before = _status(stub)
             stop = threading.Event()
             samples, sampler = _sampler(stub, stop)
-            records, wall = drive(send, indexed[w.warmup:], w.clients)
+            records, wall = drive(send, measured, w.clients)
             stop.set()
             sampler.join()
             after = _status(stub)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    out = summarize(records, wall)
     p0, p1 = before.expert_path, after.expert_path
+    fields = ("forward_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "layer_calls", "rpcs",
+              "load_mean_sum", "load_max_sum")
+    return dict(
+        records=records, wall=wall, **{f: getattr(p1, f) - getattr(p0, f) for f in fields},
+        compute=[s1.compute_ns - s0.compute_ns for s0, s1 in zip(before.servers, after.servers)],
+        bytes_moved=after.replication.bytes_moved - before.replication.bytes_moved,
+        prefetch_hit_rate=after.replication.prefetch_hit_rate, replicas_ready=after.replication.replicas_ready,
+        rates=[(t1, [(b - a_) / (t1 - t0) for a_, b in zip(c0, c1)])
+               for (t0, c0), (t1, c1) in zip(samples, samples[1:]) if t1 > t0],
+    )
 
-    def d(field):
-        return (getattr(p1, field) - getattr(p0, field)) / 1e9
 
-    forward = d("forward_ns") or 1e-9
-    rpc_wall, cmax, cmean = d("rpc_wall_ns"), d("compute_max_ns"), d("compute_mean_ns")
-    dmax = p1.load_max_sum - p0.load_max_sum
-    compute = [(s1.compute_ns - s0.compute_ns) / 1e9 for s0, s1 in zip(before.servers, after.servers)]
-    rates = [(t1, [(b - a_) / (t1 - t0) for a_, b in zip(c0, c1)])
-             for (t0, c0), (t1, c1) in zip(samples, samples[1:]) if t1 > t0]
+def mode_figures(rounds: list[dict], reference: dict) -> dict:
+    """One table row from the rounds of one (servers, mode): sums over rounds."""
+    records = [r for rnd in rounds for r in rnd["records"]]
+    wall = sum(rnd["wall"] for rnd in rounds)
+
+    def total(field):
+        return sum(rnd[field] for rnd in rounds)
+
+    forward = total("forward_ns") / 1e9 or 1e-9
+    rpc_wall, cmax, cmean = total("rpc_wall_ns") / 1e9, total("compute_max_ns") / 1e9, total("compute_mean_ns") / 1e9
+    compute = [sum(c) / 1e9 for c in zip(*(rnd["compute"] for rnd in rounds))]
+    out = summarize(records, wall)
     out.update(
-        balancedness=(p1.load_mean_sum - p0.load_mean_sum) / dmax if dmax else 1.0,
+        balancedness=total("load_mean_sum") / total("load_max_sum") if total("load_max_sum") else 1.0,
         busy_share=[c / wall for c in compute],
         time_split=dict(gateway_compute=(forward - rpc_wall) / forward, expert_compute=cmean / forward,
                         waiting_on_slowest_server=(cmax - cmean) / forward,
                         transport_and_serialization=(rpc_wall - cmax) / forward),
         seconds=dict(forward=forward, rpc_wall=rpc_wall, compute_max=cmax, compute_mean=cmean),
-        layer_calls=p1.layer_calls - p0.layer_calls,
-        rpcs=p1.rpcs - p0.rpcs,
-        weights_moved_bytes=after.replication.bytes_moved - before.replication.bytes_moved,
-        prefetch_hit_rate=after.replication.prefetch_hit_rate,
-        replicas_ready=after.replication.replicas_ready,
+        layer_calls=total("layer_calls"), rpcs=total("rpcs"), rounds=len(rounds),
+        weights_moved_bytes=total("bytes_moved"),
+        prefetch_hit_rate=float(np.mean([rnd["prefetch_hit_rate"] for rnd in rounds])),
+        replicas_ready=rounds[-1]["replicas_ready"],
         identical_to_reference=all(r.outputs == reference[r.request] for r in records),
-        load_over_time=rates,
+        load_over_time=rounds[0]["rates"],
     )
     return out
 
 
-def run_monolithic(source, requests, w: Workload, trace_dir: Path):
-    """Serve the workload with the single-process model: (summary, outputs per request, TraceInfo).
-    Afterwards replays it once, untimed, recording the routing into trace_dir."""
-    from moe_common.traces import RoutingRecorder, TraceInfo, TraceWriter
-
-    log.info("single-process model: %d + %d requests", w.warmup, w.requests)
-    mono = Monolithic(source.path)
-    indexed = list(enumerate(requests))
-
+def run_monolithic(mono: Monolithic, warm, measured, w: Workload):
+    """One round of the single-process model: (records of the measured part, their wall time)."""
     def send(prompts):
         return mono.send(prompts, w.new_tokens)
 
-    warm, _ = drive(send, indexed[:w.warmup], w.clients)
-    records, wall = drive(send, indexed[w.warmup:], w.clients)
-    reference = {r.request: r.outputs for r in [*warm, *records]}
+    drive(send, warm, w.clients)
+    return drive(send, measured, w.clients)
+
+
+def record_trace(mono: Monolithic, source, indexed, w: Workload, trace_dir: Path):
+    """Replay every request once, untimed, recording the routing into trace_dir (-> TraceInfo)."""
+    from moe_common.traces import RoutingRecorder, TraceInfo, TraceWriter
+
     info = TraceInfo.from_config(mono.model.config, source)
     writer = TraceWriter(trace_dir, info)
     recorder = RoutingRecorder(mono.model, info, on_pass=writer.add)
     try:
         for _, prompts in indexed:  # one batch per request, in order: batch ids follow request indices
-            send(prompts)
+            mono.send(prompts, w.new_tokens)
     finally:
         recorder.remove()
         writer.close()
-    return summarize(records, wall), reference, info
+    return info
 
 
 class ExpertServers:
@@ -317,22 +339,25 @@ def run(a) -> dict:
     checkpoint = a.predictor_checkpoint or train_forecaster(a, source, docs[:a.train_docs], work)
     forecaster, _, forecaster_report = forecaster_lib.load(checkpoint, source.model_id)
 
-    # 1. The single-process model: timed, then once more with a routing recorder (untimed) for the simulator.
-    trace_dir = work / "bench-trace"
-    monolithic, reference, info = run_monolithic(source, requests, w, trace_dir)
+    # Rounds in ABBA order (the single-process model first and last, modes forward then
+    # backward), each serving an interleaved share of the measured requests, so that the
+    # machine's drift over the run hits every configuration alike.
+    indexed = list(enumerate(requests))
+    warm, measured_requests = indexed[:w.warmup], indexed[w.warmup:]
+    rounds = max(1, min(a.rounds, len(measured_requests)))
+    share = [measured_requests[r::rounds] for r in range(rounds)]
 
-    result: dict = dict(
-        command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
-        model=source.spec, num_experts=info.num_experts, num_sparse_layers=info.num_layers,
-        expert_servers=counts[0], replica_memory=a.replica_memory, policy=a.policy,
-        workload=w.__dict__, forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
-        monolithic=monolithic, modes={},
-    )
+    # 1. The single-process model (its first rounds now, its last after everything else).
+    log.info("single-process model: %d + %d requests in %d round(s)", w.warmup, w.requests, rounds)
+    mono = Monolithic(source.path)
+    mono_runs = [run_monolithic(mono, warm, share[r], w) for r in range(rounds // 2 or 1)]
+    trace_dir = work / "bench-trace"
+    info = record_trace(mono, source, indexed, w, trace_dir)
 
     # 2-3. Gateways over expert servers.
     predictor_port = pick_free_port()
     predictor = spawn_predictor(source.path, HOST, predictor_port, checkpoint, ["--log-level", "WARNING"])
-    measured: dict[int, dict[str, dict]] = {}
+    raw: dict[int, dict[str, list]] = {}
     threads_of: dict[int, int] = {}
     try:
         wait_ready(predictor, f"{HOST}:{predictor_port}")
@@ -343,19 +368,38 @@ def run(a) -> dict:
             servers = ExpertServers(source, n, a.replica_memory)
             threads_of[n] = servers.threads
             try:
-                for mode in run_modes:
-                    log.info("%d expert servers, mode %s", n, mode)
-                    r = run_gateway(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", requests, reference, w)
-                    r["vs_monolithic"] = r["tokens_per_s"]["total"] / monolithic["tokens_per_s"]["total"]
-                    measured.setdefault(n, {})[mode] = r
-                    log.info("  %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s",
-                             r["tokens_per_s"]["total"], r["vs_monolithic"], r["balancedness"], r["identical_to_reference"])
+                for r in range(rounds):
+                    for mode in (run_modes if r % 2 == 0 else run_modes[::-1]):
+                        log.info("%d expert servers, mode %s, round %d/%d", n, mode, r + 1, rounds)
+                        raw.setdefault(n, {}).setdefault(mode, []).append(
+                            serve_round(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", warm, share[r], w))
             finally:
                 servers.stop()
     finally:
         predictor.terminate()
         predictor.wait(timeout=60)
-    result["modes"] = measured[counts[0]]
+    mono_runs += [run_monolithic(mono, warm, share[r], w) for r in range(len(mono_runs), rounds)]
+    reference = {i: o for i, o in _reference(mono, indexed, mono_runs, w)}
+    del mono
+    gc.collect()
+    records = [rec for recs, _ in mono_runs for rec in recs]
+    monolithic = summarize(records, sum(wall for _, wall in mono_runs))
+    measured: dict[int, dict[str, dict]] = {}
+    for n, rows in raw.items():
+        for mode, rnds in rows.items():
+            r = mode_figures(rnds, reference)
+            r["vs_monolithic"] = r["tokens_per_s"]["total"] / monolithic["tokens_per_s"]["total"]
+            measured.setdefault(n, {})[mode] = r
+            log.info("%d servers, %s: %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s", n, mode,
+                     r["tokens_per_s"]["total"], r["vs_monolithic"], r["balancedness"], r["identical_to_reference"])
+
+    result: dict = dict(
+        command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
+        model=source.spec, num_experts=info.num_experts, num_sparse_layers=info.num_layers,
+        expert_servers=counts[0], replica_memory=a.replica_memory, policy=a.policy, rounds=rounds,
+        workload=w.__dict__, forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
+        monolithic=monolithic, modes=measured[counts[0]],
+    )
     if 1 in measured and counts[0] != 1:
         result["one_server"] = measured[1]["off"]
     result["measured"] = {str(n): {m: {k: v for k, v in r.items() if k != "load_over_time"} for m, r in rows.items()}
