@@ -5,7 +5,8 @@
 
 Takes one batch's actual loads (all sparse layers) from a routing trace and plans
 replicas with gateway.replication.plan_replicas for each server count and dispatch
-policy, with --slots replica slots per server. Prints replicas, the forecast makespan
+policy, with --slots replica slots per server. Prints the trace's routing skew, then
+replicas, the forecast makespan
 (slowest server's tokens, summed over layers) against no replicas, and planning time.
 The gateway plans once per batch, so this time is on the batch's path in predictive mode.
 """
@@ -22,9 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.replication import plan_replicas  # noqa: E402
-from moe_bench.simulator import batches_of  # noqa: E402
+from moe_bench.simulator import batches_of, skew  # noqa: E402
 from moe_common.placement import home_placement  # noqa: E402
-from moe_common.traces import load_manifest, read_passes  # noqa: E402
+from moe_common.traces import ENCODER, load_manifest, read_passes  # noqa: E402
 
 
 def main() -> int:
@@ -35,13 +36,14 @@ def main() -> int:
     p.add_argument("--slots", type=int, default=8)
     a = p.parse_args()
     info = load_manifest(a.trace)
-    batch = batches_of(list(read_passes(a.trace)))[a.batch]
+    batches = batches_of(list(read_passes(a.trace)))
     loads = np.zeros((info.num_layers, info.num_experts))
-    for pas in batch:
+    for pas in batches[a.batch]:
         for j, layer in enumerate(info.layers_of(pas.kind)):
             loads[layer] += pas.loads(info.num_experts)[j]
-    print(f"{info.model_source}: batch {a.batch}, {int(loads.sum())} routed tokens over {info.num_layers} layers, "
-          f"{a.slots} slots per server")
+    print(f"{info.model_source}: routing skew (busiest expert / fair share, mean over layer calls): "
+          f"{skew(info, batches, ENCODER):.1f}x on encoder passes, {skew(info, batches):.1f}x on all passes")
+    print(f"batch {a.batch}: {int(loads.sum())} routed tokens over {info.num_layers} layers, {a.slots} slots per server")
     for n in [int(x) for x in a.servers.split(",")]:
         home = home_placement(info.num_layers, info.num_experts, n)
         for policy in ("whole", "split"):

@@ -173,11 +173,14 @@ def calibrate(cal: dict, group_s: float, token_s: float, replica_load_s: float, 
                  replica_load_s=replica_load_s, source=source, rpc_overhead_s=per_rpc)
 
 
-def skew(info: TraceInfo, batches: list[list[Pass]]) -> float:
-    """Busiest expert's tokens over the fair share (tokens / experts), averaged over layer calls."""
+def skew(info: TraceInfo, batches: list[list[Pass]], kind: int | None = None) -> float:
+    """Busiest expert's tokens over the fair share (tokens / experts), averaged over layer
+    calls (of passes of `kind` only, when given)."""
     ratios = []
     for batch in batches:
         for p in batch:
+            if kind is not None and p.kind != kind:
+                continue
             for row in p.loads(info.num_experts):
                 if row.sum():
                     ratios.append(row.max() / (row.sum() / info.num_experts))
