@@ -55,7 +55,7 @@ def main() -> int:
     loads = []
     for e in range(5):
         t0 = time.perf_counter()
-        gpu._load((1, e))  # what SetReplicas does per replica: read, pin, copy on the copy stream
+        gpu.load_weights((1, e))  # what SetReplicas does per replica: read, pin, copy on the copy stream
         loads.append(time.perf_counter() - t0)
     result.update(device=torch.cuda.get_device_name(0), date=date.today().isoformat(), model=source.spec,
                   replica_load_s=statistics.median(loads), max_abs_diff_vs_cpu=diff)

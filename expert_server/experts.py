@@ -110,14 +110,16 @@ class ExpertStore:
             new = {k: v for k, v in current.items() if k in keep}
             missing = sorted(wanted - set(current))
             for key in missing:
-                new[key] = self._load(key)
+                new[key] = self.load_weights(key)
             self._weights = new  # atomic swap: in-flight runs keep their snapshot
             self._home = wanted
         dropped = len(home_before - wanted)
         log.info("assigned %d experts (%d loaded, %d dropped, %.1f MB)", len(new), len(missing), dropped, self.weight_bytes() / 1e6)
         return len(missing), dropped
 
-    def _load(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read one expert from the checkpoint onto this store's device (not kept: assign and
+        set_replicas keep what they load). Public so benchmarks can time a replica load."""
         wi, wo = self.checkpoint.expert_weights(self.layers[key[0]], key[1])
         return self._to_device(wi, wo)
 
@@ -178,7 +180,7 @@ class ExpertStore:
             if key in self._replicas:
                 continue
             try:
-                weights = self._load(key)
+                weights = self.load_weights(key)
             except Exception as exc:  # noqa: BLE001 - one unreadable replica must not stop the others
                 source = (sources or {}).get(key)
                 if not (source and fetch):

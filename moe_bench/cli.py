@@ -418,7 +418,7 @@ def run(a) -> dict:
     load_times = []
     for e in range(3):
         t0 = time.perf_counter()
-        store._load((0, e))
+        store.load_weights((0, e))
         load_times.append(time.perf_counter() - t0)
     replica_load_s = statistics.median(load_times)
     store.close()
