@@ -188,21 +188,30 @@ class ExpertClients:
 
     # ---- expert sets ----
 
-    def assign_experts(self, address: str, experts: list[tuple[int, int]], timeout_s: float) -> expert_pb2.AssignExpertsResponse:
+    def assign_experts(self, address: str, experts, timeout_s: float) -> None:
         """Tell a server to hold exactly these home experts (it loads the missing ones)."""
-        request = expert_pb2.AssignExpertsRequest(
-            experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in experts], model_id=self.model_id)
-        return self._result(address, self.stub(address).AssignExperts.future(request, timeout=timeout_s))
+        self.assign_many({address: experts}, timeout_s)
+
+    def assign_many(self, experts: dict[str, object], timeout_s: float) -> None:
+        """AssignExperts on several servers at once (address -> its (layer, expert) keys);
+        waits for all, then raises the first failure."""
+        calls = [(address, self.stub(address).AssignExperts.future(expert_pb2.AssignExpertsRequest(
+                     experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(keys)],
+                     model_id=self.model_id), timeout=timeout_s))
+                 for address, keys in experts.items()]
+        errors = []
+        for address, call in calls:
+            try:
+                self._result(address, call)
+            except MoEError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def assign_home_experts(self, timeout_s: float = 600.0) -> None:
         """Tell every server to hold exactly the experts it is home to (loads them)."""
         view = self.view
-        calls = [(a, view.stubs[s].AssignExperts.future(expert_pb2.AssignExpertsRequest(
-                     experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in view.experts_of(s)],
-                     model_id=self.model_id), timeout=timeout_s))
-                 for s, a in enumerate(view.addresses)]
-        for address, call in calls:
-            self._result(address, call)
+        self.assign_many({a: view.experts_of(s) for s, a in enumerate(view.addresses)}, timeout_s)
 
     def clear_replicas(self) -> None:
         """Drop every replica on every server (start from home placement)."""

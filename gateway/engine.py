@@ -138,7 +138,7 @@ class Engine:
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
-        self.forward_ns = 0  # wall time of generate_batch / forward_logits, summed (GetStatus)
+        self.forward_ns = 0  # wall time of generate_batch, summed (GetStatus expert_path.forward_ns)
         self.observer: PassObserver | None = None
         self.replicas: ReplicaManager | None = None
         if config.predictor or config.record_traces or config.replication != "off":

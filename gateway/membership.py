@@ -127,7 +127,7 @@ class Membership:
         log.info("membership: %s; %d experts move", ", ".join([*(f"+{a}" for a in joining), *(f"-{a}" for a in leaving)]),
                  moved)
         # 1. load: old and new home sets (a server still serves the old placement until the swap).
-        self._assign_all({a: before.get(a, set()) | after[a] for a in addresses if not after[a] <= before.get(a, set())},
+        self.clients.assign_many({a: before.get(a, set()) | after[a] for a in addresses if not after[a] <= before.get(a, set())},
                          timeout)
         t_load = time.monotonic()
         # 2. swap. 3. drain the old view, then drop what moved away.
@@ -139,7 +139,7 @@ class Membership:
         # Best effort: the new placement already serves; a server that fails here only holds
         # experts it no longer needs (and the watch evicts it if it died).
         try:
-            self._assign_all({a: after[a] for a in addresses if before.get(a, set()) - after[a]}, timeout)
+            self.clients.assign_many({a: after[a] for a in addresses if before.get(a, set()) - after[a]}, timeout)
         except MoEError as exc:
             log.warning("membership: dropping moved experts failed: %s", exc)
         for address in leaving:
@@ -155,24 +155,6 @@ class Membership:
         log.info("membership: now %d expert servers (%s); load %.2f s, drain %.2f s, total %.2f s",
                  len(addresses), ", ".join(addresses), change.load_s, change.drain_s, change.total_s)
         return change
-
-    def _assign_all(self, experts: dict[str, set], timeout_s: float) -> None:
-        """AssignExperts on several servers at once; raises the first failure."""
-        errors = []
-
-        def one(address, keys):
-            try:
-                self.clients.assign_experts(address, sorted(keys), timeout_s)
-            except MoEError as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one, args=item, daemon=True) for item in experts.items()]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
 
     # ---- discovery and health watch ----
 

@@ -120,18 +120,12 @@ def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
     from moe_common.checkpoint import Checkpoint
 
     init = Checkpoint(source.path).read(["shared.weight"])["shared.weight"]  # as `moe-predictor train --model` does
-    model, rep = forecaster.train(load_manifest(traces), list(read_passes(traces)), source_vocab(source),
-                                  init_embeddings=init)
+    info = load_manifest(traces)
+    model, rep = forecaster.train(info, list(read_passes(traces)), info.vocab_size, init_embeddings=init)
     path = work / "forecaster.pt"
-    forecaster.save(path, model, load_manifest(traces), rep)
+    forecaster.save(path, model, info, rep)
     log.info("forecaster trained in %.0f s", rep["train_seconds"])
     return path
-
-
-def source_vocab(source) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source.path).vocab_size
 
 
 # ---------------------------------------------------------------------------
@@ -421,12 +415,12 @@ def run(a) -> dict:
         store.load_weights((0, e))
         load_times.append(time.perf_counter() - t0)
     replica_load_s = statistics.median(load_times)
+    slots = parse_bytes(a.replica_memory) // store.expert_bytes  # as each expert server counts its slots
     store.close()
     del store
     gc.collect()
 
     # 5. Simulator: calibrate on mode off at the first server count, validate, project.
-    slots = parse_bytes(a.replica_memory) // (2 * 4 * _d_model_ff(source))
     off = measured[counts[0]].get("off")
     if off is not None:
         simulate_results(a, result, info, batches, measured, counts, threads_of, slots, replica_load_s, forecaster,
@@ -494,13 +488,6 @@ def simulate_results(a, result, info, batches, measured, counts, threads_of, slo
             s = sim(n, mode, proj, policy=policy)
             layers[name] = dict(all_s=s["expert_layer_s"], encoder_s=s["encoder_layer_s"], tokens_per_s=tokens / s["seconds"])
         result["simulated_split"][str(n)] = layers
-
-
-def _d_model_ff(source) -> int:
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(source.path)
-    return c.d_model * c.d_ff
 
 
 def main(argv=None) -> int:

@@ -123,9 +123,6 @@ class Monolithic:
         self.model = SwitchTransformersForConditionalGeneration.from_pretrained(path).eval()
         self.lock = threading.Lock()
 
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
     def send(self, prompts: list[list[int]], new_tokens: int):
         from moe_common.batching import generated_rows, pad_right
 
