@@ -47,6 +47,10 @@ class ExpertServerConfig:
     # ...but stop sooner once no call has arrived for this long: no gateway is using the
     # server (the gateway's health watch calls every --membership-interval-s, 1 s).
     drain_quiet_s: float = 2.5
+    # --- testing ---
+    # Every AssignExperts or SetReplicas that loads experts first waits this long, as a slow disk or a
+    # checkpoint of real size would make it; fault tests widen races with it.
+    simulate_load_delay_s: float = 0.0
     preload: list[tuple[int, int]] = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -58,6 +62,8 @@ class ExpertServerConfig:
             raise ValueError(f"--group-executor must be one of {GROUP_EXECUTORS}")
         if self.replica_memory < 0:
             raise ValueError("--replica-memory must be >= 0")
+        if self.simulate_load_delay_s < 0:
+            raise ValueError("--simulate-load-delay-s must be >= 0")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0")
         if not 0 <= self.port < 65536:

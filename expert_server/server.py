@@ -53,7 +53,7 @@ class ExpertServer:
         self.config = config
         source = model_source.resolve(config.model, config.cache_dir)
         self.store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
-        self.servicer = ExpertServicer(self.store, config.tls)
+        self.servicer = ExpertServicer(self.store, config.tls, config.simulate_load_delay_s)
         self.activity = serving.ActivityInterceptor()
         self.server, self.port, self.health = serving.create_server(
             config.address,
@@ -73,9 +73,18 @@ class ExpertServer:
     def register(self) -> None:
         """Join the gateway given by --register-with (it moves a share of experts here)."""
         me = self.config.advertised(self.port)
-        with self.config.tls.channel(self.config.register_with) as channel:
-            change = gateway_pb2_grpc.MembershipServiceStub(channel).AddExpertServer(
-                gateway_pb2.AddExpertServerRequest(address=me), timeout=self.config.drain_timeout_s + 600)
+        try:
+            with self.config.tls.channel(self.config.register_with) as channel:
+                change = gateway_pb2_grpc.MembershipServiceStub(channel).AddExpertServer(
+                    gateway_pb2.AddExpertServerRequest(address=me), timeout=self.config.drain_timeout_s + 600)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            # Restarted at the address of a member (moe-serve restarts a crashed server so):
+            # the gateway gives this server its home experts back on its first call.
+            log.info("gateway %s: %s is already a member; it re-assigns our experts on first use",
+                     self.config.register_with, me)
+            return
         log.info("joined gateway %s as %s: %d experts moved in %.2f s", self.config.register_with, me,
                  change.experts_moved, change.total_s)
 
@@ -128,6 +137,8 @@ def parse_args(argv=None) -> ExpertServerConfig:
                    help="on SIGTERM, serve on until the gateway moved our experts away, at most this long")
     p.add_argument("--drain-quiet-s", type=float, default=2.5,
                    help="...or until no call (health checks included) arrived for this long")
+    p.add_argument("--simulate-load-delay-s", type=float, default=0.0,
+                   help="testing: wait this long in every AssignExperts or SetReplicas that loads experts (a slow disk)")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
     a = p.parse_args(argv)
@@ -156,6 +167,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             advertise=a.advertise,
             drain_timeout_s=a.drain_timeout_s,
             drain_quiet_s=a.drain_quiet_s,
+            simulate_load_delay_s=a.simulate_load_delay_s,
             tls=tls.from_args(a),
         )
     except ValueError as exc:

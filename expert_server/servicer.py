@@ -14,9 +14,10 @@ from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, store: ExpertStore, tls: TlsConfig = PLAINTEXT):
+    def __init__(self, store: ExpertStore, tls: TlsConfig = PLAINTEXT, load_delay_s: float = 0.0):
         self.store = store
         self.tls = tls
+        self.load_delay_s = load_delay_s  # ExpertServerConfig.simulate_load_delay_s
         self.draining = threading.Event()  # set on shutdown (expert_server/server.py)
 
     def RunExperts(self, request, context):
@@ -33,7 +34,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def AssignExperts(self, request, context):
         self.store.check_model(request.model_id)
-        loaded, dropped = self.store.assign([(r.layer, r.expert) for r in request.experts])
+        experts = [(r.layer, r.expert) for r in request.experts]
+        if self.load_delay_s and not set(experts) <= set(self.store.held()):
+            time.sleep(self.load_delay_s)
+        loaded, dropped = self.store.assign(experts)
         return expert_pb2.AssignExpertsResponse(loaded=loaded, dropped=dropped, weight_bytes=self.store.weight_bytes())
 
     def SetReplicas(self, request, context):
@@ -42,6 +46,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         if request.home_addresses and len(request.home_addresses) != len(wanted):
             raise InvalidArgument(f"{len(request.home_addresses)} home addresses for {len(wanted)} replicas")
         sources = {k: a for k, a in zip(wanted, request.home_addresses) if a}
+        if self.load_delay_s and not set(wanted) <= set(self.store.held()):
+            time.sleep(self.load_delay_s)
         refused, loaded = self.store.set_replicas(wanted, sources, self._fetch)
         return expert_pb2.SetReplicasResponse(
             ready=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in self.store.replicas()],

@@ -7,7 +7,9 @@ about its own tokens as they are generated and gets its result as soon as its ow
 rows are finished, not when the whole batch is. A request with more prompts than
 max_batch_size runs as a batch of its own; a seeded sampling request always runs
 alone, since a batch shares one random stream and the seed promises the same tokens
-whatever else arrives. A cancelled request stops taking part in its batch.
+whatever else arrives. A cancelled request (its client went away or its deadline
+passed) leaves the queue at once, stops taking part in its batch, and its handler
+stops waiting: a handler thread is never held by a request nobody waits for.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.engine import Engine, RowResult, Sampling
-from moe_common.errors import ResourceExhausted, Unavailable
+from moe_common.errors import Cancelled, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: compared and removed by identity
 class Job:
     """One client request: its prompts and where its events go."""
 
@@ -37,10 +39,20 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
+    def cancel(self) -> None:
+        """The client went away: stop taking part, and wake whoever waits on the events
+        (the gRPC handler thread), which would otherwise wait for a reply nobody reads."""
+        self.cancelled.set()
+        self.events.put(("error", Cancelled("the request was cancelled or its deadline passed")))
+
+    def next_event(self) -> tuple:
+        """The next event: ("token", ...), ("done", ...) or ("error", exception)."""
+        return self.events.get()
+
     def wait(self):
         """Block until the job finishes; returns (results, timings) or raises its error."""
         while True:
-            kind, *rest = self.events.get()
+            kind, *rest = self.next_event()
             if kind == "done":
                 return rest[0], rest[1]
             if kind == "error":
@@ -65,6 +77,8 @@ class Batcher:
 
     def submit(self, job: Job) -> Job:
         with self._cv:
+            if job.cancelled.is_set():
+                return job  # its client already went away; its error event is queued
             if self._stopped:
                 raise Unavailable("the gateway is shutting down")
             queued = sum(len(j.prompts) for j in self._pending)
@@ -73,6 +87,15 @@ class Batcher:
             self._pending.append(job)
             self._cv.notify()
         return job
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a job (its RPC ended): it leaves the queue now, so it neither counts
+        against max_queued_prompts nor holds its handler thread until its turn."""
+        job.cancel()
+        with self._cv:
+            if job in self._pending:
+                self._pending.remove(job)
+                self._cv.notify()
 
     def stop(self) -> None:
         with self._cv:

@@ -12,64 +12,25 @@ the same ops HF uses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
-import grpc
 import torch
 from torch import nn
 
-from moe_common import tensor_codec
-from moe_common.errors import FailedPrecondition, MoEError, Unavailable
+from gateway.connections import Connections, ExpertsMissing, call_result
+from gateway.dispatch_stats import DispatchStats, LayerCall
 from gateway.replication import assign_layer
-from moe_common.serving import message_options
+from moe_common import tensor_codec
+from moe_common.errors import MoEError, Unavailable
 from moe_common.tls import PLAINTEXT, TlsConfig
-from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+from moe_protos.moe.expert.v1 import expert_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DispatchStats:
-    """Counters of the expert path, summed over calls. Times in nanoseconds."""
-
-    calls: int = 0  # sparse-layer dispatches
-    rpcs: int = 0
-    tokens: int = 0  # routed tokens sent (dropped tokens are not sent)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    dispatch_ns: int = 0  # wall time inside RemoteExperts.forward
-    rpc_wall_ns: int = 0  # from encoding the first request to decoding the last reply, per layer
-    server_compute_ns: int = 0  # max over servers of their compute, per layer (the critical path)
-    server_compute_mean_ns: float = 0.0  # mean over the view's servers (idle ones count 0), per layer
-    compute_by_server: dict[str, int] = field(default_factory=dict)  # address -> compute ns reported
-    server_codec_ns: int = 0  # max over servers of their tensor codec time, per layer
-    gateway_codec_ns: int = 0  # encoding requests and decoding replies in the gateway
-    # Keyed by address, not index: servers join and leave (gateway/membership.py).
-    tokens_by_server: dict[str, int] = field(default_factory=dict)
-    # Balance: balancedness = sum_mean_load / sum_max_load over layer dispatches (vLLM's definition).
-    sum_mean_load: float = 0.0
-    sum_max_load: float = 0.0
-    replica_tokens: int = 0  # tokens computed by a replica rather than the home server
-    planned_checks: int = 0  # planned replicas whose layer ran...
-    planned_ready: int = 0  # ...and were ready then (prefetch hits)
-
-    def reset(self) -> None:
-        """Zero every counter."""
-        self.__dict__.update(DispatchStats().__dict__)
-
-
-class ExpertServerError(MoEError):
-    """An expert server answered with an error the gateway did not expect: a bug on
-    our side, so INTERNAL, whatever code the server used."""
-
-
-class ExpertsMissing(MoEError):
-    """An expert server does not hold an expert the gateway sent it (it restarted)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass(eq=False)
@@ -79,8 +40,9 @@ class ServerView:
     the s of planned (layer, expert, s)) index `addresses`.
 
     A membership change (gateway/membership.py) builds a new view and swaps it in; a
-    layer call keeps the view it started with, and `inflight` counts those calls so that
-    the old view can be drained before its servers drop experts.
+    layer call (or a replica plan being sent) keeps the view it started with, and
+    `inflight` counts those users so that the old view can be drained before its
+    servers drop experts and their channels close.
     """
 
     addresses: list[str]
@@ -102,7 +64,9 @@ class ServerView:
 
 
 class ExpertClients:
-    """Channels to the expert servers and the current ServerView.
+    """The current ServerView and the calls that use it: expert sets (AssignExperts,
+    SetReplicas) and running a layer. Channels live in `connections`
+    (gateway/connections.py), counters in `stats` (gateway/dispatch_stats.py).
 
     Dispatch uses home servers and ready replicas only, so it never waits for a replica.
     """
@@ -115,11 +79,8 @@ class ExpertClients:
         self.model_id = model_id
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
-        self.tls = tls
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, expert_pb2_grpc.ExpertServiceStub] = {}
+        self.connections = Connections(tls)
         self.stats = DispatchStats()
-        self._stats_lock = threading.Lock()
         self.policy = policy
         # Guards the view's ready/planned between the batcher thread and SetReplicas
         # callbacks, and the swap of views.
@@ -127,17 +88,11 @@ class ExpertClients:
         self._drained = threading.Condition(self.replica_lock)
         self.view = self.make_view(addresses, home, [0] * len(addresses))
 
-    # ---- membership ----
+    # ---- views ----
 
-    def stub(self, address: str) -> expert_pb2_grpc.ExpertServiceStub:
-        """The stub of a server, opening its channel on first use."""
-        if address not in self._stubs:
-            # Reconnect within a second once a server is back (gRPC's default backoff grows to 2 minutes).
-            options = [*message_options(), ("grpc.initial_reconnect_backoff_ms", 100),
-                       ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-            self._channels[address] = self.tls.channel(address, options=options)
-            self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
-        return self._stubs[address]
+    def stub(self, address: str):
+        """The stub of a member, opening its channel on first use."""
+        return self.connections.stub(address)
 
     def make_view(self, addresses: list[str], home: list[list[int]], slots: list[int]) -> ServerView:
         return ServerView(list(addresses), [self.stub(a) for a in addresses], home, list(slots))
@@ -149,16 +104,30 @@ class ExpertClients:
             old, self.view = self.view, view
         return old
 
+    @contextlib.contextmanager
+    def using_view(self) -> Iterator[ServerView]:
+        """The current view, counted in flight while the block runs: a membership change
+        waits for it before its servers drop experts or their channels close."""
+        with self.replica_lock:
+            view = self.view
+            view.inflight += 1
+        try:
+            yield view
+        finally:
+            with self._drained:
+                view.inflight -= 1
+                self._drained.notify_all()
+
     def wait_drained(self, view: ServerView, timeout_s: float) -> bool:
         """Wait until no layer call runs on `view`; False on timeout."""
         with self._drained:
             return self._drained.wait_for(lambda: view.inflight == 0, timeout=timeout_s)
 
-    def close_channel(self, address: str) -> None:
-        self._stubs.pop(address, None)
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            channel.close()
+    def retain_members(self) -> None:
+        """Close channels and forget per-server figures of every non-member."""
+        addresses = self.view.addresses
+        self.connections.retain(addresses)
+        self.stats.retain(addresses)
 
     @property
     def addresses(self) -> list[str]:
@@ -168,23 +137,22 @@ class ExpertClients:
     def home(self) -> list[list[int]]:
         return self.view.home
 
-    def tokens_per_server(self) -> list[int]:
-        """Tokens each current server computed so far, in view order."""
-        with self._stats_lock:
-            return [self.stats.tokens_by_server.get(a, 0) for a in self.view.addresses]
+    def tokens_per_server(self, view: ServerView | None = None) -> list[int]:
+        """Tokens each server of `view` (default: the current one) computed so far, in view order."""
+        return self.stats.tokens_of((view or self.view).addresses)
 
-    def compute_per_server(self) -> list[int]:
-        """Expert compute (ns) each current server reported so far, in view order."""
-        with self._stats_lock:
-            return [self.stats.compute_by_server.get(a, 0) for a in self.view.addresses]
+    def compute_per_server(self, view: ServerView | None = None) -> list[int]:
+        """Expert compute (ns) each server of `view` reported so far, in view order."""
+        return self.stats.compute_of((view or self.view).addresses)
 
-    def close(self) -> None:
-        for address in list(self._channels):
-            self.close_channel(address)
+    def balancedness(self) -> float:
+        return self.stats.balancedness()
 
     def add_dispatch_time(self, ns: int) -> None:
-        with self._stats_lock:
-            self.stats.dispatch_ns += ns
+        self.stats.add_dispatch_time(ns)
+
+    def close(self) -> None:
+        self.connections.close_all()
 
     # ---- expert sets ----
 
@@ -202,7 +170,7 @@ class ExpertClients:
         errors = []
         for address, call in calls:
             try:
-                self._result(address, call)
+                call_result(address, call)
             except MoEError as exc:
                 errors.append(exc)
         if errors:
@@ -219,28 +187,16 @@ class ExpertClients:
         calls = [(a, self.stub(a).SetReplicas.future(expert_pb2.SetReplicasRequest(model_id=self.model_id),
                                                      timeout=self.timeout_s)) for a in view.addresses]
         for address, call in calls:
-            self._result(address, call)
+            call_result(address, call)
         with self.replica_lock:
             view.ready = [set() for _ in view.addresses]
             view.planned = set()
             view.synced = set(range(len(view.addresses)))
 
     def info(self, address: str, timeout_s: float = 2.0) -> expert_pb2.GetInfoResponse:
-        return self._result(address, self.stub(address).GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
-
-    def _result(self, address: str, call):
-        try:
-            return call.result()
-        except grpc.RpcError as err:
-            code, details = err.code(), err.details()
-            where = f"expert server {address}"
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                raise Unavailable(f"{where} is unavailable ({code.name}: {details})") from None
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise ExpertsMissing(f"{where} lost experts it is home to: {details}") from None
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(f"{where}: {details}") from None
-            raise ExpertServerError(f"{where} failed: {code.name}: {details}") from None
+        """GetInfo of any server: a member's channel, or a short-lived one for others."""
+        with self.connections.stub_for_call(address) as stub:
+            return call_result(address, stub.GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
 
     def reassign(self, view: ServerView, server: int) -> None:
         """Give a server that lost its experts (a restart) its home experts again. Its
@@ -251,35 +207,24 @@ class ExpertClients:
             view.ready[server] = set()
             view.planned = {r for r in view.planned if r[2] != server}
             view.replica_sequence[server] += 1  # ignore replies of SetReplicas sent before the restart
+            view.synced.discard(server)  # and send it its replica set again
         self.assign_experts(address, view.experts_of(server), self.timeout_s)
-
-    def balancedness(self) -> float:
-        """vLLM's balancedness (gateway.replication.balancedness) over every layer dispatch so
-        far, kept as two running sums instead of the whole [dispatches x servers] matrix."""
-        st = self.stats
-        return st.sum_mean_load / st.sum_max_load if st.sum_max_load else 1.0
 
     # ---- running a layer ----
 
-    def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]],
-                  retry: bool = True) -> dict[int, torch.Tensor]:
+    def run_layer(self, layer: int, hidden: torch.Tensor, token_lists: list[tuple[int, torch.Tensor]]
+                  ) -> dict[int, torch.Tensor]:
         """Run one sparse layer's experts remotely, on the current view's servers.
 
         hidden: [N, d_model]; token_lists: [(expert, token indices [n_e])] with n_e > 0.
         Returns {expert: outputs [n_e, d_model]} (not yet scaled by router probabilities).
         """
-        with self.replica_lock:
-            view = self.view
-            view.inflight += 1
-        try:
-            return self._run_layer(view, layer, hidden, token_lists, retry)
-        finally:
-            with self._drained:
-                view.inflight -= 1
-                self._drained.notify_all()
+        with self.using_view() as view:
+            return self._run_layer(view, layer, hidden, token_lists, reassigned=frozenset())
 
     def _run_layer(self, view: ServerView, layer: int, hidden: torch.Tensor,
-                   token_lists: list[tuple[int, torch.Tensor]], retry: bool) -> dict[int, torch.Tensor]:
+                   token_lists: list[tuple[int, torch.Tensor]], reassigned: frozenset) -> dict[int, torch.Tensor]:
+        """`reassigned`: servers this call already gave their experts back (each once)."""
         t0 = time.perf_counter_ns()
         by_server = self._assign(view, layer, token_lists)
         requests, calls = {}, {}
@@ -296,24 +241,20 @@ class ExpertClients:
         sent = sum(len(r.hidden_states.data) for r in requests.values())
         t_sent = time.perf_counter_ns()
         outputs: dict[int, list[tuple[int, torch.Tensor]]] = {}  # expert -> [(first token, rows)]
-        compute = codec = received = 0
-        decode_ns = 0
+        codec = received = decode_ns = 0
         compute_of: dict[int, int] = {}
+        missing: list[int] = []  # servers that answered they lost experts (restarted)
         try:
             for server, call in calls.items():
                 try:
-                    reply = self._result(view.addresses[server], call)
+                    reply = call_result(view.addresses[server], call)
                 except ExpertsMissing as exc:
-                    if not retry:
-                        raise Unavailable(f"{exc} (again after re-assigning its experts)") from None
-                    # A restarted server comes back empty (or a replica was evicted just
-                    # before the call): give it its home experts again and run the layer once
-                    # more without its replicas.
-                    for other in calls.values():
-                        other.cancel()
-                    self.reassign(view, server)
-                    return self._run_layer(view, layer, hidden, token_lists, retry=False)
-                compute = max(compute, reply.compute_ns)
+                    if server in reassigned:
+                        raise Unavailable(f"{exc} (again, after its experts were re-assigned)") from None
+                    missing.append(server)
+                    continue
+                if missing:
+                    continue  # the layer runs again anyway: only wait to learn who else restarted
                 compute_of[server] = reply.compute_ns
                 codec = max(codec, reply.codec_ns)
                 received += len(reply.outputs.data)
@@ -328,36 +269,26 @@ class ExpertClients:
             for call in calls.values():
                 call.cancel()  # the layer failed: do not leave the other servers computing for nobody
             raise
+        if missing:
+            # Restarted servers come back empty (or a replica was evicted just before the
+            # call): give each its home experts again and run the layer once more without
+            # their replicas. Every server is re-assigned at most once per layer call.
+            for server in missing:
+                self.reassign(view, server)
+            return self._run_layer(view, layer, hidden, token_lists, reassigned | frozenset(missing))
         t1 = time.perf_counter_ns()
-        layer_loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(view.addresses))]
-        log.debug("layer %d: tokens per server %s", layer, layer_loads)
-        with self._stats_lock:
-            st = self.stats
-            st.calls += 1
-            st.rpcs += len(calls)
-            st.tokens += sum(len(t) for _, t in token_lists)
-            st.bytes_sent += sent
-            st.bytes_received += received
-            st.rpc_wall_ns += t1 - t0
-            st.server_compute_ns += compute
-            st.server_compute_mean_ns += sum(compute_of.values()) / len(view.addresses)
-            for server, ns in compute_of.items():
-                address = view.addresses[server]
-                st.compute_by_server[address] = st.compute_by_server.get(address, 0) + ns
-            st.server_codec_ns += codec
-            st.gateway_codec_ns += (t_sent - t0) + decode_ns
-            for server, load in enumerate(layer_loads):
-                address = view.addresses[server]
-                st.tokens_by_server[address] = st.tokens_by_server.get(address, 0) + load
-            st.sum_mean_load += sum(layer_loads) / len(layer_loads)
-            st.sum_max_load += max(layer_loads)
-            for s, items in by_server.items():
-                st.replica_tokens += sum(len(t) for e, t in items if view.home[layer][e] != s)
-            with self.replica_lock:
-                for (pl, e, s) in view.planned:
-                    if pl == layer:
-                        st.planned_checks += 1
-                        st.planned_ready += (layer, e) in view.ready[s]
+        loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(view.addresses))]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("layer %d: tokens per server %s", layer, loads)
+        with self.replica_lock:
+            planned = [(e, s) for (pl, e, s) in view.planned if pl == layer]
+            ready_hits = sum((layer, e) in view.ready[s] for e, s in planned)
+        self.stats.record(LayerCall(
+            addresses=view.addresses, loads=loads, compute_ns=compute_of, codec_ns=codec,
+            tokens=sum(len(t) for _, t in token_lists), rpcs=len(calls), bytes_sent=sent, bytes_received=received,
+            wall_ns=t1 - t0, gateway_codec_ns=(t_sent - t0) + decode_ns,
+            replica_tokens=sum(len(t) for s, items in by_server.items() for e, t in items if view.home[layer][e] != s),
+            planned_checks=len(planned), planned_ready=ready_hits))
         # An expert split over servers comes back in chunks: join them in token order.
         return {e: torch.cat([o for _, o in sorted(parts, key=lambda x: x[0])]) if len(parts) > 1 else parts[0][1]
                 for e, parts in outputs.items()}

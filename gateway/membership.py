@@ -22,15 +22,25 @@ Where changes come from:
     a compose service): new addresses join;
   - the health watch: a member that answers NOT_SERVING (it is shutting down) leaves
     gracefully; one unreachable for evict_after_s is removed without draining
-    (failover: its experts are loaded from the checkpoint on the others).
+    (failover: its experts are loaded from the checkpoint on the others), together
+    with every other member that is unreachable too (to_evict), since experts placed
+    on a dead member could never load.
+
+Changes wait until the gateway has connected to its first servers (a join that
+arrives during start-up is applied after it, not overwritten by it). While a change
+runs, the gateway keeps calling a leaving server's health service, so a server that
+drains ("no calls for a while: nobody uses me") does not exit while its experts
+are still being loaded elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
@@ -42,6 +52,8 @@ from moe_common.placement import moved_experts, rebalance_home
 from moe_common.serving import wait_for_serving
 
 log = logging.getLogger(__name__)
+CHANGES_KEPT = 32  # GetStatus reports this many recent changes
+JOIN_RETRY_S = 10.0  # a discovered address that failed to join is tried again after this long
 
 
 @dataclass
@@ -53,6 +65,16 @@ class Change:
     load_s: float
     drain_s: float
     total_s: float
+
+
+def to_evict(unreachable_since: dict[str, float], now: float, evict_after_s: float, confirm_s: float) -> list[str]:
+    """The members to evict together now, given when each unreachable member was first
+    found unreachable: none until one has been unreachable for evict_after_s; then it,
+    and every other member unreachable for at least confirm_s too (one missed check is
+    not enough). Pure. Sorted by address."""
+    if not any(now - since >= evict_after_s for since in unreachable_since.values()):
+        return []
+    return sorted(a for a, since in unreachable_since.items() if now - since >= min(confirm_s, evict_after_s))
 
 
 def resolve(target: str) -> list[str]:
@@ -75,21 +97,32 @@ class Membership:
         self.engine = engine
         self.config = engine.config  # GatewayConfig: expert_discovery, membership_interval_s, evict_after_s, ...
         self.clients: ExpertClients = engine.clients
-        self.changes: list[Change] = []
+        self.changes: deque[Change] = deque(maxlen=CHANGES_KEPT)  # the most recent ones
+        self.changes_total = 0
         self._lock = threading.Lock()  # one change at a time
+        self._connected = threading.Event()  # the engine has its first view (start())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._unreachable_since: dict[str, float] = {}
+        self._unreachable_since: dict[str, float] = {}  # member -> when it first missed a health check
         self._join_failed_at: dict[str, float] = {}  # discovered addresses that could not join, when
+        self._last_warning: dict[str, str] = {}  # address -> last "not removing" reason logged
 
     # ---- changes ----
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """One change at a time, and none before the engine connected to its first servers."""
+        if not self._connected.wait(self.config.startup_timeout_s):
+            raise Unavailable("the gateway is still starting (connecting to its first expert servers); retry later")
+        with self._lock:
+            yield
 
     def add(self, address: str) -> Change:
         """Add a SERVING expert server of this model and move its share of experts to it."""
         address = address.strip()
         if not address or ":" not in address:
             raise InvalidArgument(f"expert server address must be host:port, not {address!r}")
-        with self._lock:
+        with self._changing():
             view = self.clients.view
             if address in view.addresses:
                 raise AlreadyExists(f"expert server {address} is already a member")
@@ -99,43 +132,55 @@ class Membership:
                 raise Unavailable(f"expert server {address} is not SERVING: {exc}") from None
             slots = self.engine.check_server(address)
             keep = list(range(len(view.addresses)))
+            self._unreachable_since.pop(address, None)
             return self._change(view, keep, [address], [*view.slots, slots], leaving=[])
 
     def remove(self, address: str, graceful: bool = True) -> Change:
         """Remove a member. Graceful: it keeps serving until its experts are loaded elsewhere
         and no call uses it. Not graceful (it died): its experts move without its help."""
-        with self._lock:
+        return self.remove_many([address], graceful)
+
+    def remove_many(self, addresses: list[str], graceful: bool = True) -> Change:
+        """Remove several members in one change (their experts go to the others only)."""
+        with self._changing():
             view = self.clients.view
-            if address not in view.addresses:
-                raise NotFound(f"expert server {address} is not a member (members: {', '.join(view.addresses)})")
-            if len(view.addresses) == 1:
-                raise FailedPrecondition(f"expert server {address} is the last member; add another before removing it")
-            gone = view.addresses.index(address)
-            keep = [s for s in range(len(view.addresses)) if s != gone]
-            return self._change(view, keep, [], [view.slots[s] for s in keep], leaving=[address], graceful=graceful)
+            missing = [a for a in addresses if a not in view.addresses]
+            if missing:
+                raise NotFound(f"expert server {', '.join(missing)} is not a member (members: {', '.join(view.addresses)})")
+            keep = [s for s, a in enumerate(view.addresses) if a not in addresses]
+            if not keep:
+                which = "the last member" if len(addresses) == 1 else "every member"
+                raise FailedPrecondition(f"expert server {', '.join(addresses)} is {which}; add another before removing it")
+            return self._change(view, keep, [], [view.slots[s] for s in keep], leaving=list(addresses), graceful=graceful)
 
     def _change(self, old: ServerView, keep: list[int], joining: list[str], slots: list[int],
                 leaving: list[str], graceful: bool = True) -> Change:
         t0 = time.monotonic()
         addresses = [old.addresses[s] for s in keep] + joining
         home = rebalance_home(old.home, keep, len(joining))
-        new = self.clients.make_view(addresses, home, slots)
         before = {a: set(old.experts_of(s)) for s, a in enumerate(old.addresses)}
-        after = {a: set(new.experts_of(s)) for s, a in enumerate(new.addresses)}
         moved = moved_experts(old.home, home, keep)
         timeout = self.config.startup_timeout_s
         log.info("membership: %s; %d experts move", ", ".join([*(f"+{a}" for a in joining), *(f"-{a}" for a in leaving)]),
                  moved)
-        # 1. load: old and new home sets (a server still serves the old placement until the swap).
-        self.clients.assign_many({a: before.get(a, set()) | after[a] for a in addresses if not after[a] <= before.get(a, set())},
-                         timeout)
-        t_load = time.monotonic()
-        # 2. swap. 3. drain the old view, then drop what moved away.
-        self.clients.swap(new)
-        if not self.clients.wait_drained(old, timeout_s=2 * self.clients.timeout_s):
-            log.warning("membership: layer calls on the old placement still running after %.0f s; dropping anyway",
-                        2 * self.clients.timeout_s)
-        t_drain = time.monotonic()
+        # A leaving server drains until nobody calls it: call it while its experts load elsewhere.
+        with self._keeping_alive(leaving if graceful else []):
+            try:
+                new = self.clients.make_view(addresses, home, slots)
+                after = {a: set(new.experts_of(s)) for s, a in enumerate(new.addresses)}
+                # 1. load: old and new home sets (a server still serves the old placement until the swap).
+                self.clients.assign_many({a: before.get(a, set()) | after[a] for a in addresses
+                                          if not after[a] <= before.get(a, set())}, timeout)
+            except BaseException:
+                self.clients.retain_members()  # close the channels opened for joiners
+                raise
+            t_load = time.monotonic()
+            # 2. swap. 3. drain the old view, then drop what moved away.
+            self.clients.swap(new)
+            if not self.clients.wait_drained(old, timeout_s=2 * self.clients.timeout_s):
+                log.warning("membership: layer calls on the old placement still running after %.0f s; dropping anyway",
+                            2 * self.clients.timeout_s)
+            t_drain = time.monotonic()
         # Best effort: the new placement already serves; a server that fails here only holds
         # experts it no longer needs (and the watch evicts it if it died).
         try:
@@ -148,17 +193,41 @@ class Membership:
                     self.clients.assign_experts(address, [], timeout_s=30)
                 except MoEError as exc:
                     log.info("membership: %s did not take its empty expert set: %s", address, exc)
-            self.clients.close_channel(address)
             self._unreachable_since.pop(address, None)
+        self.clients.retain_members()  # close the channels of servers that left
         change = Change(addresses, moved, t_load - t0, t_drain - t_load, time.monotonic() - t0)
         self.changes.append(change)
+        self.changes_total += 1
         log.info("membership: now %d expert servers (%s); load %.2f s, drain %.2f s, total %.2f s",
                  len(addresses), ", ".join(addresses), change.load_s, change.drain_s, change.total_s)
         return change
 
+    @contextlib.contextmanager
+    def _keeping_alive(self, addresses: list[str]):
+        """Call the health service of `addresses` every membership interval while the block runs."""
+        if not addresses:
+            yield
+            return
+        done = threading.Event()
+
+        def ping():
+            while not done.wait(self.config.membership_interval_s):
+                for address in addresses:
+                    self._health(address)
+
+        thread = threading.Thread(target=ping, name="membership-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     # ---- discovery and health watch ----
 
     def start(self) -> None:
+        """The engine has connected: changes may run, and the watch starts."""
+        self._connected.set()
         self._thread = threading.Thread(target=self._watch, name="membership", daemon=True)
         self._thread.start()
 
@@ -177,34 +246,54 @@ class Membership:
     def check_once(self) -> None:
         """One round of the watch: join discovered servers, remove leaving or dead ones."""
         now = time.monotonic()
+        self._join_failed_at = {a: t for a, t in self._join_failed_at.items() if now - t < JOIN_RETRY_S}
         if self.config.expert_discovery:
             for address in resolve(self.config.expert_discovery):
-                if address in self.clients.view.addresses or now - self._join_failed_at.get(address, -1e9) < 10:
+                if address in self.clients.view.addresses or address in self._join_failed_at:
                     continue
                 try:
                     self.add(address)
                 except MoEError as exc:
                     self._join_failed_at[address] = now
                     log.warning("membership: discovered %s could not join: %s", address, exc)
-        for address in list(self.clients.view.addresses):
+        members = list(self.clients.view.addresses)
+        # Only members are tracked: an address that left (by any thread) starts afresh if it re-joins.
+        self._unreachable_since = {a: t for a, t in self._unreachable_since.items() if a in members}
+        self._last_warning = {a: w for a, w in self._last_warning.items() if a in members}
+        leaving = []
+        for address in members:
             status = self._health(address)
             if status == health_pb2.HealthCheckResponse.SERVING:
                 self._unreachable_since.pop(address, None)
-                continue
-            try:
-                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    if not self.clients.info(address).draining:
-                        continue  # restarting at the same address: it comes back SERVING
-                    log.info("membership: %s is shutting down; removing it", address)
-                    self.remove(address, graceful=True)
-                else:
-                    since = self._unreachable_since.setdefault(address, now)
-                    if now - since >= self.config.evict_after_s:
-                        log.warning("membership: %s unreachable for %.0f s; moving its experts to the others",
-                                    address, now - since)
-                        self.remove(address, graceful=False)
-            except (NotFound, FailedPrecondition, Unavailable) as exc:
-                log.debug("membership: not removing %s now: %s", address, exc)
+            elif status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                self._unreachable_since.pop(address, None)
+                try:
+                    if self.clients.info(address).draining:
+                        leaving.append(address)  # else restarting at the same address: it comes back SERVING
+                except MoEError:
+                    pass  # gone meanwhile: the next round sees it unreachable
+            else:
+                self._unreachable_since.setdefault(address, now)
+        dead = to_evict(self._unreachable_since, now, self.config.evict_after_s, self.config.membership_interval_s)
+        if dead:
+            longest = max(now - self._unreachable_since[a] for a in dead)
+            log.warning("membership: %s unreachable (for up to %.0f s); moving their experts to the others",
+                        ", ".join(dead), longest)
+            self._try(dead, lambda: self.remove_many(dead, graceful=False))
+        for address in leaving:
+            log.info("membership: %s is shutting down; removing it", address)
+            self._try([address], lambda a=address: self.remove(a, graceful=True))
+
+    def _try(self, addresses: list[str], change) -> None:
+        """Run a change of the watch; a failure is logged (once per reason) and retried next round."""
+        try:
+            change()
+        except MoEError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            for address in addresses:
+                if self._last_warning.get(address) != reason:
+                    self._last_warning[address] = reason
+                    log.warning("membership: not removing %s now (retrying every round): %s", address, reason)
 
     def _health(self, address: str):
         """SERVING, NOT_SERVING, or None when it does not answer."""

@@ -60,7 +60,8 @@ def planning_loads(mode: str, history: list[np.ndarray], forecast: dict[int, np.
 
 
 class ReplicaManager:
-    def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02):
+    def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02,
+                 planner=plan_replicas):
         if mode not in MODES:
             raise ValueError(f"replication mode must be one of {MODES}")
         self.clients = clients
@@ -68,11 +69,12 @@ class ReplicaManager:
         self.mode = mode
         self.window = window
         self.min_gain = min_gain
+        self.planner = planner  # plan_replicas; tests inject a wrapper to force interleavings
         self.batches = 0
         self.plans = 0
         self.kept_plans = 0
         self.bytes_moved = 0
-        self.failures = 0
+        self.failures = 0  # SetReplicas calls that failed and replicas refused (under clients.replica_lock)
         self.planning_ms: deque = deque(maxlen=1000)
         self.last_plan = None
         self._history: deque = deque(maxlen=max(1, window))  # per batch: loads [L, E]
@@ -86,7 +88,8 @@ class ReplicaManager:
             self._current[layer] += loads[j]
 
     def before_batch(self, forecast: dict[int, np.ndarray] | None) -> None:
-        """A new batch is formed: close the previous one's loads, plan, send prefetches."""
+        """A new batch is formed: close the previous one's loads, plan, send prefetches.
+        Replicas only speed serving up: a failure here is logged, never the batch's."""
         if self.batches > 0:
             self._history.append(self._current)
         self._current = np.zeros_like(self._current)
@@ -94,10 +97,20 @@ class ReplicaManager:
         loads = planning_loads(self.mode, list(self._history), forecast, self.batches, self.window, self._current.shape)
         if loads is None:
             return
-        view = self.clients.view  # servers may join or leave meanwhile: plan for one membership
+        try:
+            # In flight on one view, so that a membership change waits for the plan to be
+            # sent before it closes the channels of servers that left.
+            with self.clients.using_view() as view:
+                self._plan(view, loads)
+        except Exception:  # noqa: BLE001 - the batch runs on home placement and ready replicas anyway
+            with self.clients.replica_lock:
+                self.failures += 1
+            log.exception("replica planning failed before batch %d; serving without a new plan", self.batches)
+
+    def _plan(self, view: ServerView, loads: np.ndarray) -> None:
         t0 = time.perf_counter()
-        plan = plan_replicas(loads.tolist(), view.home, view.slots, policy=self.clients.policy,
-                             previous=view.planned, min_gain=self.min_gain)
+        plan = self.planner(loads.tolist(), view.home, view.slots, policy=self.clients.policy,
+                            previous=view.planned, min_gain=self.min_gain)
         self.planning_ms.append((time.perf_counter() - t0) * 1e3)
         self.plans += 1
         self.kept_plans += plan.kept_previous
@@ -107,7 +120,7 @@ class ReplicaManager:
                  "so far balancedness %.3f, tokens per server %s, prefetch hits %d/%d",
                  self.batches, self.mode, len(plan.replicas), added, dropped, ", previous kept" if plan.kept_previous else "",
                  plan.makespan, plan.baseline_makespan, self.planning_ms[-1],
-                 self.clients.balancedness(), self.clients.tokens_per_server(),
+                 self.clients.balancedness(), self.clients.tokens_per_server(view),
                  self.clients.stats.planned_ready, self.clients.stats.planned_checks)
         if not plan.kept_previous or plan.replicas != view.planned or len(view.synced) < len(view.addresses):
             self._apply(view, plan.replicas)
@@ -140,22 +153,31 @@ class ReplicaManager:
             call.add_done_callback(lambda f, s=s, sequence=sequence: self._on_loaded(view, s, sequence, f))
 
     def _on_loaded(self, view: ServerView, server: int, sequence: int, future) -> None:
+        """A SetReplicas reply (on a gRPC callback thread). A server whose call failed, or
+        that refused replicas, is sent its replica set again before the next batch: the
+        planner usually keeps the same plan, which would otherwise never become ready."""
+        clients = self.clients
         try:
             reply = future.result()
         except grpc.RpcError as err:
-            self.failures += 1
-            log.warning("SetReplicas on %s failed: %s", view.addresses[server], err.details())
+            with clients.replica_lock:
+                self.failures += 1
+                if sequence == view.replica_sequence[server]:
+                    view.synced.discard(server)
+            log.warning("SetReplicas on %s failed (%s: %s); sending it again before the next batch",
+                        view.addresses[server], err.code().name, err.details())
             return
         ready = {(r.layer, r.expert) for r in reply.ready}
-        clients = self.clients
         with clients.replica_lock:
             self.bytes_moved += reply.bytes_loaded
+            self.failures += len(reply.failed)
             if sequence != view.replica_sequence[server]:
                 return  # a newer SetReplicas was sent to this server: its reply decides
             current = {(layer, e) for layer, e, s in view.planned if s == server}
             view.ready[server] = ready & current
+            if reply.failed:
+                view.synced.discard(server)
         for f in reply.failed:
-            self.failures += 1
             log.warning("expert server %s refused replica %d:%d: %s", view.addresses[server],
                         f.expert.layer, f.expert.expert, f.reason)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from gateway.batcher import Batcher, Job
 from gateway.engine import Engine, Sampling
-from moe_common.errors import InvalidArgument, NotFound
+from moe_common.errors import Cancelled, InvalidArgument, NotFound
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -42,6 +42,15 @@ def _sampling_from_pb(p: gateway_pb2.GenerationParameters) -> Sampling:
     ).normalized()
 
 
+def submit(batcher: Batcher, job: Job, context) -> None:
+    """Queue a job for as long as its RPC lives: when the RPC ends (cancelled, deadline
+    passed) the job is cancelled and its handler thread released."""
+    if not context.add_callback(lambda: batcher.cancel(job)):
+        # The RPC already ended (its deadline passed while it waited for a handler thread).
+        raise Cancelled("the request ended before it was queued (cancelled, or its deadline passed)")
+    batcher.submit(job)
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, engine: Engine, batcher: Batcher, counters: Counters, membership=None):
         self.engine = engine
@@ -61,8 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         failed = True
         try:
             job = self._job(request, stream=False)
-            context.add_callback(job.cancelled.set)  # the RPC ended (done, cancelled or timed out)
-            self.batcher.submit(job)
+            submit(self.batcher, job, context)
             results, timings = job.wait()
             reply = gateway_pb2.GenerateResponse(timings=gateway_pb2.Timings(**timings))
             for prompt, r in zip(job.prompts, results):
@@ -79,10 +87,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         failed = True
         try:
             job = self._job(request, stream=True)
-            context.add_callback(job.cancelled.set)
-            self.batcher.submit(job)
+            submit(self.batcher, job, context)
             while True:
-                kind, *rest = job.events.get()
+                kind, *rest = job.next_event()
                 if kind == "token":
                     index, token, reason = rest
                     yield gateway_pb2.GenerateStreamResponse(
@@ -110,8 +117,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             requests_failed=self.counters.requests_failed, wire_dtype=e.config.wire_dtype,
         )
         healthy = True
-        view = e.clients.view
-        tokens, compute = e.clients.tokens_per_server(), e.clients.compute_per_server()
+        view = e.clients.view  # one membership throughout the reply, whatever changes meanwhile
+        tokens, compute = e.clients.tokens_per_server(view), e.clients.compute_per_server(view)
         for s, address in enumerate(view.addresses):
             status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in view.home),
                                        tokens=tokens[s], compute_ns=compute[s])
@@ -132,7 +139,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         rep = dict(mode="off", policy=e.clients.policy, balancedness=e.clients.balancedness())
         if e.replicas is not None:
             rep = e.replicas.status()
-        reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=e.clients.tokens_per_server()))
+        reply.replication.CopyFrom(gateway_pb2.ReplicationStatus(**rep, tokens_per_server=tokens))
         for layer, row in zip(e.layers, view.home):
             reply.placement.add(layer=layer.index, name=layer.name, home_server=row)
         st = e.clients.stats
@@ -143,7 +150,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             compute_mean_ns=int(st.server_compute_mean_ns), gateway_codec_ns=st.gateway_codec_ns,
             server_codec_ns=st.server_codec_ns, load_mean_sum=st.sum_mean_load, load_max_sum=st.sum_max_load))
         if self.membership is not None:
-            reply.membership_changes.extend(change_message(c) for c in self.membership.changes)
+            reply.membership_changes.extend(change_message(c) for c in list(self.membership.changes))
+            reply.membership_changes_total = self.membership.changes_total
         return reply
 
 
@@ -330,8 +338,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"unknown outputs {unknown}; outputs are {sorted(_OUTPUTS)}")
 
         job = Job(prompts=prompts, max_new_tokens=limits, sampling=sampling)
-        context.add_callback(job.cancelled.set)
-        self.batcher.submit(job)
+        submit(self.batcher, job, context)
         results, _ = job.wait()
         reply = oip.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
         for name in wanted:

@@ -43,6 +43,12 @@ class Unavailable(MoEError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Cancelled(MoEError):
+    """The client went away (cancelled, or its deadline passed) before the reply."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str):
     if type(exc) is Exception and context.code() not in (None, grpc.StatusCode.OK):
         raise exc  # the servicer already called context.abort(): keep its status

@@ -177,7 +177,7 @@ class LayerPlacement(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., name: _Optional[str] = ..., home_server: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication", "membership_changes", "expert_path")
+    __slots__ = ("model_name", "model_source", "model_id", "num_experts", "servers", "placement", "healthy", "requests_total", "requests_failed", "wire_dtype", "predictor", "replication", "membership_changes", "expert_path", "membership_changes_total")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class GetStatusResponse(_message.Message):
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_CHANGES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_PATH_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_CHANGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     model_id: str
@@ -206,7 +207,8 @@ class GetStatusResponse(_message.Message):
     replication: ReplicationStatus
     membership_changes: _containers.RepeatedCompositeFieldContainer[MembershipChange]
     expert_path: ExpertPathStats
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ..., membership_changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ..., expert_path: _Optional[_Union[ExpertPathStats, _Mapping]] = ...) -> None: ...
+    membership_changes_total: int
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ..., membership_changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ..., expert_path: _Optional[_Union[ExpertPathStats, _Mapping]] = ..., membership_changes_total: _Optional[int] = ...) -> None: ...
 
 class ReplicationStatus(_message.Message):
     __slots__ = ("mode", "policy", "batches", "plans", "kept_plans", "replicas_planned", "replicas_ready", "prefetch_hit_rate", "balancedness", "replica_tokens", "bytes_moved", "failures", "planning_ms_p50", "forecast_makespan", "forecast_baseline_makespan", "tokens_per_server")
