@@ -10,8 +10,10 @@ gateway moves its experts away before it exits); requests keep being served.
 Starts N expert servers and the gateway on loopback, waits until each answers
 SERVING on its health service, prints the gateway address, and on Ctrl-C or
 SIGTERM stops every child. Children also get SIGTERM if the launcher itself dies
-(Linux parent-death signal), so no process is left behind. If any child exits
-on its own, the launcher stops the rest and exits non-zero.
+(Linux parent-death signal), so no process is left behind. A crashed expert server
+or predictor is restarted on its own address (gateway/supervisor.py); the stack
+stops, saying why, only when the gateway exits or a child crashes past
+--restart-limit.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.supervisor import RestartPolicy, Supervisor
 from moe_common import model_source, serving, tls
 from moe_common.tls import PLAINTEXT, TlsConfig
 
@@ -173,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained forecaster (moe-predictor train); without it the predictor uses a history method")
     p.add_argument("--no-predictor", action="store_true", help="run without the predictor service")
     p.add_argument("--demo", action="store_true", help="send one request once the stack is up and print the reply")
+    p.add_argument("--restart-limit", type=int, default=5,
+                   help="restarts of one crashed expert server or predictor within --restart-window-s; "
+                        "one more crash stops the stack")
+    p.add_argument("--restart-window-s", type=float, default=600.0)
+    p.add_argument("--restart-backoff-s", type=float, default=1.0,
+                   help="wait before restarting a crashed child; doubles with each recent restart (at most 30 s)")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
     return p
@@ -202,42 +211,53 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--model is required (as a flag or in --config)")
     if a.expert_servers < 1:
         p.error("--expert-servers must be >= 1")
+    try:
+        a.restart_policy = RestartPolicy(a.restart_backoff_s, max(a.restart_backoff_s, 30.0), a.restart_limit,
+                                         a.restart_window_s)
+    except ValueError as exc:
+        p.error(str(exc))
     return a
 
 
-class Supervisor:
-    """Adds and removes expert server processes of a running stack (SIGUSR1 / SIGUSR2)."""
+def supervise(stack: Stack, a: argparse.Namespace, model_path: Path, expert_args: list[str],
+              tls_config: TlsConfig) -> Supervisor:
+    """A Supervisor over every process of a started stack, each restartable on its own address
+    except the gateway."""
+    sup = Supervisor(stack, a.restart_policy)
+    # A restarted expert server registers: if it was evicted meanwhile it joins again.
+    args = [*expert_args, "--register-with", stack.gateway_address, *tls_config.args()]
+    for proc, address in zip(stack.processes, stack.expert_addresses):
+        host, port = address.rsplit(":", 1)
+        sup.watch("expert server", address, proc,
+                  lambda host=host, port=int(port): spawn_expert_server(model_path, host, port, args))
+    if stack.predictor_address:
+        host, port = stack.predictor_address.rsplit(":", 1)
+        sup.watch("predictor", stack.predictor_address, stack.processes[len(stack.expert_addresses)],
+                  lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint, serve_args=tls_config.args()))
+    sup.watch("gateway", stack.gateway_address, stack.processes[-1], None)
+    return sup
 
-    def __init__(self, stack: Stack, model_path: Path, host: str, expert_args: list[str], tls_config: TlsConfig):
-        self.stack = stack
-        self.model_path = model_path
-        self.host = host
-        self.expert_args = expert_args
-        self.tls = tls_config
-        self.experts = list(zip(stack.processes[:len(stack.expert_addresses)], stack.expert_addresses))
-        self.leaving: list[subprocess.Popen] = []  # told to stop; their exit is expected
 
-    def add(self) -> None:
-        port = serving.pick_free_port(self.host)
-        address = f"{self.host}:{port}"
-        proc = spawn_expert_server(self.model_path, self.host, port,
-                                   [*self.expert_args, "--register-with", self.stack.gateway_address, *self.tls.args()])
-        self.stack.processes.append(proc)
-        self.experts.append((proc, address))
-        log.info("adding expert server %s (pid %d); it joins the gateway once loaded", address, proc.pid)
+def add_expert_server(sup: Supervisor, model_path: Path, host: str, expert_args: list[str], tls_config: TlsConfig) -> None:
+    """SIGUSR1: one more expert server, which joins the gateway once loaded."""
+    port = serving.pick_free_port(host)
+    address = f"{host}:{port}"
+    args = [*expert_args, "--register-with", sup.stack.gateway_address, *tls_config.args()]
+    proc = spawn_expert_server(model_path, host, port, args)
+    sup.watch("expert server", address, proc, lambda: spawn_expert_server(model_path, host, port, args))
+    log.info("adding expert server %s (pid %d); it joins the gateway once loaded", address, proc.pid)
 
-    def remove(self) -> None:
-        if len(self.experts) <= 1:
-            log.warning("not removing the last expert server")
-            return
-        proc, address = self.experts.pop()
-        self.leaving.append(proc)
-        log.info("removing expert server %s (pid %d); it drains first", address, proc.pid)
-        proc.terminate()
 
-    def dead(self) -> list[subprocess.Popen]:
-        """Children that exited without being told to."""
-        return [p for p in self.stack.processes if p.poll() is not None and p not in self.leaving]
+def remove_expert_server(sup: Supervisor) -> None:
+    """SIGUSR2: the newest expert server leaves (it drains: the gateway moves its experts first)."""
+    servers = sup.expert_servers()
+    if len(servers) <= 1:
+        log.warning("not removing the last expert server")
+        return
+    child = servers[-1]
+    sup.retire(child)
+    log.info("removing expert server %s (pid %d); it drains first", child.address, child.proc.pid)
+    child.proc.terminate()
 
 
 def main(argv=None) -> int:
@@ -271,7 +291,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
         return 130
-    supervisor = Supervisor(stack, model_source.resolve(a.model, a.cache_dir).path, a.host, expert_args, tls_config)
+    model_path = model_source.resolve(a.model, a.cache_dir).path
+    supervisor = supervise(stack, a, model_path, expert_args, tls_config)
     stop = threading.Event()
     requests: list[str] = []  # "add" / "remove", handled by the loop below rather than in the handler
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -286,12 +307,14 @@ def main(argv=None) -> int:
         print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
         if a.demo:
             _demo(stack.gateway_address, tls_config)
-        while not stop.wait(0.5):
+        while not stop.wait(0.2):
             while requests:
-                getattr(supervisor, requests.pop(0))()
-            dead = supervisor.dead()
-            if dead:
-                log.error("a child process exited (%s, code %s); stopping the stack", dead[0].args[2], dead[0].returncode)
+                if requests.pop(0) == "add":
+                    add_expert_server(supervisor, model_path, a.host, expert_args, tls_config)
+                else:
+                    remove_expert_server(supervisor)
+            if not supervisor.poll():
+                log.error("%s; stopping the stack", supervisor.stop_reason)
                 return 1
         log.info("stopping the stack")
     return 0

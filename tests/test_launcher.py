@@ -88,3 +88,125 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     config.write_text("model: tiny\nexpert-server: 3\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])
+
+
+# ---- the supervisor: crashed children are restarted, the stack stops only when it must ----
+
+def test_restart_delay_exact():
+    from gateway.supervisor import RestartPolicy, restart_delay
+
+    policy = RestartPolicy(backoff_s=1.0, max_backoff_s=5.0, limit=3, window_s=60.0)
+    assert restart_delay([], 100.0, policy) == 1.0
+    assert restart_delay([99.0], 100.0, policy) == 2.0
+    assert restart_delay([90.0, 99.0], 100.0, policy) == 4.0
+    assert restart_delay([30.0, 90.0, 99.0], 100.0, policy) == 4.0  # the restart at 30 s is out of the window
+    assert restart_delay([50.0, 90.0, 99.0], 100.0, policy) is None  # 3 restarts within 60 s: give up
+    assert restart_delay([1.0] * 10, 100.0, RestartPolicy(1.0, 5.0, 20, 600.0)) == 5.0  # capped
+    assert restart_delay([], 0.0, RestartPolicy(limit=0)) is None
+    with pytest.raises(ValueError):
+        RestartPolicy(limit=-1)
+
+
+def children_running(pid: int, module: str) -> list[psutil.Process]:
+    """Live children of `pid` started as `python -m module` (exited, unreaped ones are skipped)."""
+    found = []
+    for c in psutil.Process(pid).children():
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE and c.cmdline()[2:3] == [module]:
+                found.append(c)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+def _crashing(code: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+
+
+def test_supervisor_restarts_with_backoff_and_stops_at_the_limit():
+    """Real child processes that exit at once; the clock is the test's."""
+    from gateway.launcher import Stack
+    from gateway.supervisor import RestartPolicy, Supervisor
+
+    now = [0.0]
+    stack = Stack("127.0.0.1:1", ["127.0.0.1:2"])
+    sup = Supervisor(stack, RestartPolicy(backoff_s=1.0, max_backoff_s=30.0, limit=2, window_s=600.0), clock=lambda: now[0])
+    spawned = []
+
+    def respawn():
+        spawned.append(_crashing(9))
+        return spawned[-1]
+
+    expert = sup.watch("expert server", "127.0.0.1:2", _crashing(9), respawn)
+    gateway_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sup.watch("gateway", "127.0.0.1:1", gateway_proc, None)
+    try:
+        expert.proc.wait()
+        assert sup.poll() and expert.restart_at == 1.0 and not spawned  # backoff 1 s first
+        now[0] = 1.0
+        assert sup.poll() and len(spawned) == 1 and expert.proc is spawned[0] and stack.processes[0] is spawned[0]
+        spawned[0].wait()
+        now[0] = 2.0
+        assert sup.poll() and expert.restart_at == 4.0  # second restart waits 2 s
+        now[0] = 4.0
+        assert sup.poll() and len(spawned) == 2
+        spawned[1].wait()
+        now[0] = 5.0
+        assert not sup.poll()  # two restarts within the window: the third crash stops the stack
+        assert sup.stop_reason == "the expert server 127.0.0.1:2 exited (code 9) after 2 restarts within 600 s (--restart-limit)"
+    finally:
+        gateway_proc.kill()
+        gateway_proc.wait()
+    sup2 = Supervisor(Stack("127.0.0.1:1", []), RestartPolicy(), clock=lambda: 0.0)
+    sup2.watch("gateway", "127.0.0.1:1", gateway_proc, None)
+    assert not sup2.poll() and sup2.stop_reason == "the gateway 127.0.0.1:1 exited (code -9)"
+
+
+def test_moe_serve_restarts_a_killed_expert_server_and_stops_when_the_gateway_dies(tiny, reference):
+    """SIGKILL of an expert server under moe-serve: it is restarted on its address and the
+    service answers exactly as before; SIGKILL of the gateway stops the stack and says so."""
+    from tests.conftest import generated_ids
+
+    model, tokenizer = reference
+    want = generated_ids(model, model.generate(**tokenizer(["launch"], return_tensors="pt"), max_new_tokens=3,
+                                               do_sample=False))[0]
+    port = pick_free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.launcher", "--model", str(tiny.path), "--cache-dir", str(tiny.path.parents[1]),
+         "--expert-servers", "3", "--port", str(port), "--no-predictor", "--restart-backoff-s", "0.2",
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == f"gateway listening on 127.0.0.1:{port}", line + proc.stderr.read()[-3000:]
+        assert generate(port) == want
+        experts = children_running(proc.pid, "expert_server")
+        assert len(experts) == 3
+        victim = experts[1]
+        victim_port = victim.cmdline()[victim.cmdline().index("--port") + 1]
+        victim.kill()
+        deadline = time.monotonic() + 120
+        while True:  # a new process serves on the victim's port
+            again = [c for c in children_running(proc.pid, "expert_server") if victim_port in c.cmdline()]
+            if again and again[0].pid != victim.pid:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "the killed expert server was not restarted"
+            time.sleep(0.1)
+        from moe_common.serving import wait_for_serving
+
+        wait_for_serving(f"127.0.0.1:{victim_port}", 120)
+        assert generate(port) == want  # it got its experts back
+        assert len(get_status(port).servers) == 3 and get_status(port).healthy
+        assert proc.poll() is None
+
+        gateway_proc = children_running(proc.pid, "gateway")[0]
+        everyone = psutil.Process(proc.pid).children()
+        gateway_proc.kill()
+        assert proc.wait(timeout=60) == 1
+        assert f"the gateway 127.0.0.1:{port} exited (code -9); stopping the stack" in proc.stderr.read()
+        gone, alive = psutil.wait_procs(everyone, timeout=20)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
