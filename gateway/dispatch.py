@@ -24,7 +24,7 @@ from torch import nn
 
 from gateway.connections import Connections, ExpertsMissing, call_result
 from gateway.dispatch_stats import DispatchStats, LayerCall
-from gateway.replication import assign_layer
+from gateway.replication import assign_layer, choose_stand_ins
 from moe_common import tensor_codec
 from moe_common.errors import MoEError, Unavailable
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -54,13 +54,24 @@ class ServerView:
     replica_sequence: list[int] = field(default_factory=list)  # a reply counts only if it answers the newest call
     synced: set = field(default_factory=set)  # servers sent a replica set under this view
     inflight: int = 0
+    # Servers whose layer call failed, and since when (monotonic s): not holders until
+    # they answer their health checks again (clear_suspect).
+    suspect: dict[int, float] = field(default_factory=dict)
+    # standins[s]: {(layer, expert)} server s loaded in place of a suspect home server.
+    standins: list[set] = field(default_factory=list)
 
     def __post_init__(self):
         self.ready = self.ready or [set() for _ in self.addresses]
         self.replica_sequence = self.replica_sequence or [0] * len(self.addresses)
+        self.standins = self.standins or [set() for _ in self.addresses]
 
     def experts_of(self, server: int) -> list[tuple[int, int]]:
+        """The logical experts `server` is home to."""
         return [(layer, e) for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == server]
+
+    def held_by(self, server: int) -> set[tuple[int, int]]:
+        """What `server` is told to hold besides replicas: its home experts and its stand-ins."""
+        return set(self.experts_of(server)) | self.standins[server]
 
 
 class ExpertClients:
@@ -163,18 +174,23 @@ class ExpertClients:
     def assign_many(self, experts: dict[str, object], timeout_s: float) -> None:
         """AssignExperts on several servers at once (address -> its (layer, expert) keys);
         waits for all, then raises the first failure."""
+        errors = self.assign_each(experts, timeout_s)
+        if errors:
+            raise next(iter(errors.values()))
+
+    def assign_each(self, experts: dict[str, object], timeout_s: float) -> dict[str, MoEError]:
+        """AssignExperts on several servers at once; returns the failures by address."""
         calls = [(address, self.stub(address).AssignExperts.future(expert_pb2.AssignExpertsRequest(
                      experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(keys)],
                      model_id=self.model_id), timeout=timeout_s))
                  for address, keys in experts.items()]
-        errors = []
+        errors = {}
         for address, call in calls:
             try:
                 call_result(address, call)
             except MoEError as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+                errors[address] = exc
+        return errors
 
     def assign_home_experts(self, timeout_s: float = 600.0) -> None:
         """Tell every server to hold exactly the experts it is home to (loads them)."""
@@ -199,8 +215,8 @@ class ExpertClients:
             return call_result(address, stub.GetInfo.future(expert_pb2.GetInfoRequest(), timeout=timeout_s))
 
     def reassign(self, view: ServerView, server: int) -> None:
-        """Give a server that lost its experts (a restart) its home experts again. Its
-        replicas are gone too: stop using them (the next plan may send them again)."""
+        """Give a server that lost its experts (a restart) its home experts (and stand-ins)
+        again. Its replicas are gone too: stop using them (the next plan may send them again)."""
         address = view.addresses[server]
         log.warning("re-assigning home experts to expert server %s", address)
         with self.replica_lock:
@@ -208,7 +224,67 @@ class ExpertClients:
             view.planned = {r for r in view.planned if r[2] != server}
             view.replica_sequence[server] += 1  # ignore replies of SetReplicas sent before the restart
             view.synced.discard(server)  # and send it its replica set again
-        self.assign_experts(address, view.experts_of(server), self.timeout_s)
+            held = view.held_by(server)
+        self.assign_experts(address, held, self.timeout_s)
+
+    # ---- suspects and stand-ins ----
+
+    def _suspect(self, view: ServerView, server: int, error: MoEError) -> None:
+        with self.replica_lock:
+            first = server not in view.suspect
+            view.suspect.setdefault(server, time.monotonic())
+        if first:
+            log.warning("expert server %s failed a layer call (%s); its experts run on other servers until it "
+                        "answers its health checks again", view.addresses[server], error)
+
+    def clear_suspect(self, address: str, checked_at: float) -> None:
+        """`address` answered SERVING to a health check sent at `checked_at` (monotonic s):
+        if it is suspect since before then, give it back its experts if it lost them (a
+        restart), use it again, and let its stand-ins drop what they held for it."""
+        view = self.view
+        if address not in view.addresses:
+            return
+        server = view.addresses.index(address)
+        with self.replica_lock:
+            since = view.suspect.get(server)
+        if since is None or since >= checked_at:
+            return
+        held = {(r.layer, r.expert) for r in self.info(address).experts}
+        if not view.held_by(server) <= held:
+            self.reassign(view, server)
+        with self.replica_lock:
+            view.suspect.pop(server, None)
+            mine = set(view.experts_of(server))
+            relieved = {s: view.held_by(s) - (view.standins[s] & mine)
+                        for s in range(len(view.addresses)) if view.standins[s] & mine}
+            for s in relieved:
+                view.standins[s] -= mine
+        log.info("expert server %s answers again; it serves its own experts", address)
+        if relieved:  # best effort: a stand-in that keeps an expert it no longer needs only costs memory
+            for failed, exc in self.assign_each({view.addresses[s]: keys for s, keys in relieved.items()},
+                                                self.timeout_s).items():
+                log.info("stand-in %s did not drop its stand-in experts: %s", failed, exc)
+
+    def _stand_in(self, view: ServerView, layer: int, orphans: list[tuple[int, int]], busy: list[int]) -> None:
+        """Load each orphaned expert [(expert, tokens)] of `layer` on a healthy stand-in server."""
+        with self.replica_lock:
+            candidates = [s for s in range(len(view.addresses)) if s not in view.suspect]
+            held = [len(view.held_by(s)) + len(view.ready[s]) for s in range(len(view.addresses))]
+        chosen = choose_stand_ins(orphans, candidates, busy, held)
+        if len(chosen) < len(orphans):
+            raise Unavailable(f"no healthy expert server is left to run sparse layer {layer}: "
+                              f"{', '.join(view.addresses)} all failed")
+        with self.replica_lock:
+            for expert, s in chosen.items():
+                view.standins[s].add((layer, expert))
+            wanted = {view.addresses[s]: view.held_by(s) for s in set(chosen.values())}
+        log.warning("sparse layer %d: loading experts %s of suspect servers on stand-ins %s", layer,
+                    sorted(chosen), sorted({view.addresses[s] for s in chosen.values()}))
+        for address, exc in self.assign_each(wanted, self.timeout_s).items():
+            server = view.addresses.index(address)
+            with self.replica_lock:
+                view.standins[server] -= {(layer, e) for e, s in chosen.items() if s == server}
+            self._suspect(view, server, exc)
 
     # ---- running a layer ----
 
@@ -216,103 +292,138 @@ class ExpertClients:
                   ) -> dict[int, torch.Tensor]:
         """Run one sparse layer's experts remotely, on the current view's servers.
 
-        hidden: [N, d_model]; token_lists: [(expert, token indices [n_e])] with n_e > 0.
-        Returns {expert: outputs [n_e, d_model]} (not yet scaled by router probabilities).
+        hidden: [N, d_model]; token_lists: [(expert, token indices [n_e])] with n_e > 0,
+        indices ascending. Returns {expert: outputs [n_e, d_model]} (not yet scaled by
+        router probabilities).
         """
         with self.using_view() as view:
-            return self._run_layer(view, layer, hidden, token_lists, reassigned=frozenset())
+            return self._run_layer(view, layer, hidden, token_lists)
 
     def _run_layer(self, view: ServerView, layer: int, hidden: torch.Tensor,
-                   token_lists: list[tuple[int, torch.Tensor]], reassigned: frozenset) -> dict[int, torch.Tensor]:
-        """`reassigned`: servers this call already gave their experts back (each once)."""
+                   token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """Send every group, then send again what failed, until every token has its output:
+          - a server that answers it lost experts (it restarted) gets them back (once per
+            call) and runs its groups again;
+          - a server that fails (unavailable, deadline) becomes suspect; its groups go to
+            other holders, or to stand-ins that load the experts first.
+        A group always runs whole on one server, so outputs do not depend on who ran it."""
         t0 = time.perf_counter_ns()
-        by_server = self._assign(view, layer, token_lists)
-        requests, calls = {}, {}
+        acc = _LayerAccumulator(len(view.addresses))
+        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # expert -> [(token indices, rows)]
+        todo, reassigned = token_lists, set()
+        for _ in range(2 * len(view.addresses) + 1):  # each round re-assigns or suspects a server, or ends
+            by_server = self._place(view, layer, todo)
+            failed, missing = self._send(view, layer, hidden, by_server, parts, acc)
+            for server in missing:
+                if server in reassigned:
+                    raise Unavailable(f"expert server {view.addresses[server]} lost experts it is home to again, "
+                                      f"after they were re-assigned")
+                reassigned.add(server)
+                self.reassign(view, server)
+            todo = _merge([item for server in (*failed, *missing) for item in by_server[server]])
+            if not todo:
+                break
+        else:
+            raise Unavailable(f"sparse layer {layer} could not be run: expert servers kept failing")
+        acc.record(self.stats, view, layer, token_lists, time.perf_counter_ns() - t0, self.replica_lock)
+        return {expert: _join(tokens, parts[expert]) for expert, tokens in token_lists}
+
+    def _place(self, view: ServerView, layer: int,
+               token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, list[tuple[int, torch.Tensor]]]:
+        """Server -> [(expert, token indices)]: by the dispatch policy over healthy holders,
+        after loading stand-ins for experts that have none."""
+        by_server, orphans = self._assign(view, layer, token_lists)
+        if orphans:
+            busy = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(view.addresses))]
+            self._stand_in(view, layer, orphans, busy)
+            by_server, orphans = self._assign(view, layer, token_lists)
+            if orphans:
+                raise Unavailable(f"no healthy expert server could load experts {[e for e, _ in orphans]} "
+                                  f"of sparse layer {layer}")
+        return by_server
+
+    def _send(self, view: ServerView, layer: int, hidden: torch.Tensor,
+              by_server: dict[int, list[tuple[int, torch.Tensor]]],
+              parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+              acc: "_LayerAccumulator") -> tuple[list[int], list[int]]:
+        """One RunExperts call per server, all at once; outputs go into `parts`. Returns the
+        servers that failed (now suspect) and those that lost experts (restarted)."""
+        t0 = time.perf_counter_ns()
+        calls = {}
         for server, items in by_server.items():
             rows = torch.cat([hidden[tokens] for _, tokens in items])  # [n_server, d_model]
-            requests[server] = expert_pb2.RunExpertsRequest(
+            request = expert_pb2.RunExpertsRequest(
                 layer=layer,
                 groups=[expert_pb2.ExpertGroup(expert=e, num_tokens=len(t)) for e, t in items],
                 hidden_states=tensor_codec.encode(rows, self.wire_dtype),
                 model_id=self.model_id,
             )
+            acc.bytes_sent += len(request.hidden_states.data)
             # Sent at once: this server computes while the next request is encoded.
-            calls[server] = view.stubs[server].RunExperts.future(requests[server], timeout=self.timeout_s)
-        sent = sum(len(r.hidden_states.data) for r in requests.values())
-        t_sent = time.perf_counter_ns()
-        outputs: dict[int, list[tuple[int, torch.Tensor]]] = {}  # expert -> [(first token, rows)]
-        codec = received = decode_ns = 0
-        compute_of: dict[int, int] = {}
-        missing: list[int] = []  # servers that answered they lost experts (restarted)
+            calls[server] = view.stubs[server].RunExperts.future(request, timeout=self.timeout_s)
+        acc.rpcs += len(calls)
+        acc.gateway_codec_ns += time.perf_counter_ns() - t0
+        failed, missing = [], []
         try:
             for server, call in calls.items():
                 try:
                     reply = call_result(view.addresses[server], call)
-                except ExpertsMissing as exc:
-                    if server in reassigned:
-                        raise Unavailable(f"{exc} (again, after its experts were re-assigned)") from None
+                except ExpertsMissing:
                     missing.append(server)
                     continue
-                if missing:
-                    continue  # the layer runs again anyway: only wait to learn who else restarted
-                compute_of[server] = reply.compute_ns
-                codec = max(codec, reply.codec_ns)
-                received += len(reply.outputs.data)
+                except Unavailable as exc:
+                    self._suspect(view, server, exc)
+                    failed.append(server)
+                    continue
+                acc.compute_ns[server] = acc.compute_ns.get(server, 0) + reply.compute_ns
+                acc.server_codec_ns = max(acc.server_codec_ns, reply.codec_ns)
+                acc.bytes_received += len(reply.outputs.data)
                 td = time.perf_counter_ns()
                 out = tensor_codec.decode(reply.outputs).to(hidden.dtype)
-                decode_ns += time.perf_counter_ns() - td
+                acc.gateway_codec_ns += time.perf_counter_ns() - td
                 start = 0
                 for expert, tokens in by_server[server]:
-                    outputs.setdefault(expert, []).append((int(tokens[0]), out[start:start + len(tokens)]))
+                    parts.setdefault(expert, []).append((tokens, out[start:start + len(tokens)]))
+                    acc.loads[server] += len(tokens)
+                    acc.replica_tokens += len(tokens) if view.home[layer][expert] != server else 0
                     start += len(tokens)
         except BaseException:
             for call in calls.values():
                 call.cancel()  # the layer failed: do not leave the other servers computing for nobody
             raise
-        if missing:
-            # Restarted servers come back empty (or a replica was evicted just before the
-            # call): give each its home experts again and run the layer once more without
-            # their replicas. Every server is re-assigned at most once per layer call.
-            for server in missing:
-                self.reassign(view, server)
-            return self._run_layer(view, layer, hidden, token_lists, reassigned | frozenset(missing))
-        t1 = time.perf_counter_ns()
-        loads = [sum(len(t) for _, t in by_server.get(s, [])) for s in range(len(view.addresses))]
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("layer %d: tokens per server %s", layer, loads)
-        with self.replica_lock:
-            planned = [(e, s) for (pl, e, s) in view.planned if pl == layer]
-            ready_hits = sum((layer, e) in view.ready[s] for e, s in planned)
-        self.stats.record(LayerCall(
-            addresses=view.addresses, loads=loads, compute_ns=compute_of, codec_ns=codec,
-            tokens=sum(len(t) for _, t in token_lists), rpcs=len(calls), bytes_sent=sent, bytes_received=received,
-            wall_ns=t1 - t0, gateway_codec_ns=(t_sent - t0) + decode_ns,
-            replica_tokens=sum(len(t) for s, items in by_server.items() for e, t in items if view.home[layer][e] != s),
-            planned_checks=len(planned), planned_ready=ready_hits))
-        # An expert split over servers comes back in chunks: join them in token order.
-        return {e: torch.cat([o for _, o in sorted(parts, key=lambda x: x[0])]) if len(parts) > 1 else parts[0][1]
-                for e, parts in outputs.items()}
+        return failed, missing
 
-    def _assign(self, view: ServerView, layer: int,
-                token_lists: list[tuple[int, torch.Tensor]]) -> dict[int, list[tuple[int, torch.Tensor]]]:
-        """Server -> [(expert, token indices)] for one layer: home servers and ready replicas,
-        by the dispatch policy (gateway/replication.py)."""
+    def _assign(self, view: ServerView, layer: int, token_lists: list[tuple[int, torch.Tensor]]
+                ) -> tuple[dict[int, list[tuple[int, torch.Tensor]]], list[tuple[int, int]]]:
+        """(server -> [(expert, token indices)], orphans [(expert, tokens)]) for one layer:
+        home servers, ready replicas and stand-ins that are not suspect, by the dispatch
+        policy (gateway/replication.py). Orphans have no healthy holder."""
         with self.replica_lock:
+            suspect = set(view.suspect)
             ready = [set(keys) for keys in view.ready] if view.planned else None
-        if ready is None:  # no replicas: every expert to its home server
+            standins = [{e for (pl, e) in keys if pl == layer} for keys in view.standins] if suspect else None
+        if ready is None and not suspect:  # the common case: every expert to its home server
             by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
             for expert, tokens in token_lists:
                 by_server.setdefault(view.home[layer][expert], []).append((expert, tokens))
-            return by_server
+            return by_server, []
         num_experts = len(view.home[layer])
         counts = [0] * num_experts
         for expert, tokens in token_lists:
             counts[expert] = len(tokens)
         holders = [[view.home[layer][e]] for e in range(num_experts)]
-        for s, keys in enumerate(ready):
+        for s, keys in enumerate(ready or []):
             for (pl, e) in keys:
                 if pl == layer and s != holders[e][0]:
                     holders[e].append(s)
+        for s, experts in enumerate(standins or []):
+            for e in experts:
+                if s not in holders[e]:
+                    holders[e].append(s)
+        holders = [[s for s in h if s not in suspect] for h in holders]
+        orphans = [(e, counts[e]) for e in range(num_experts) if counts[e] and not holders[e]]
+        if orphans:
+            return {}, orphans
         chunks = assign_layer(counts, holders, len(view.addresses), self.policy)
         by_server = {}
         for expert, tokens in token_lists:
@@ -320,7 +431,56 @@ class ExpertClients:
             for s, n in chunks[expert]:
                 by_server.setdefault(s, []).append((expert, tokens[start:start + n]))  # contiguous run
                 start += n
-        return by_server
+        return by_server, []
+
+
+def _merge(items: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    """Groups to send again, one per expert (its tokens ascending), experts ascending."""
+    by_expert: dict[int, list[torch.Tensor]] = {}
+    for expert, tokens in items:
+        by_expert.setdefault(expert, []).append(tokens)
+    return [(e, torch.sort(torch.cat(ts)).values if len(ts) > 1 else ts[0]) for e, ts in sorted(by_expert.items())]
+
+
+def _join(tokens: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One expert's outputs [n_e, d_model] in the order of `tokens`, from the parts that
+    servers computed: (their token indices, their rows). One part is the common case."""
+    if len(parts) == 1:
+        return parts[0][1]
+    out = parts[0][1].new_empty((len(tokens), parts[0][1].shape[1]))
+    for part_tokens, rows in parts:
+        out[torch.searchsorted(tokens, part_tokens)] = rows
+    return out
+
+
+@dataclass
+class _LayerAccumulator:
+    """Figures of one layer call summed over its rounds (gateway/dispatch_stats.LayerCall)."""
+
+    num_servers: int
+    loads: list[int] = field(default_factory=list)
+    compute_ns: dict[int, int] = field(default_factory=dict)
+    server_codec_ns: int = 0  # max over servers of their tensor codec time
+    gateway_codec_ns: int = 0  # encoding requests and decoding replies here
+    rpcs: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    replica_tokens: int = 0  # computed by a replica or stand-in rather than the home server
+
+    def __post_init__(self):
+        self.loads = self.loads or [0] * self.num_servers
+
+    def record(self, stats: DispatchStats, view: ServerView, layer: int, token_lists, wall_ns: int, lock) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("layer %d: tokens per server %s", layer, self.loads)
+        with lock:
+            planned = [(e, s) for (pl, e, s) in view.planned if pl == layer]
+            ready_hits = sum((layer, e) in view.ready[s] for e, s in planned)
+        stats.record(LayerCall(
+            addresses=view.addresses, loads=self.loads, compute_ns=self.compute_ns, codec_ns=self.server_codec_ns,
+            tokens=sum(len(t) for _, t in token_lists), rpcs=self.rpcs, bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received, wall_ns=wall_ns, gateway_codec_ns=self.gateway_codec_ns,
+            replica_tokens=self.replica_tokens, planned_checks=len(planned), planned_ready=ready_hits))
 
 
 class RemoteExperts(nn.Module):

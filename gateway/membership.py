@@ -158,7 +158,7 @@ class Membership:
         t0 = time.monotonic()
         addresses = [old.addresses[s] for s in keep] + joining
         home = rebalance_home(old.home, keep, len(joining))
-        before = {a: set(old.experts_of(s)) for s, a in enumerate(old.addresses)}
+        before = {a: old.held_by(s) for s, a in enumerate(old.addresses)}  # home experts and stand-ins
         moved = moved_experts(old.home, home, keep)
         timeout = self.config.startup_timeout_s
         log.info("membership: %s; %d experts move", ", ".join([*(f"+{a}" for a in joining), *(f"-{a}" for a in leaving)]),
@@ -262,9 +262,14 @@ class Membership:
         self._last_warning = {a: w for a, w in self._last_warning.items() if a in members}
         leaving = []
         for address in members:
+            checked_at = time.monotonic()
             status = self._health(address)
             if status == health_pb2.HealthCheckResponse.SERVING:
                 self._unreachable_since.pop(address, None)
+                try:
+                    self.clients.clear_suspect(address, checked_at)
+                except MoEError as exc:
+                    log.info("membership: %s answers health checks but not yet calls: %s", address, exc)
             elif status == health_pb2.HealthCheckResponse.NOT_SERVING:
                 self._unreachable_since.pop(address, None)
                 try:

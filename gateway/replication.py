@@ -19,6 +19,12 @@ Dispatch has two policies:
            tolerance, like a different batch composition does in HF itself.
 The planner models the same policy, so replicas go where the dispatcher can use them.
 Times are load / speed, with speed in tokens per unit time (1.0 = the reference server).
+
+A *suspect* server is one whose last layer call failed (it crashed, or the network
+did); it is not a holder until it answers its health checks again. A logical expert
+whose holders are all suspect gets a *stand-in*: a healthy server that loads it on
+demand and computes it in its place (choose_stand_ins), whole, so outputs stay
+bit-identical.
 """
 
 from __future__ import annotations
@@ -65,6 +71,28 @@ def assign_layer(counts: list[int], holders: list[list[int]], num_servers: int, 
             for s, n in chunks[e]:
                 busy[s] += n
     return chunks
+
+
+def choose_stand_ins(orphans: list[tuple[int, int]], candidates: list[int], busy: list[int],
+                     held: list[int]) -> dict[int, int]:
+    """A stand-in server for each orphaned expert of one layer: an expert whose every
+    holder is suspect (gateway/dispatch.py loads it on the stand-in and runs it there).
+
+    orphans: [(expert, tokens)]; candidates: healthy server indices; busy[s]: tokens
+    server s already computes in this layer call; held[s]: experts s holds (memory).
+    Largest expert first, each to the candidate with the fewest tokens, then the fewest
+    experts held, then the lowest index. Returns {expert: server}. Pure.
+    """
+    if not candidates:
+        return {}
+    busy, held = list(busy), list(held)
+    chosen = {}
+    for expert, n in sorted(orphans, key=lambda o: (-o[1], o[0])):
+        s = min(candidates, key=lambda c: (busy[c], held[c], c))
+        chosen[expert] = s
+        busy[s] += n
+        held[s] += 1
+    return chosen
 
 
 def _waterfill(busy: list[float], speeds: list[float], amount: int) -> list[int]:

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from gateway.replication import assign_layer, balancedness, makespan, plan_replicas, server_loads
+from gateway.replication import assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas, server_loads
 from moe_common.placement import home_placement
 
 
@@ -99,3 +99,14 @@ def test_dispatch_covers_every_token_once(policy):
             assert all(s in holders[e] and n > 0 for s, n in runs)
             if policy == "whole":
                 assert len(runs) <= 1
+
+
+def test_stand_ins_go_to_the_least_busy_healthy_servers():
+    # Server 1 is suspect (not a candidate). Largest orphan first, ties by expert: expert 4
+    # (9 tokens) to server 2 (busy 0 -> 9), expert 2 (5) to server 0 (3 -> 8), expert 7 (5)
+    # to server 0 (8 < 9 -> 13), expert 6 (1) to server 2 (9 < 13).
+    assert choose_stand_ins([(2, 5), (4, 9), (7, 5), (6, 1)], candidates=[0, 2], busy=[3, 50, 0], held=[4, 4, 4]) \
+        == {4: 2, 2: 0, 7: 0, 6: 2}
+    # Equal tokens: the server holding fewer experts, then the lower index.
+    assert choose_stand_ins([(1, 2)], [0, 1, 2], busy=[0, 0, 0], held=[5, 3, 3]) == {1: 1}
+    assert choose_stand_ins([(1, 2)], [], busy=[0], held=[0]) == {}
