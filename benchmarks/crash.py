@@ -51,14 +51,14 @@ def percentiles(latencies: list[float]) -> dict:
 class MoeServe:
     """A stack under moe-serve (its supervisor restarts crashed children)."""
 
-    def __init__(self, model: str, servers: int, cache_dir: Path, gateway_port: int, log_file):
+    def __init__(self, model: str, servers: int, cache_dir: Path, gateway_port: int, log_file, extra: list[str]):
         import psutil
 
         self.address = f"127.0.0.1:{gateway_port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.launcher", "--model", model, "--cache-dir", str(cache_dir),
              "--expert-servers", str(servers), "--port", str(gateway_port), "--no-predictor",
-             "--max-batch-size", "1", "--expert-threads", "1"],
+             "--max-batch-size", "1", "--expert-threads", "1", *extra],
             stdout=subprocess.PIPE, stderr=log_file, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("gateway listening"):
@@ -98,15 +98,18 @@ def run(a) -> dict:
     reference = reference_outputs(source, prompts, a.max_new_tokens)
     logs = tempfile.NamedTemporaryFile("w+", prefix="crash-", suffix=".log", delete=False)
     out: dict = {"model": source.spec, "under": a.under, "servers": a.servers, "clients": a.clients,
+                 "redundancy": a.redundancy,
                  "max_new_tokens": a.max_new_tokens, "logs": logs.name}
     restarted = None
     if a.under == "moe-serve":
-        stack = MoeServe(a.model, a.servers, a.cache_dir, serving.pick_free_port(), logs)
+        stack = MoeServe(a.model, a.servers, a.cache_dir, serving.pick_free_port(), logs,
+                         ["--redundancy", str(a.redundancy), "--replica-memory", a.replica_memory])
         gateway_address = stack.address
     else:
         stack = start_stack(a.model, a.servers, cache_dir=a.cache_dir, predictor=False, log_file=logs,
-                            gateway_args=["--max-batch-size", "1", "--evict-after-s", str(a.evict_after_s)],
-                            expert_args=["--threads", "1"])
+                            gateway_args=["--max-batch-size", "1", "--evict-after-s", str(a.evict_after_s),
+                                          "--redundancy", str(a.redundancy)],
+                            expert_args=["--threads", "1", "--replica-memory", a.replica_memory])
         gateway_address = stack.gateway_address
     load = Load(gateway_address, prompts, a.max_new_tokens, a.clients)
     t0 = time.monotonic()
@@ -158,6 +161,7 @@ def run(a) -> dict:
         tokens_per_server_after=list(final.replication.tokens_per_server),
         victim=victim_address,
         membership_changes=final.membership_changes_total,
+        suspects=final.expert_path.suspects, stand_in_loads=final.expert_path.stand_in_loads,
         timeline=[(r[0] - t0, r[1] - r[0], bool(r[4])) for r in results],
         kill_at_s=t_kill - t0,
     )
@@ -202,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--after-s", type=float, default=12.0, help="load after the kill (after the restart, if any)")
     p.add_argument("--restart-after-s", type=float, default=None, help="bare: start the killed server again this long after")
     p.add_argument("--evict-after-s", type=float, default=10.0, help="bare: the gateway's --evict-after-s")
+    p.add_argument("--redundancy", type=int, default=1, help="the gateway's --redundancy")
+    p.add_argument("--replica-memory", default="0", help="each expert server's --replica-memory (standbys need it)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args(argv)
@@ -215,7 +221,8 @@ def main(argv=None) -> int:
         print(f"  {out['in_flight_at_kill']} requests in flight at the kill; the slowest took "
               f"{out['in_flight_worst_vs_steady_p50']:.1f}x the steady p50", flush=True)
     print(f"  servers after: {dict(zip(out['servers_after'], out['tokens_per_server_after']))}; "
-          f"{out['membership_changes']} membership changes", flush=True)
+          f"{out['membership_changes']} membership changes; {out['stand_in_loads']} experts loaded on stand-ins",
+          flush=True)
     if out["failures"]:
         print(f"  failures: {out['failures']}", flush=True)
     if a.json:

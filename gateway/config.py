@@ -44,6 +44,7 @@ class GatewayConfig:
     replica_policy: str = "whole"  # whole: bit-identical outputs; split: also splits one expert's tokens
     replication_window: int = 8  # batches per plan and history length of "window"
     replication_min_gain: float = 0.02  # keep the previous plan unless the new one gains this share
+    redundancy: int = 1  # servers holding each logical expert: home + (redundancy - 1) standby replicas
     # --- expert path ---
     wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
@@ -73,6 +74,8 @@ class GatewayConfig:
             raise ValueError("--replica-policy must be whole or split")
         if self.replication == "predictive" and not self.predictor:
             raise ValueError("--replication predictive needs --predictor")
+        if self.redundancy < 1:
+            raise ValueError("--redundancy must be >= 1")
         if self.replication_window < 1:
             raise ValueError("--replication-window must be >= 1")
         if self.predictor_timeout_ms <= 0:

@@ -234,6 +234,7 @@ class ExpertClients:
             first = server not in view.suspect
             view.suspect.setdefault(server, time.monotonic())
         if first:
+            self.stats.count_fault(suspects=1)
             log.warning("expert server %s failed a layer call (%s); its experts run on other servers until it "
                         "answers its health checks again", view.addresses[server], error)
 
@@ -278,6 +279,7 @@ class ExpertClients:
             for expert, s in chosen.items():
                 view.standins[s].add((layer, expert))
             wanted = {view.addresses[s]: view.held_by(s) for s in set(chosen.values())}
+        self.stats.count_fault(stand_in_loads=len(chosen))
         log.warning("sparse layer %d: loading experts %s of suspect servers on stand-ins %s", layer,
                     sorted(chosen), sorted({view.addresses[s] for s in chosen.values()}))
         for address, exc in self.assign_each(wanted, self.timeout_s).items():
@@ -310,10 +312,10 @@ class ExpertClients:
         t0 = time.perf_counter_ns()
         acc = _LayerAccumulator(len(view.addresses))
         parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # expert -> [(token indices, rows)]
-        todo, reassigned = token_lists, set()
+        todo, reassigned, errors = token_lists, set(), []
         for _ in range(2 * len(view.addresses) + 1):  # each round re-assigns or suspects a server, or ends
             by_server = self._place(view, layer, todo)
-            failed, missing = self._send(view, layer, hidden, by_server, parts, acc)
+            failed, missing = self._send(view, layer, hidden, by_server, parts, acc, errors)
             for server in missing:
                 if server in reassigned:
                     raise Unavailable(f"expert server {view.addresses[server]} lost experts it is home to again, "
@@ -324,7 +326,7 @@ class ExpertClients:
             if not todo:
                 break
         else:
-            raise Unavailable(f"sparse layer {layer} could not be run: expert servers kept failing")
+            raise Unavailable(f"sparse layer {layer} could not be run: expert servers kept failing; last: {errors[-1]}")
         acc.record(self.stats, view, layer, token_lists, time.perf_counter_ns() - t0, self.replica_lock)
         return {expert: _join(tokens, parts[expert]) for expert, tokens in token_lists}
 
@@ -345,9 +347,10 @@ class ExpertClients:
     def _send(self, view: ServerView, layer: int, hidden: torch.Tensor,
               by_server: dict[int, list[tuple[int, torch.Tensor]]],
               parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
-              acc: "_LayerAccumulator") -> tuple[list[int], list[int]]:
-        """One RunExperts call per server, all at once; outputs go into `parts`. Returns the
-        servers that failed (now suspect) and those that lost experts (restarted)."""
+              acc: "_LayerAccumulator", errors: list[MoEError]) -> tuple[list[int], list[int]]:
+        """One RunExperts call per server, all at once; outputs go into `parts`, failures
+        into `errors`. Returns the servers that failed (now suspect) and those that lost
+        experts (restarted)."""
         t0 = time.perf_counter_ns()
         calls = {}
         for server, items in by_server.items():
@@ -373,6 +376,7 @@ class ExpertClients:
                     continue
                 except Unavailable as exc:
                     self._suspect(view, server, exc)
+                    errors.append(exc)
                     failed.append(server)
                     continue
                 acc.compute_ns[server] = acc.compute_ns.get(server, 0) + reply.compute_ns
@@ -402,6 +406,8 @@ class ExpertClients:
             suspect = set(view.suspect)
             ready = [set(keys) for keys in view.ready] if view.planned else None
             standins = [{e for (pl, e) in keys if pl == layer} for keys in view.standins] if suspect else None
+        if len(suspect) == len(view.addresses):
+            suspect = set()  # nobody is healthy: try everyone again (they may be back) rather than fail now
         if ready is None and not suspect:  # the common case: every expert to its home server
             by_server: dict[int, list[tuple[int, torch.Tensor]]] = {}
             for expert, tokens in token_lists:

@@ -56,6 +56,8 @@ class DispatchStats:
     replica_tokens: int = 0  # tokens computed by a replica rather than the home server
     planned_checks: int = 0  # planned replicas whose layer ran...
     planned_ready: int = 0  # ...and were ready then (prefetch hits)
+    suspects: int = 0  # servers made suspect by a failed layer call
+    stand_in_loads: int = 0  # logical experts loaded on stand-ins for suspect servers
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, c: LayerCall) -> None:
@@ -80,6 +82,11 @@ class DispatchStats:
             self.replica_tokens += c.replica_tokens
             self.planned_checks += c.planned_checks
             self.planned_ready += c.planned_ready
+
+    def count_fault(self, suspects: int = 0, stand_in_loads: int = 0) -> None:
+        with self._lock:
+            self.suspects += suspects
+            self.stand_in_loads += stand_in_loads
 
     def add_dispatch_time(self, ns: int) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from gateway.dispatch import ExpertClients
 from gateway.forecasts import PassObserver
 from gateway.membership import resolve
 from gateway.replicas import ReplicaManager
+from gateway.replication import standby_needed
 from gateway.model import load_gateway_model, remote_experts
 from moe_common import model_source
 from moe_common.batching import pad_right
@@ -141,7 +142,7 @@ class Engine:
         self.forward_ns = 0  # wall time of generate_batch, summed (GetStatus expert_path.forward_ns)
         self.observer: PassObserver | None = None
         self.replicas: ReplicaManager | None = None
-        if config.predictor or config.record_traces or config.replication != "off":
+        if config.predictor or config.record_traces or config.replication != "off" or config.redundancy > 1:
             info = TraceInfo.from_config(self.model.config, self.source)
             writer = TraceWriter(config.record_traces, info) if config.record_traces else None
             self.observer = PassObserver(self.model, info, config.predictor, config.predictor_timeout_ms, writer,
@@ -160,10 +161,19 @@ class Engine:
         self.clients.clear_replicas()  # a previous gateway's replicas are not ours to use
         log.info("expert servers hold their home experts (%.1f s); replica slots %s", time.monotonic() - t0,
                  self.clients.view.slots)
-        if self.config.replication != "off":
+        if self.config.replication != "off" or self.config.redundancy > 1:
             self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
-                                           self.config.replication_window, self.config.replication_min_gain)
+                                           self.config.replication_window, self.config.replication_min_gain,
+                                           redundancy=self.config.redundancy)
             self.observer.replicas = self.replicas
+            if self.config.redundancy > 1:
+                view = self.clients.view
+                needed = standby_needed(view.home, self.config.redundancy, len(view.addresses))
+                if len(self.replicas.standby(view)) < needed:
+                    raise FailedPrecondition(
+                        f"--redundancy {self.config.redundancy} needs {needed} standby replicas, but the expert servers "
+                        f"have replica slots {view.slots}: raise their --replica-memory")
+                self.replicas.send_standby()
 
     def _discover_first(self) -> list[str]:
         """Wait until --expert-discovery resolves to at least one expert server."""

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
     p.add_argument("--replica-policy", default="whole", choices=["whole", "split"])
     p.add_argument("--replica-memory", default="0", help="replica memory per expert server, e.g. 2GB")
+    p.add_argument("--redundancy", type=int, default=1,
+                   help="servers holding each logical expert (standby replicas need --replica-memory)")
     p.add_argument("--predictor-checkpoint", type=Path, default=None,
                    help="trained forecaster (moe-predictor train); without it the predictor uses a history method")
     p.add_argument("--no-predictor", action="store_true", help="run without the predictor service")
@@ -284,7 +286,8 @@ def main(argv=None) -> int:
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
             gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
                           "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
-                          "--replication", a.replication, "--replica-policy", a.replica_policy],
+                          "--replication", a.replication, "--replica-policy", a.replica_policy,
+                          "--redundancy", str(a.redundancy)],
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
         )

@@ -181,6 +181,8 @@ class Membership:
                 log.warning("membership: layer calls on the old placement still running after %.0f s; dropping anyway",
                             2 * self.clients.timeout_s)
             t_drain = time.monotonic()
+        if self.engine.replicas is not None:
+            self.engine.replicas.send_standby()  # --redundancy: the new placement's standbys
         # Best effort: the new placement already serves; a server that fails here only holds
         # experts it no longer needs (and the watch evicts it if it died).
         try:

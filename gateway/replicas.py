@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from gateway.dispatch import ExpertClients, ServerView
-from gateway.replication import plan_replicas
+from gateway.replication import plan_replicas, standby_needed, standby_replicas
 from moe_common.traces import Pass, TraceInfo
 from moe_protos.moe.expert.v1 import expert_pb2
 
@@ -61,7 +61,7 @@ def planning_loads(mode: str, history: list[np.ndarray], forecast: dict[int, np.
 
 class ReplicaManager:
     def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02,
-                 planner=plan_replicas):
+                 planner=plan_replicas, redundancy: int = 1):
         if mode not in MODES:
             raise ValueError(f"replication mode must be one of {MODES}")
         self.clients = clients
@@ -70,6 +70,8 @@ class ReplicaManager:
         self.window = window
         self.min_gain = min_gain
         self.planner = planner  # plan_replicas; tests inject a wrapper to force interleavings
+        self.redundancy = redundancy  # standby replicas: every logical expert on this many servers
+        self._standby: tuple[ServerView, set] | None = None  # standby replicas of the last view asked for
         self.batches = 0
         self.plans = 0
         self.kept_plans = 0
@@ -96,6 +98,7 @@ class ReplicaManager:
         self.batches += 1
         loads = planning_loads(self.mode, list(self._history), forecast, self.batches, self.window, self._current.shape)
         if loads is None:
+            self.send_standby()  # a restarted server lost its standbys: send them again
             return
         try:
             # In flight on one view, so that a membership change waits for the plan to be
@@ -110,7 +113,7 @@ class ReplicaManager:
     def _plan(self, view: ServerView, loads: np.ndarray) -> None:
         t0 = time.perf_counter()
         plan = self.planner(loads.tolist(), view.home, view.slots, policy=self.clients.policy,
-                            previous=view.planned, min_gain=self.min_gain)
+                            previous=view.planned, min_gain=self.min_gain, standby=self.standby(view))
         self.planning_ms.append((time.perf_counter() - t0) * 1e3)
         self.plans += 1
         self.kept_plans += plan.kept_previous
@@ -124,6 +127,36 @@ class ReplicaManager:
                  self.clients.stats.planned_ready, self.clients.stats.planned_checks)
         if not plan.kept_previous or plan.replicas != view.planned or len(view.synced) < len(view.addresses):
             self._apply(view, plan.replicas)
+
+    # ---- standby replicas (--redundancy) ----
+
+    def standby(self, view: ServerView) -> set[tuple[int, int, int]]:
+        """The standby replicas of a view (gateway.replication.standby_replicas)."""
+        if self.redundancy <= 1:
+            return set()
+        if self._standby is None or self._standby[0] is not view:
+            standby = standby_replicas(view.home, self.redundancy, view.slots)
+            needed = standby_needed(view.home, self.redundancy, len(view.addresses))
+            if len(standby) < needed:
+                log.warning("redundancy %d needs %d standby replicas; the slots %s hold %d", self.redundancy, needed,
+                            view.slots, len(standby))
+            self._standby = (view, standby)
+        return self._standby[1]
+
+    def send_standby(self) -> None:
+        """Send the current view's standby replicas to servers that lack them (start-up, a
+        membership change, a restarted server). Replica failures are logged, never raised."""
+        if self.redundancy <= 1:
+            return
+        try:
+            with self.clients.using_view() as view:
+                standby = self.standby(view)
+                if not standby <= view.planned or len(view.synced) < len(view.addresses):
+                    self._apply(view, view.planned | standby)
+        except Exception:  # noqa: BLE001 - standbys are insurance, not the request path
+            with self.clients.replica_lock:
+                self.failures += 1
+            log.exception("sending standby replicas failed; retrying before the next batch")
 
     # ---- moving weights ----
 

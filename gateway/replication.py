@@ -20,6 +20,11 @@ Dispatch has two policies:
 The planner models the same policy, so replicas go where the dispatcher can use them.
 Times are load / speed, with speed in tokens per unit time (1.0 = the reference server).
 
+*Redundancy* K keeps every logical expert on K servers: its home and K-1 *standby*
+replicas (standby_replicas), planned before any hot replica and never dropped, so a
+crashed server's experts already have ready holders. The dispatcher uses standbys
+like any replica, so they also balance load.
+
 A *suspect* server is one whose last layer call failed (it crashed, or the network
 did); it is not a holder until it answers its health checks again. A logical expert
 whose holders are all suspect gets a *stand-in*: a healthy server that loads it on
@@ -95,6 +100,13 @@ def choose_stand_ins(orphans: list[tuple[int, int]], candidates: list[int], busy
     return chosen
 
 
+def _free_after(replicas: set[Replica], slots: list[int]) -> list[int]:
+    free = list(slots)
+    for _, _, s in replicas:
+        free[s] -= 1
+    return free
+
+
 def _waterfill(busy: list[float], speeds: list[float], amount: int) -> list[int]:
     """Integer shares of `amount` that level (busy + share) / speed as far as possible.
 
@@ -137,6 +149,34 @@ def balancedness(loads: list[list[float]]) -> float:
 # planning
 # ---------------------------------------------------------------------------
 
+def standby_replicas(home: list[list[int]], k: int, slots: list[int]) -> set[Replica]:
+    """K-1 standby replicas of every logical expert, each on the next servers after its
+    home in ring order (home + 1, home + 2, ... mod n), skipping a server whose slots are
+    full; as balanced as the home placement. Fewer when slots or servers run out:
+    compare the size with standby_needed(). Pure."""
+    n = len(slots)
+    free = list(slots)
+    out: set[Replica] = set()
+    for layer, row in enumerate(home):
+        for e, h in enumerate(row):
+            placed = 0
+            for step in range(1, n):
+                if placed == k - 1:
+                    break
+                s = (h + step) % n
+                if free[s] > 0:
+                    out.add((layer, e, s))
+                    free[s] -= 1
+                    placed += 1
+    return out
+
+
+def standby_needed(home: list[list[int]], k: int, num_servers: int) -> int:
+    """How many standby replicas redundancy k needs (k - 1 per logical expert, at most
+    one per server other than the home)."""
+    return sum(len(row) for row in home) * min(k - 1, num_servers - 1)
+
+
 @dataclass
 class Plan:
     replicas: set[Replica]
@@ -171,7 +211,8 @@ def makespan(loads: list[list[float]], home: list[list[int]], replicas: set[Repl
 
 def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[int], *, policy: str = "whole",
                   speeds: list[float] | None = None, previous: set[Replica] | None = None, min_gain: float = 0.02,
-                  candidates_per_layer: int = 4, targets_per_candidate: int = 4) -> Plan:
+                  candidates_per_layer: int = 4, targets_per_candidate: int = 4,
+                  standby: set[Replica] = frozenset()) -> Plan:
     """Choose replicas that make the forecast makespan smallest within each server's slots.
 
     Greedy: repeatedly add the single replica with the largest makespan reduction (ties:
@@ -182,17 +223,21 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
     helps.
     Hysteresis: if `previous` (trimmed to the slots) forecasts within min_gain (a share
     of the no-replica makespan) of the new plan, it is kept, so weights do not churn.
+    `standby` replicas (standby_replicas) are in every plan, kept or new, and take their
+    slots first; the rest go to hot experts.
     """
     num_servers = len(slots)
     speeds = speeds or [1.0] * num_servers
     if len(speeds) != num_servers:
         raise ValueError("one speed per server")
     num_layers = len(loads)
-    plan: set[Replica] = set()
-    free = list(slots)
+    plan: set[Replica] = set(standby)
+    free = _free_after(standby, slots)
+    if min(free, default=0) < 0:
+        raise ValueError("standby replicas exceed a server's slots")
+    baseline = makespan(loads, home, set(), num_servers, policy, speeds)
     holders = holders_of(home, plan)
     times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds) for layer in range(num_layers)]
-    baseline = sum(times)
 
     def best_for_layer(layer: int) -> tuple[tuple[float, float], Replica | None]:
         """The best replica for this layer and its (makespan gain, slowest server's gain).
@@ -241,8 +286,8 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
     new = Plan(plan, sum(times), baseline)
 
     if previous:
-        kept, used = set(), [0] * num_servers
-        for r in sorted(previous):
+        kept, used = set(standby), [slots[s] - f for s, f in enumerate(_free_after(standby, slots))]
+        for r in sorted(set(previous) - set(standby)):
             layer, e, s = r
             if layer < num_layers and e < len(home[layer]) and s != home[layer][e] and used[s] < slots[s]:
                 kept.add(r)

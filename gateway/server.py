@@ -105,6 +105,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
     p.add_argument("--replication-min-gain", type=float, default=0.02,
                    help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
+    p.add_argument("--redundancy", type=int, default=1,
+                   help="keep every logical expert on this many servers (home + standby replicas within "
+                        "--replica-memory): with 2, a crashed server's experts need no loading")
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
@@ -140,6 +143,7 @@ def parse_args(argv=None) -> GatewayConfig:
             replica_policy=a.replica_policy,
             replication_window=a.replication_window,
             replication_min_gain=a.replication_min_gain,
+            redundancy=a.redundancy,
             tls=tls.from_args(a),
         )
     except ValueError as exc:

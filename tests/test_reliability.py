@@ -1,6 +1,7 @@
 """Riding through an expert server crash (benchmarks/crash.py on the tiny preset): no
 request fails and every output equals the single-process model's, whether the dead
-server comes back on its address, is evicted, or is restarted by moe-serve."""
+server comes back on its address, is evicted, is restarted by moe-serve, or its experts
+have standby replicas (--redundancy 2)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def crash(tmp_path, tiny, *args) -> dict:
     return result
 
 
-@pytest.mark.parametrize("case", ["restarted", "evicted", "moe-serve"])
+@pytest.mark.parametrize("case", ["restarted", "evicted", "moe-serve", "redundancy"])
 def test_a_killed_expert_server_costs_no_request(tmp_path, tiny, case):
     if case == "restarted":
         r = crash(tmp_path, tiny, "--restart-after-s", "0.5", "--after-s", "3")
@@ -39,6 +40,10 @@ def test_a_killed_expert_server_costs_no_request(tmp_path, tiny, case):
     elif case == "evicted":
         r = crash(tmp_path, tiny, "--evict-after-s", "1", "--after-s", "4")
         assert r["victim"] not in r["servers_after"] and r["membership_changes"] == 1
-    else:
+    elif case == "moe-serve":
         r = crash(tmp_path, tiny, "--under", "moe-serve", "--after-s", "8")
         assert r["servers_after"] == list(r["tokens_per_server_at_kill"])  # restarted on its address
+    else:
+        # Every expert on 2 servers: the survivors' standby replicas take over, nothing is loaded.
+        r = crash(tmp_path, tiny, "--redundancy", "2", "--replica-memory", "4MB", "--after-s", "3")
+        assert r["suspects"] >= 1 and r["stand_in_loads"] == 0 and r["membership_changes"] == 0

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from gateway.replication import assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas, server_loads
+from gateway.replication import (assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas, server_loads,
+                                 standby_needed, standby_replicas)
 from moe_common.placement import home_placement
 
 
@@ -110,3 +111,29 @@ def test_stand_ins_go_to_the_least_busy_healthy_servers():
     # Equal tokens: the server holding fewer experts, then the lower index.
     assert choose_stand_ins([(1, 2)], [0, 1, 2], busy=[0, 0, 0], held=[5, 3, 3]) == {1: 1}
     assert choose_stand_ins([(1, 2)], [], busy=[0], held=[0]) == {}
+
+
+def test_standby_replicas_follow_the_ring_within_slots():
+    home = [[0, 1, 2, 0], [1, 2, 0, 1]]
+    assert standby_needed(home, 2, 3) == 8
+    assert standby_replicas(home, 2, [10, 10, 10]) == {
+        (0, 0, 1), (0, 1, 2), (0, 2, 0), (0, 3, 1), (1, 0, 2), (1, 1, 0), (1, 2, 1), (1, 3, 2)}
+    # K=3 on 3 servers: every expert everywhere.
+    assert len(standby_replicas(home, 3, [10, 10, 10])) == standby_needed(home, 3, 3) == 16
+    # Server 1 has one slot: the next expert that would go there skips on to the next server.
+    assert standby_replicas(home, 2, [10, 1, 10]) == {
+        (0, 0, 1), (0, 1, 2), (0, 2, 0), (0, 3, 2), (1, 0, 2), (1, 1, 0), (1, 2, 2), (1, 3, 2)}
+    assert standby_replicas(home, 1, [10, 10, 10]) == set()
+
+
+def test_plans_always_hold_the_standbys():
+    home = home_placement(2, 8, 2)
+    standby = standby_replicas(home, 2, [8, 8])
+    loads = [[40, 1, 1, 1, 1, 1, 1, 1], [1] * 8]
+    plan = plan_replicas(loads, home, [8, 8], standby=standby)
+    assert plan.replicas == standby  # the slots are all standbys; the hot expert already has its copy
+    assert plan.makespan < plan.baseline_makespan
+    kept = plan_replicas(loads, home, [9, 9], standby=standby, previous={(0, 0, 1)} | standby)
+    assert standby <= kept.replicas
+    with pytest.raises(ValueError):
+        plan_replicas(loads, home, [3, 3], standby=standby)
