@@ -171,31 +171,34 @@ class ExpertClients:
         """Tell a server to hold exactly these home experts (it loads the missing ones)."""
         self.assign_many({address: experts}, timeout_s)
 
-    def assign_many(self, experts: dict[str, object], timeout_s: float) -> None:
+    def assign_many(self, experts: dict[str, object], timeout_s: float) -> int:
         """AssignExperts on several servers at once (address -> its (layer, expert) keys);
-        waits for all, then raises the first failure."""
-        errors = self.assign_each(experts, timeout_s)
+        waits for all, then raises the first failure. Returns how many experts were loaded
+        (the others were held already: a call is idempotent)."""
+        loaded, errors = self.assign_each(experts, timeout_s)
         if errors:
             raise next(iter(errors.values()))
+        return loaded
 
-    def assign_each(self, experts: dict[str, object], timeout_s: float) -> dict[str, MoEError]:
-        """AssignExperts on several servers at once; returns the failures by address."""
+    def assign_each(self, experts: dict[str, object], timeout_s: float) -> tuple[int, dict[str, MoEError]]:
+        """AssignExperts on several servers at once; returns (experts loaded, failures by address)."""
         calls = [(address, self.stub(address).AssignExperts.future(expert_pb2.AssignExpertsRequest(
                      experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(keys)],
                      model_id=self.model_id), timeout=timeout_s))
                  for address, keys in experts.items()]
-        errors = {}
+        loaded, errors = 0, {}
         for address, call in calls:
             try:
-                call_result(address, call)
+                loaded += call_result(address, call).loaded
             except MoEError as exc:
                 errors[address] = exc
-        return errors
+        return loaded, errors
 
-    def assign_home_experts(self, timeout_s: float = 600.0) -> None:
-        """Tell every server to hold exactly the experts it is home to (loads them)."""
+    def assign_home_experts(self, timeout_s: float = 600.0) -> int:
+        """Tell every server to hold exactly the experts it is home to; returns how many it
+        had to load (0 when a restarted gateway adopts servers that hold them already)."""
         view = self.view
-        self.assign_many({a: view.experts_of(s) for s, a in enumerate(view.addresses)}, timeout_s)
+        return self.assign_many({a: view.experts_of(s) for s, a in enumerate(view.addresses)}, timeout_s)
 
     def clear_replicas(self) -> None:
         """Drop every replica on every server (start from home placement)."""
@@ -263,7 +266,7 @@ class ExpertClients:
         log.info("expert server %s answers again; it serves its own experts", address)
         if relieved:  # best effort: a stand-in that keeps an expert it no longer needs only costs memory
             for failed, exc in self.assign_each({view.addresses[s]: keys for s, keys in relieved.items()},
-                                                self.timeout_s).items():
+                                                self.timeout_s)[1].items():
                 log.info("stand-in %s did not drop its stand-in experts: %s", failed, exc)
 
     def _stand_in(self, view: ServerView, layer: int, orphans: list[tuple[int, int]], busy: list[int]) -> None:
@@ -282,7 +285,7 @@ class ExpertClients:
         self.stats.count_fault(stand_in_loads=len(chosen))
         log.warning("sparse layer %d: loading experts %s of suspect servers on stand-ins %s", layer,
                     sorted(chosen), sorted({view.addresses[s] for s in chosen.values()}))
-        for address, exc in self.assign_each(wanted, self.timeout_s).items():
+        for address, exc in self.assign_each(wanted, self.timeout_s)[1].items():
             server = view.addresses.index(address)
             with self.replica_lock:
                 view.standins[server] -= {(layer, e) for e, s in chosen.items() if s == server}

@@ -157,10 +157,15 @@ class Engine:
         home = home_placement(len(self.layers), self.num_experts, len(servers))
         self.clients.swap(self.clients.make_view(servers, home, slots))
         t0 = time.monotonic()
-        self.clients.assign_home_experts(self.config.startup_timeout_s)
-        self.clients.clear_replicas()  # a previous gateway's replicas are not ours to use
-        log.info("expert servers hold their home experts (%.1f s); replica slots %s", time.monotonic() - t0,
-                 self.clients.view.slots)
+        loaded = self.clients.assign_home_experts(self.config.startup_timeout_s)
+        held = sum(len(row) for row in home)
+        # Idempotent: a restarted gateway adopts servers that hold their experts already.
+        log.info("expert servers hold their home experts (%.1f s: %d loaded, %d adopted); replica slots %s",
+                 time.monotonic() - t0, loaded, held - loaded, self.clients.view.slots)
+        if self.config.replication == "off" and self.config.redundancy == 1:
+            self.clients.clear_replicas()  # nothing will manage a previous gateway's replicas: free their memory
+        # Otherwise the first plan (or the standbys) tells every server its replica set; those
+        # it holds already stay loaded. Until a server confirms, none of its replicas is used.
         if self.config.replication != "off" or self.config.redundancy > 1:
             self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
                                            self.config.replication_window, self.config.replication_min_gain,

@@ -59,32 +59,60 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str):
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
+class _Undecodable:
+    """A request whose bytes do not parse as its message type."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _check_decoded(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        # gRPC itself would answer INTERNAL ("Exception deserializing request!"): the
+        # client sent bad bytes, so say so.
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {request.reason}")
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Turns MoEError into its status code and anything else into INTERNAL."""
+    """Turns MoEError into its status code, requests that do not parse into
+    INVALID_ARGUMENT, and anything else into INTERNAL."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        replaced = {}
+        if handler.request_deserializer is not None:
+            parse = handler.request_deserializer
+
+            def request_deserializer(raw):
+                try:
+                    return parse(raw)
+                except Exception as exc:  # noqa: BLE001 - answered as INVALID_ARGUMENT
+                    return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+            replaced["request_deserializer"] = request_deserializer
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             def unary_unary(request, context):
+                _check_decoded(request, context)
                 try:
                     return inner(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped to a status code
                     _abort(context, exc, method)
 
-            return handler._replace(unary_unary=unary_unary)
+            return handler._replace(unary_unary=unary_unary, **replaced)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             def unary_stream(request, context):
+                _check_decoded(request, context)
                 try:
                     yield from inner_stream(request, context)
                 except Exception as exc:  # noqa: BLE001 - mapped to a status code
                     _abort(context, exc, method)
 
-            return handler._replace(unary_stream=unary_stream)
+            return handler._replace(unary_stream=unary_stream, **replaced)
         return handler
