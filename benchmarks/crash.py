@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from gateway.launcher import spawn_expert_server, start_stack  # noqa: E402
-from membership import Load, reference_outputs, status  # noqa: E402
+from loadgen import Load, add_arguments, prompts_and_reference, save_figure, status  # noqa: E402
 from moe_common import model_source, serving  # noqa: E402
-from moe_common.corpus import stdlib_documents  # noqa: E402
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -51,13 +50,14 @@ def percentiles(latencies: list[float]) -> dict:
 class MoeServe:
     """A stack under moe-serve (its supervisor restarts crashed children)."""
 
-    def __init__(self, model: str, servers: int, cache_dir: Path, gateway_port: int, log_file, extra: list[str]):
+    def __init__(self, model: str, servers: int, cache_dir: Path, gateway_port: int, log_file, extra: list[str],
+                 predictor: bool = False):
         import psutil
 
         self.address = f"127.0.0.1:{gateway_port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.launcher", "--model", model, "--cache-dir", str(cache_dir),
-             "--expert-servers", str(servers), "--port", str(gateway_port), "--no-predictor",
+             "--expert-servers", str(servers), "--port", str(gateway_port), *([] if predictor else ["--no-predictor"]),
              "--max-batch-size", "1", "--expert-threads", "1", *extra],
             stdout=subprocess.PIPE, stderr=log_file, text=True)
         line = self.proc.stdout.readline()
@@ -90,12 +90,7 @@ class MoeServe:
 
 def run(a) -> dict:
     source = model_source.resolve(a.model, a.cache_dir)
-    from transformers import AutoTokenizer
-
-    texts = [d[: a.prompt_chars] for d in stdlib_documents()[: a.prompts]]
-    prompts = [list(x) for x in AutoTokenizer.from_pretrained(source.path)(texts)["input_ids"]]
-    print(f"reference: HF on {len(prompts)} prompts, {a.max_new_tokens} new tokens each", flush=True)
-    reference = reference_outputs(source, prompts, a.max_new_tokens)
+    prompts, reference = prompts_and_reference(source, a)
     logs = tempfile.NamedTemporaryFile("w+", prefix="crash-", suffix=".log", delete=False)
     out: dict = {"model": source.spec, "under": a.under, "servers": a.servers, "clients": a.clients,
                  "redundancy": a.redundancy,
@@ -187,9 +182,7 @@ def plot(out: dict, path: Path) -> None:
     ax.set_title(f"{out['model']}, {out['servers']} expert servers ({out['under']}), {out['clients']} clients: "
                  f"{out['failed']} failed of {out['requests']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -198,10 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--under", choices=["bare", "moe-serve"], default="bare")
     p.add_argument("--servers", type=int, default=3)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=16, help="distinct prompts, from the standard library's docstrings")
-    p.add_argument("--prompt-chars", type=int, default=96)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    add_arguments(p, clients=8)
     p.add_argument("--hold-s", type=float, default=8.0, help="load before the kill")
     p.add_argument("--after-s", type=float, default=12.0, help="load after the kill (after the restart, if any)")
     p.add_argument("--restart-after-s", type=float, default=None, help="bare: start the killed server again this long after")

@@ -11,9 +11,7 @@ with --clients concurrent clients sending Generate calls without pause, then:
 Every reply is checked against the single-process HF model on the same prompt.
 Prints a summary; --json writes it. Exit status 1 if any request failed or differed.
 
-The gateway runs --max-batch-size 1 by default, so that each prompt's reference is
-HF on that prompt alone: HF's own outputs move slightly with padding and batch shape
-(benchmarks/exactness.py), which is not what this measures.
+The gateway runs --max-batch-size 1 by default (see benchmarks/loadgen.py).
 """
 
 from __future__ import annotations
@@ -23,75 +21,16 @@ import json
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway.launcher import spawn_expert_server, start_stack  # noqa: E402
+from loadgen import Load, add_arguments, prompts_and_reference, status  # noqa: E402
 from moe_common import model_source, serving  # noqa: E402
-from moe_common.batching import generated_rows  # noqa: E402
-from moe_common.corpus import stdlib_documents  # noqa: E402
-from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-
-
-def reference_outputs(source, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of the single-process HF model, one prompt at a time."""
-    from transformers import SwitchTransformersForConditionalGeneration
-
-    model = SwitchTransformersForConditionalGeneration.from_pretrained(source.path).eval()
-    with torch.inference_mode():
-        return [generated_rows(model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens,
-                                              do_sample=False), model.config.eos_token_id)[0] for ids in prompts]
-
-
-class Load:
-    """--clients threads calling Generate back to back until stop()."""
-
-    def __init__(self, address: str, prompts: list[list[int]], max_new_tokens: int, clients: int):
-        self.address = address
-        self.prompts = prompts
-        self.max_new_tokens = max_new_tokens
-        self.results: list[tuple[float, float, int, list[int] | None, str]] = []  # start, end, prompt, tokens, error
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(clients)]
-
-    def start(self):
-        for t in self._threads:
-            t.start()
-
-    def stop(self):
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def _client(self, client: int) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-            n = client
-            while not self._stop.is_set():
-                index = n % len(self.prompts)
-                n += len(self._threads)
-                t0 = time.monotonic()
-                try:
-                    reply = stub.Generate(gateway_pb2.GenerateRequest(
-                        token_ids=[gateway_pb2.TokenIds(ids=self.prompts[index])],
-                        parameters=gateway_pb2.GenerationParameters(max_new_tokens=self.max_new_tokens)), timeout=120)
-                    result = (t0, time.monotonic(), index, list(reply.generations[0].token_ids), "")
-                except grpc.RpcError as err:
-                    result = (t0, time.monotonic(), index, None, f"{err.code().name}: {err.details()}")
-                with self._lock:
-                    self.results.append(result)
-
-
-def status(address: str) -> gateway_pb2.GetStatusResponse:
-    with grpc.insecure_channel(address) as channel:
-        return gateway_pb2_grpc.GatewayServiceStub(channel).GetStatus(gateway_pb2.GetStatusRequest(), timeout=10)
 
 
 def tokens_of(address: str, server: str) -> int:
@@ -102,13 +41,7 @@ def tokens_of(address: str, server: str) -> int:
 
 def run(a) -> dict:
     source = model_source.resolve(a.model, a.cache_dir)
-    docs = stdlib_documents()
-    tokenizer_prompts = [d[: a.prompt_chars] for d in docs[: a.prompts]]
-    from transformers import AutoTokenizer
-
-    prompts = [list(x) for x in AutoTokenizer.from_pretrained(source.path)(tokenizer_prompts)["input_ids"]]
-    print(f"reference: HF on {len(prompts)} prompts, {a.max_new_tokens} new tokens each", flush=True)
-    reference = reference_outputs(source, prompts, a.max_new_tokens)
+    prompts, reference = prompts_and_reference(source, a)
     logs = tempfile.NamedTemporaryFile("w+", prefix="membership-", suffix=".log", delete=False)
     expert_args = ["--threads", "1", "--drain-timeout-s", "60"]
     stack = start_stack(a.model, 2, cache_dir=a.cache_dir, predictor=False, log_file=logs,
@@ -171,10 +104,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base-e32-l4")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=16, help="distinct prompts, from the standard library's docstrings")
-    p.add_argument("--prompt-chars", type=int, default=96)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    add_arguments(p, clients=4)
     p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--hold-s", type=float, default=5.0, help="seconds of load before, between and after the changes")
     p.add_argument("--json", type=Path, default=None)
