@@ -135,7 +135,10 @@ def test_modes_end_to_end(tiny, reference, servers, predictor, mode):
                 assert list(g.token_ids) == ids
         rep = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication
         assert rep.mode == mode and rep.batches == 5 and rep.plans >= 2
-        assert rep.replicas_planned > 0 and rep.bytes_moved > 0 and rep.failures == 0
+        assert rep.replicas_planned > 0 and rep.failures == 0
+        # The servers (a module fixture) may hold the previous test's replicas: a new gateway
+        # adopts those it plans too, without loading them again.
+        assert rep.bytes_moved > 0 or rep.replicas_ready > 0
         assert 0 < rep.balancedness <= 1 and len(rep.tokens_per_server) == 2
         if mode == "predictive":
             assert stub.GetStatus(gateway_pb2.GetStatusRequest()).predictor.forecasts_ok > 0
