@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from gateway.launcher import spawn_expert_server, start_stack  # noqa: E402
+from gateway.launcher import spawn_expert_server, start_stack, wait_ready  # noqa: E402
 from loadgen import Load, add_arguments, prompts_and_reference, save_figure, status  # noqa: E402
 from moe_common import model_source, serving  # noqa: E402
 
@@ -128,9 +128,15 @@ def run(a) -> dict:
         if a.under == "bare" and a.restart_after_s is not None:
             time.sleep(a.restart_after_s)
             host, port = victim_address.rsplit(":", 1)
-            restarted = spawn_expert_server(source.path, host, int(port), ["--threads", "1"], log_file=logs)
-            stack.processes[a.servers - 1] = restarted
-            serving.wait_for_serving(victim_address, 120)
+            for attempt in range(3):  # the just-freed port may be taken by an outgoing connection: try again
+                restarted = spawn_expert_server(source.path, host, int(port), ["--threads", "1"], log_file=logs)
+                stack.processes[a.servers - 1] = restarted
+                try:
+                    wait_ready(restarted, victim_address, 120)
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
             out["restarted_serving_after_kill_s"] = time.monotonic() - t_kill
             print(f"restarted it; SERVING {out['restarted_serving_after_kill_s']:.1f} s after the kill", flush=True)
         time.sleep(a.after_s)

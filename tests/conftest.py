@@ -67,6 +67,25 @@ def expert_servers(source, count: int, args=None):
             stop(proc)
 
 
+def restart_expert_server(source, address: str, log_dir, args=None, tries: int = 3) -> subprocess.Popen:
+    """Start an expert server again on the address of one that died, and wait until it
+    serves. Binding a just-freed loopback port can fail when an outgoing connection took
+    it as its ephemeral port meanwhile: then try again (the log says why it stopped)."""
+    host, port = address.rsplit(":", 1)
+    for attempt in range(tries):
+        log_path = log_dir / f"restart-{port}-{attempt}.log"
+        with log_path.open("w") as log_file:
+            proc = spawn_expert_server(source.path, host, int(port), args, log_file=log_file)
+        try:
+            wait_ready(proc, address, 120)
+            return proc
+        except RuntimeError:
+            proc.wait()
+            if "could not bind" not in log_path.read_text() or attempt == tries - 1:
+                raise AssertionError(f"the restarted expert server on {address} stopped:\n{log_path.read_text()[-3000:]}")
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def gateway(source, addresses, args=None):
     """Start a gateway over `addresses`; yield its address."""

@@ -15,8 +15,7 @@ from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from gateway.launcher import spawn_expert_server, wait_ready
-from tests.conftest import channel, expert_servers, gateway
+from tests.conftest import channel, expert_servers, gateway, restart_expert_server
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -129,7 +128,7 @@ def test_expert_server_rejects_bad_tensors_and_keeps_serving(tiny, three_expert_
         assert [(e.layer, e.expert) for e in stub.GetInfo(expert_pb2.GetInfoRequest()).experts] == [(0, 2)]
 
 
-def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny):
+def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny, tmp_path):
     """One dead server: its experts run on the other (stand-ins), and status says which is
     down. Every server dead: UNAVAILABLE naming the last one tried; the gateway stays up."""
     with expert_servers(tiny, 2) as (addresses, procs), gateway(tiny, addresses) as address, channel(address) as ch:
@@ -154,10 +153,7 @@ def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny):
 
         # Replacements on the same addresses start empty; the gateway gives them their experts back.
         for i in range(2):
-            host, port = addresses[i].rsplit(":", 1)
-            procs[i] = spawn_expert_server(tiny.path, host, int(port))
-        for i in range(2):
-            wait_ready(procs[i], addresses[i], 120)
+            procs[i] = restart_expert_server(tiny, addresses[i], tmp_path)
         deadline = time.monotonic() + 30
         while not stub.GetStatus(gateway_pb2.GetStatusRequest()).healthy:  # the gateway reconnects
             assert time.monotonic() < deadline, "the gateway did not reconnect to the restarted servers"

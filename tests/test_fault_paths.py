@@ -5,7 +5,6 @@ a race needs a forced interleaving, with a hook injected into the real gateway c
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import HOST, channel, expert_servers, gateway, generated_ids, stop
+from conftest import HOST, channel, expert_servers, gateway, generated_ids, restart_expert_server, stop
 from gateway.config import GatewayConfig
 from gateway.engine import Engine, Sampling
 from gateway.launcher import spawn_expert_server, spawn_gateway, wait_ready
@@ -184,7 +183,7 @@ def test_draining_server_waits_while_its_experts_load_elsewhere(tiny, reference,
 
 # ---- 4. every restarted server is re-assigned, not just the first ----
 
-def test_all_restarted_servers_get_their_experts_back(tiny, reference):
+def test_all_restarted_servers_get_their_experts_back(tiny, reference, tmp_path):
     want = want_ids(reference)
     with expert_servers(tiny, 2) as (addresses, procs):
         with gateway(tiny, addresses, ["--evict-after-s", "120"]) as gw:
@@ -194,9 +193,7 @@ def test_all_restarted_servers_get_their_experts_back(tiny, reference):
                 p.send_signal(signal.SIGKILL)
                 p.wait()
             for i, address in enumerate(addresses):
-                procs[i] = spawn_expert_server(tiny.path, HOST, int(address.rsplit(":", 1)[1]))
-            for p, address in zip(procs, addresses):
-                wait_ready(p, address, 120)
+                procs[i] = restart_expert_server(tiny, address, tmp_path)
             assert generate(stub) == want  # both came back empty: both are re-assigned
 
 
