@@ -21,6 +21,8 @@ class ExpertServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     max_workers: int = 16  # gRPC handler threads
+    # Accept hidden states in shared memory from a gateway on this host (moe_common/shm.py).
+    shared_memory: bool = True
     # --- compute ---
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     dtype: str = "float32"  # compute dtype of the expert weights

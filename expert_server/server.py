@@ -53,7 +53,8 @@ class ExpertServer:
         self.config = config
         source = model_source.resolve(config.model, config.cache_dir)
         self.store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
-        self.servicer = ExpertServicer(self.store, config.tls, config.simulate_load_delay_s)
+        self.servicer = ExpertServicer(self.store, config.tls, config.simulate_load_delay_s,
+                                       shared_memory=config.shared_memory)
         self.activity = serving.ActivityInterceptor()
         self.server, self.port, self.health = serving.create_server(
             config.address,
@@ -137,6 +138,8 @@ def parse_args(argv=None) -> ExpertServerConfig:
                    help="on SIGTERM, serve on until the gateway moved our experts away, at most this long")
     p.add_argument("--drain-quiet-s", type=float, default=2.5,
                    help="...or until no call (health checks included) arrived for this long")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="refuse hidden states in shared memory from a gateway on this host (it then sends bytes)")
     p.add_argument("--simulate-load-delay-s", type=float, default=0.0,
                    help="testing: wait this long in every AssignExperts or SetReplicas that loads experts (a slow disk)")
     p.add_argument("--log-level", default="INFO")
@@ -168,6 +171,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             drain_timeout_s=a.drain_timeout_s,
             drain_quiet_s=a.drain_quiet_s,
             simulate_load_delay_s=a.simulate_load_delay_s,
+            shared_memory=a.shared_memory,
             tls=tls.from_args(a),
         )
     except ValueError as exc:

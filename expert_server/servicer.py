@@ -6,31 +6,61 @@ import threading
 import time
 
 from expert_server.experts import ExpertStore
-from moe_common import tensor_codec
-from moe_common.errors import InvalidArgument
+from moe_common import shm, tensor_codec
+from moe_common.errors import FailedPrecondition, InvalidArgument, MoEError
 from moe_common.serving import message_options
 from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    def __init__(self, store: ExpertStore, tls: TlsConfig = PLAINTEXT, load_delay_s: float = 0.0):
+    def __init__(self, store: ExpertStore, tls: TlsConfig = PLAINTEXT, load_delay_s: float = 0.0,
+                 shared_memory: bool = True):
         self.store = store
         self.tls = tls
+        # Segments of same-host callers (moe_common/shm.py); None: --no-shared-memory.
+        self.segments = shm.SegmentCache() if shared_memory else None
         self.load_delay_s = load_delay_s  # ExpertServerConfig.simulate_load_delay_s
         self.draining = threading.Event()  # set on shutdown (expert_server/server.py)
 
     def RunExperts(self, request, context):
         self.store.check_model(request.model_id)
         t0 = time.perf_counter_ns()
-        hidden = tensor_codec.decode(request.hidden_states)
+        shared = request.HasField("shared")
+        hidden = self._shared_region(request) if shared else tensor_codec.decode(request.hidden_states)
         t1 = time.perf_counter_ns()
         out = self.store.run(request.layer, [(g.expert, g.num_tokens) for g in request.groups], hidden)
         t2 = time.perf_counter_ns()
         wire = tensor_codec.wire_dtype_name(request.hidden_states.dtype)
-        reply = expert_pb2.RunExpertsResponse(outputs=tensor_codec.encode(out, wire), compute_ns=t2 - t1)
+        if shared:
+            hidden.copy_(out)  # outputs over the inputs: the caller reads them where it wrote
+            reply = expert_pb2.RunExpertsResponse(outputs=tensor_codec.header(out, wire), outputs_shared=True)
+        else:
+            reply = expert_pb2.RunExpertsResponse(outputs=tensor_codec.encode(out, wire))
+        reply.compute_ns = t2 - t1
         reply.codec_ns = (t1 - t0) + (time.perf_counter_ns() - t2)
         return reply
+
+    def _shared_region(self, request):
+        """The request's hidden states [tokens, d_model], viewed in the caller's segment."""
+        dtype, shape = tensor_codec.decode_header(request.hidden_states)
+        if self.segments is None:
+            raise FailedPrecondition(f"{shm.UNREACHABLE}: this server runs with --no-shared-memory")
+        segment = self.segments.get(request.shared.segment)
+        return segment.tensor(request.shared.offset, dtype, shape)
+
+    def AttachSharedMemory(self, request, context):
+        if self.segments is None:
+            return expert_pb2.AttachSharedMemoryResponse(reason="this server runs with --no-shared-memory")
+        try:
+            shm.check_name(request.segment)
+            segment = shm.Segment.open(request.segment)
+        except MoEError as exc:
+            return expert_pb2.AttachSharedMemoryResponse(reason=str(exc))
+        if not request.nonce or bytes(segment.buf[:len(request.nonce)]) != request.nonce:
+            return expert_pb2.AttachSharedMemoryResponse(
+                reason=f"segment {request.segment} here does not hold the caller's nonce: another host's /dev/shm")
+        return expert_pb2.AttachSharedMemoryResponse(attached=True)
 
     def AssignExperts(self, request, context):
         self.store.check_model(request.model_id)

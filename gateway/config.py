@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
+
+# How hidden states reach expert servers (gateway/transport.py): shared memory where a
+# server can map this gateway's memory and bytes elsewhere, always shared memory, or bytes.
+TRANSPORTS = ("auto", "shm", "grpc")
 
 
 @dataclass
@@ -45,8 +50,12 @@ class GatewayConfig:
     replication_window: int = 8  # batches per plan and history length of "window"
     replication_min_gain: float = 0.02  # keep the previous plan unless the new one gains this share
     redundancy: int = 1  # servers holding each logical expert: home + (redundancy - 1) standby replicas
+    # --- the model the gateway holds (everything but the experts) ---
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str = "float32"  # only float32 reproduces the float32 checkpoint exactly
     # --- expert path ---
     wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
+    transport: str = "auto"  # auto | shm | grpc: how hidden states reach servers (gateway/transport.py)
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
     startup_timeout_s: float = 600.0  # waiting for expert servers to be SERVING and load their experts
     tls: TlsConfig = PLAINTEXT  # the client-facing port and the channels to expert servers and predictor
@@ -60,6 +69,12 @@ class GatewayConfig:
             raise ValueError(f"expert servers listed twice: {self.expert_servers}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"--wire-dtype must be one of {sorted(WIRE_DTYPES)}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"--transport must be one of {TRANSPORTS}")
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
         if self.max_batch_size < 1:
             raise ValueError("--max-batch-size must be >= 1")
         if self.max_prompts_per_request < 1 or self.max_queued_prompts < self.max_prompts_per_request:

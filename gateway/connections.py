@@ -15,6 +15,7 @@ from typing import Iterator
 
 import grpc
 
+from moe_common import shm
 from moe_common.errors import FailedPrecondition, MoEError, Unavailable
 from moe_common.serving import message_options
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -32,6 +33,13 @@ class ExpertsMissing(MoEError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class SharedMemoryUnreachable(MoEError):
+    """An expert server cannot map the shared-memory segment a call named (it runs on
+    another host now): send that call's rows as bytes (gateway/transport.py)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 def call_result(address: str, call):
     """The reply of a call to the expert server at `address` (a future or a reply), with
     its RPC error as the domain error the gateway acts on."""
@@ -44,6 +52,8 @@ def call_result(address: str, call):
             raise Unavailable(f"{where} is unavailable ({code.name}: {details})") from None
         if code == grpc.StatusCode.NOT_FOUND:
             raise ExpertsMissing(f"{where} lost experts it is home to: {details}") from None
+        if code == grpc.StatusCode.FAILED_PRECONDITION and (details or "").startswith(shm.UNREACHABLE):
+            raise SharedMemoryUnreachable(f"{where}: {details}") from None
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             raise FailedPrecondition(f"{where}: {details}") from None
         raise ExpertServerError(f"{where} failed: {code.name}: {details}") from None

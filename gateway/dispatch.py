@@ -22,9 +22,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from gateway.connections import Connections, ExpertsMissing, call_result
+from gateway.connections import Connections, ExpertsMissing, SharedMemoryUnreachable, call_result
 from gateway.dispatch_stats import DispatchStats, LayerCall
 from gateway.replication import assign_layer, choose_stand_ins
+from gateway.transport import Transport
 from moe_common import tensor_codec
 from moe_common.errors import MoEError, Unavailable
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -77,20 +78,22 @@ class ServerView:
 class ExpertClients:
     """The current ServerView and the calls that use it: expert sets (AssignExperts,
     SetReplicas) and running a layer. Channels live in `connections`
-    (gateway/connections.py), counters in `stats` (gateway/dispatch_stats.py).
+    (gateway/connections.py), counters in `stats` (gateway/dispatch_stats.py), how
+    hidden states move (bytes or shared memory) in `transport` (gateway/transport.py).
 
     Dispatch uses home servers and ready replicas only, so it never waits for a replica.
     """
 
     def __init__(self, addresses: list[str], home: list[list[int]], model_id: str,
                  wire_dtype: str = "float32", timeout_s: float = 60.0, policy: str = "whole",
-                 tls: TlsConfig = PLAINTEXT):
+                 tls: TlsConfig = PLAINTEXT, transport: str = "auto"):
         if wire_dtype not in tensor_codec.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {sorted(tensor_codec.WIRE_DTYPES)}")
         self.model_id = model_id
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.connections = Connections(tls)
+        self.transport = Transport(transport)
         self.stats = DispatchStats()
         self.policy = policy
         # Guards the view's ready/planned between the batcher thread and SetReplicas
@@ -164,6 +167,7 @@ class ExpertClients:
 
     def close(self) -> None:
         self.connections.close_all()
+        self.transport.close()
 
     # ---- expert sets ----
 
@@ -228,6 +232,7 @@ class ExpertClients:
             view.replica_sequence[server] += 1  # ignore replies of SetReplicas sent before the restart
             view.synced.discard(server)  # and send it its replica set again
             held = view.held_by(server)
+        self.transport.forget(address)  # it may have come back on another host
         self.assign_experts(address, held, self.timeout_s)
 
     # ---- suspects and stand-ins ----
@@ -355,27 +360,35 @@ class ExpertClients:
         into `errors`. Returns the servers that failed (now suspect) and those that lost
         experts (restarted)."""
         t0 = time.perf_counter_ns()
-        calls = {}
-        for server, items in by_server.items():
-            rows = torch.cat([hidden[tokens] for _, tokens in items])  # [n_server, d_model]
-            request = expert_pb2.RunExpertsRequest(
-                layer=layer,
-                groups=[expert_pb2.ExpertGroup(expert=e, num_tokens=len(t)) for e, t in items],
-                hidden_states=tensor_codec.encode(rows, self.wire_dtype),
-                model_id=self.model_id,
-            )
-            acc.bytes_sent += len(request.hidden_states.data)
-            # Sent at once: this server computes while the next request is encoded.
-            calls[server] = view.stubs[server].RunExperts.future(request, timeout=self.timeout_s)
-        acc.rpcs += len(calls)
-        acc.gateway_codec_ns += time.perf_counter_ns() - t0
-        failed, missing = [], []
+        calls, payloads = {}, {}
         try:
+            for server, items in by_server.items():
+                address = view.addresses[server]
+                index = torch.cat([tokens for _, tokens in items])  # [n_server] rows of `hidden`
+                payloads[server] = payload = self.transport.pack(address, view.stubs[server], hidden, index,
+                                                                 self.wire_dtype)
+                request = expert_pb2.RunExpertsRequest(
+                    layer=layer,
+                    groups=[expert_pb2.ExpertGroup(expert=e, num_tokens=len(t)) for e, t in items],
+                    hidden_states=payload.tensor, shared=payload.region, model_id=self.model_id,
+                )
+                acc.bytes_sent += len(payload.tensor.data)
+                acc.bytes_shared += payload.nbytes if payload.region is not None else 0
+                # Sent at once: this server computes while the next request is packed.
+                calls[server] = view.stubs[server].RunExperts.future(request, timeout=self.timeout_s)
+            acc.rpcs += len(calls)
+            acc.gateway_codec_ns += time.perf_counter_ns() - t0
+            failed, missing = [], []
             for server, call in calls.items():
+                address = view.addresses[server]
                 try:
-                    reply = call_result(view.addresses[server], call)
+                    reply = call_result(address, call)
                 except ExpertsMissing:
                     missing.append(server)
+                    continue
+                except SharedMemoryUnreachable as exc:
+                    self.transport.unreachable(address, str(exc))
+                    failed.append(server)  # sent again as bytes, not suspect
                     continue
                 except Unavailable as exc:
                     self._suspect(view, server, exc)
@@ -386,7 +399,7 @@ class ExpertClients:
                 acc.server_codec_ns = max(acc.server_codec_ns, reply.codec_ns)
                 acc.bytes_received += len(reply.outputs.data)
                 td = time.perf_counter_ns()
-                out = tensor_codec.decode(reply.outputs).to(hidden.dtype)
+                out = self.transport.unpack(payloads.pop(server), reply, hidden)
                 acc.gateway_codec_ns += time.perf_counter_ns() - td
                 start = 0
                 for expert, tokens in by_server[server]:
@@ -398,6 +411,9 @@ class ExpertClients:
             for call in calls.values():
                 call.cancel()  # the layer failed: do not leave the other servers computing for nobody
             raise
+        finally:
+            for payload in payloads.values():  # calls that did not return OK: never reuse their memory
+                self.transport.done(payload, ok=False)
         return failed, missing
 
     def _assign(self, view: ServerView, layer: int, token_lists: list[tuple[int, torch.Tensor]]
@@ -474,6 +490,7 @@ class _LayerAccumulator:
     rpcs: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_shared: int = 0  # hidden states sent through shared memory instead of bytes
     replica_tokens: int = 0  # computed by a replica or stand-in rather than the home server
 
     def __post_init__(self):

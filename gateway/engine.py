@@ -83,7 +83,7 @@ class _RowLimits(StoppingCriteria):
         done = torch.full((input_ids.shape[0],), generated) >= self.limits
         if self.stop_row is not None:
             done |= torch.tensor([self.stop_row(r) for r in range(input_ids.shape[0])])
-        return done
+        return done.to(input_ids.device)
 
 
 class _RowStreamer(BaseStreamer):
@@ -127,7 +127,9 @@ class Engine:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.source = model_source.resolve(config.model, config.cache_dir)
-        self.model, self.tokenizer, self.layers = load_gateway_model(self.source)
+        self.device = torch.device(config.device)
+        self.model, self.tokenizer, self.layers = load_gateway_model(self.source, getattr(torch, config.dtype),
+                                                                     self.device)
         mc = self.model.config
         self.num_experts: int = mc.num_experts
         self.vocab_size: int = mc.vocab_size
@@ -136,6 +138,7 @@ class Engine:
         # No servers yet: connect() makes the first view, from --expert-servers or discovery.
         self.clients = ExpertClients(
             [], [], self.source.model_id, config.wire_dtype, config.expert_timeout_s, config.replica_policy, config.tls,
+            config.transport,
         )
         for module in remote_experts(self.model):
             module.clients = self.clients
@@ -267,7 +270,7 @@ class Engine:
         streamer = _RowStreamer(limits, self.eos_token_id, on_token)
         if max(limits) == 0:
             return streamer.rows
-        input_ids, attention_mask = self.pad(rows)
+        input_ids, attention_mask = (t.to(self.device) for t in self.pad(rows))
         kwargs = dict(
             max_new_tokens=max(limits),
             stopping_criteria=StoppingCriteriaList([_RowLimits(limits, stop_row)]),
@@ -292,5 +295,6 @@ class Engine:
 
     @torch.inference_mode()
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        """One teacher-forced forward pass -> logits [B, T, vocab]."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        """One teacher-forced forward pass -> logits [B, T, vocab] (on the CPU)."""
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                          decoder_input_ids=decoder_input_ids.to(self.device)).logits.cpu()

@@ -20,9 +20,9 @@ from moe_common.model_source import ModelSource
 log = logging.getLogger(__name__)
 
 
-def load_gateway_model(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """-> (model, tokenizer, sparse layers). The model has RemoteExperts (not yet
-    connected) in every sparse layer and no expert parameters."""
+def load_gateway_model(source: ModelSource, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """-> (model, tokenizer, sparse layers). The model, in `dtype` on `device`, has
+    RemoteExperts (not yet connected) in every sparse layer and no expert parameters."""
     from transformers import AutoTokenizer, GenerationConfig, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
@@ -63,7 +63,7 @@ def load_gateway_model(source: ModelSource, dtype: torch.dtype = torch.float32):
         log.warning("checkpoint tensors the model does not use: %s", unexpected[:5])
     assert not any(is_expert_key(n) for n in params), "expert parameters in the gateway model"
 
-    model = model.to(dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     try:
         model.generation_config = GenerationConfig.from_pretrained(source.path)
     except OSError:

@@ -92,8 +92,15 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--max-input-tokens", type=int, default=512)
     p.add_argument("--max-new-tokens-limit", type=int, default=512)
     p.add_argument("--default-max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="where the gateway runs its model (attention, norms, routers): "
+                   "cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the gateway's model (only float32 reproduces a float32 checkpoint exactly)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of hidden states sent to expert servers (only float32 is exact)")
+    p.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
+                   help="how hidden states reach expert servers: auto uses shared memory with servers on this "
+                        "host and bytes in the message elsewhere; shm requires shared memory; grpc never uses it")
     p.add_argument("--expert-timeout-s", type=float, default=60.0)
     p.add_argument("--predictor", default="", help="host:port of the predictor service (optional)")
     p.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
@@ -134,7 +141,10 @@ def parse_args(argv=None) -> GatewayConfig:
             max_input_tokens=a.max_input_tokens,
             max_new_tokens_limit=a.max_new_tokens_limit,
             default_max_new_tokens=a.default_max_new_tokens,
+            device=a.device,
+            dtype=a.dtype,
             wire_dtype=a.wire_dtype,
+            transport=a.transport,
             expert_timeout_s=a.expert_timeout_s,
             predictor=a.predictor,
             predictor_timeout_ms=a.predictor_timeout_ms,

@@ -67,3 +67,22 @@ def decode(msg: expert_pb2.Tensor) -> torch.Tensor:
     if tdt == torch.bfloat16:
         t = t.view(torch.bfloat16)
     return t
+
+
+def decode_header(msg: expert_pb2.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(torch dtype, shape) of a proto Tensor whose data lies elsewhere (a shared region)."""
+    if msg.dtype not in _BY_ENUM:
+        raise InvalidArgument(
+            f"tensor dtype {msg.dtype} is not one of {sorted(WIRE_DTYPES)} (DTYPE_UNSPECIFIED is not allowed)"
+        )
+    if msg.data:
+        raise InvalidArgument("a tensor in a shared region must not carry data bytes too")
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
+    return _BY_ENUM[msg.dtype][1], shape
+
+
+def header(tensor: torch.Tensor, wire_dtype: str) -> expert_pb2.Tensor:
+    """A proto Tensor with dtype and shape only: its data travels in shared memory."""
+    return expert_pb2.Tensor(dtype=WIRE_DTYPES[wire_dtype][0], shape=list(tensor.shape))

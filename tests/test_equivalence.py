@@ -41,8 +41,9 @@ def _dropped_tokens(model, enc) -> int:
     return sum(dropped)
 
 
-@pytest.mark.parametrize("num_servers", [1, 2, 3])
-def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_servers, num_servers):
+# Hidden states through shared memory (auto and shm on loopback) and as bytes in the message.
+@pytest.mark.parametrize("num_servers,transport", [(1, "auto"), (2, "grpc"), (3, "shm")])
+def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_servers, num_servers, transport):
     model, tokenizer = reference
     enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert _dropped_tokens(model, enc) > 0, "the test batch must overflow an expert's capacity"
@@ -50,7 +51,7 @@ def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_ser
         expected = model.generate(**enc, max_new_tokens=24, do_sample=False)
     servers = three_expert_servers[:num_servers]
 
-    with gateway(tiny, servers) as address, channel(address) as ch:
+    with gateway(tiny, servers, ["--transport", transport]) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         reply = stub.Generate(gateway_pb2.GenerateRequest(
             prompts=PROMPTS, parameters=gateway_pb2.GenerationParameters(max_new_tokens=24)))
@@ -62,7 +63,7 @@ def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_ser
         assert [s.address for s in status.servers] == servers
 
     # One teacher-forced forward pass in-process over the same real expert servers.
-    engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=servers))
+    engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=servers, transport=transport))
     try:
         engine.connect()
         decoder_input_ids = expected[:, :12]
@@ -72,5 +73,7 @@ def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_ser
         # Bit for bit: same ops, same shapes, same order as HF (the issue asks for 1e-5).
         assert torch.equal(got, want), (got - want).abs().max().item()
         assert engine.clients.tokens_per_server().count(0) == 0, "every server must take part"
+        kinds = {engine.clients.transport.kind(a) for a in servers}
+        assert kinds == ({"grpc"} if transport == "grpc" else {"shm"})
     finally:
         engine.close()

@@ -18,6 +18,30 @@ DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 
+class AttachSharedMemoryRequest(_message.Message):
+    __slots__ = ("segment", "nonce")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    nonce: bytes
+    def __init__(self, segment: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class AttachSharedMemoryResponse(_message.Message):
+    __slots__ = ("attached", "reason")
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attached: bool
+    reason: str
+    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SharedRegion(_message.Message):
+    __slots__ = ("segment", "offset")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    offset: int
+    def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class FetchExpertRequest(_message.Message):
     __slots__ = ("expert", "model_id")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -53,26 +77,30 @@ class ExpertGroup(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class RunExpertsRequest(_message.Message):
-    __slots__ = ("layer", "groups", "hidden_states", "model_id")
+    __slots__ = ("layer", "groups", "hidden_states", "model_id", "shared")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     groups: _containers.RepeatedCompositeFieldContainer[ExpertGroup]
     hidden_states: Tensor
     model_id: str
-    def __init__(self, layer: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    shared: SharedRegion
+    def __init__(self, layer: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ExpertGroup, _Mapping]]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., model_id: _Optional[str] = ..., shared: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class RunExpertsResponse(_message.Message):
-    __slots__ = ("outputs", "compute_ns", "codec_ns")
+    __slots__ = ("outputs", "compute_ns", "codec_ns", "outputs_shared")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
     CODEC_NS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_SHARED_FIELD_NUMBER: _ClassVar[int]
     outputs: Tensor
     compute_ns: int
     codec_ns: int
-    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ns: _Optional[int] = ..., codec_ns: _Optional[int] = ...) -> None: ...
+    outputs_shared: bool
+    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ..., compute_ns: _Optional[int] = ..., codec_ns: _Optional[int] = ..., outputs_shared: _Optional[bool] = ...) -> None: ...
 
 class ExpertRef(_message.Message):
     __slots__ = ("layer", "expert")

@@ -60,6 +60,11 @@ class ExpertServiceStub:
                 request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.FetchExpertRequest.SerializeToString,
                 response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.ExpertWeight.FromString,
                 _registered_method=True)
+        self.AttachSharedMemory = channel.unary_unary(
+                '/moe.expert.v1.ExpertService/AttachSharedMemory',
+                request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryRequest.SerializeToString,
+                response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -114,6 +119,16 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachSharedMemory(self, request, context):
+        """Checks that this server can map the caller's shared-memory segment: it opens the
+        segment and compares its first bytes with `nonce`. A caller on the same host then
+        sends hidden states through shared memory (RunExpertsRequest.shared) rather than
+        as bytes. An answer of attached=false is not an error: the caller uses bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +156,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.FetchExpert,
                     request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.FetchExpertRequest.FromString,
                     response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.ExpertWeight.SerializeToString,
+            ),
+            'AttachSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSharedMemory,
+                    request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryRequest.FromString,
+                    response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -279,6 +299,33 @@ class ExpertService:
             '/moe.expert.v1.ExpertService/FetchExpert',
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.FetchExpertRequest.SerializeToString,
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.ExpertWeight.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.expert.v1.ExpertService/AttachSharedMemory',
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryRequest.SerializeToString,
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

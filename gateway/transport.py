@@ -1,0 +1,214 @@
+"""How a layer call's hidden states travel to an expert server and back.
+
+Dispatch (gateway/dispatch.py) decides who gets which tokens; this module moves them.
+Two ways:
+  grpc - the rows as bytes inside the RunExperts message (tensor_codec), any host;
+  shm  - for a server on this host: the rows are written into a shared-memory segment
+         (moe_common/shm.py), the message names the region, and the server writes its
+         outputs over the rows in place. gRPC then carries only the control message,
+         so no copy goes through Python gRPC's ~1 GB/s byte path.
+
+`--transport auto` (the default) asks each server once whether it can map this
+gateway's memory (AttachSharedMemory with a nonce) and uses shm where it can, bytes
+elsewhere; `shm` makes a server that cannot an error; `grpc` never tries.
+
+Correctness under faults: a segment goes back to the pool only after its call returned
+OK. A call that failed, timed out or was cancelled may still be computing and could
+write into its region later, so its segment is dropped (unlinked) rather than reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from gateway.config import TRANSPORTS
+from moe_common import shm, tensor_codec
+from moe_common.errors import FailedPrecondition
+from moe_protos.moe.expert.v1 import expert_pb2
+
+log = logging.getLogger(__name__)
+
+_MIN_SEGMENT = 1 << 20  # segments come in powers of two from 1 MiB, so a few serve every call size
+
+
+class SegmentPool:
+    """The segments this gateway writes hidden states into, reused across calls.
+    Thread-safe: concurrent layer calls each take their own segment."""
+
+    def __init__(self, max_free: int = 8):
+        self.max_free = max_free
+        self._lock = threading.Lock()
+        self._free: list[shm.Segment] = []  # ascending size
+        self._all: dict[str, shm.Segment] = {}
+        self.created = 0
+
+    def acquire(self, nbytes: int) -> shm.Segment:
+        """A segment of at least `nbytes` that no call is using."""
+        with self._lock:
+            for i, segment in enumerate(self._free):
+                if segment.size >= nbytes:
+                    return self._free.pop(i)
+        size = max(_MIN_SEGMENT, 1 << max(nbytes - 1, 0).bit_length())
+        segment = shm.Segment.create(shm.unique_name("rows"), size)
+        with self._lock:
+            self._all[segment.name] = segment
+            self.created += 1
+        return segment
+
+    def release(self, segment: shm.Segment) -> None:
+        """Back to the pool, once its call has returned."""
+        with self._lock:
+            if segment.name not in self._all:
+                return  # the pool was closed meanwhile
+            self._free.append(segment)
+            self._free.sort(key=lambda s: s.size)
+            extra = self._free[:-self.max_free] if len(self._free) > self.max_free else []
+            del self._free[:len(extra)]
+        for segment in extra:  # keep the largest: they serve every smaller call too
+            self.discard(segment)
+
+    def discard(self, segment: shm.Segment) -> None:
+        """Never reuse `segment` (its call failed and a server may still write into it)."""
+        with self._lock:
+            self._all.pop(segment.name, None)
+        segment.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            segments, self._all, self._free = list(self._all.values()), {}, []
+        for segment in segments:
+            segment.unlink()
+
+
+@dataclass
+class Payload:
+    """One server's rows of a layer call, packed for its RunExperts request."""
+
+    tensor: expert_pb2.Tensor  # hidden_states: dtype and shape, and the bytes unless shared
+    region: expert_pb2.SharedRegion | None = None
+    segment: shm.Segment | None = None
+    rows: torch.Tensor | None = None  # [n, d_model] in the segment, in the wire dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes if self.rows is not None else len(self.tensor.data)
+
+
+class Transport:
+    """Packs rows for each server and unpacks its outputs, by bytes or shared memory."""
+
+    def __init__(self, mode: str = "auto", probe_timeout_s: float = 5.0):
+        if mode not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {mode!r}")
+        self.mode = mode if shm.available() or mode == "shm" else "grpc"
+        self.probe_timeout_s = probe_timeout_s
+        self.pool = SegmentPool()
+        self._lock = threading.Lock()
+        self._shared: dict[str, bool] = {}  # address -> whether it maps our segments
+        if self.mode != "grpc":
+            removed = shm.remove_orphans()
+            if removed:
+                log.info("removed %d shared-memory segments of gateways that no longer run", len(removed))
+
+    def kind(self, address: str) -> str:
+        """"shm" or "grpc": how calls to `address` move hidden states now ("?" before the first call)."""
+        with self._lock:
+            shared = self._shared.get(address)
+        return "?" if shared is None else ("shm" if shared else "grpc")
+
+    def pack(self, address: str, stub, hidden: torch.Tensor, index: torch.Tensor, wire_dtype: str) -> Payload:
+        """hidden [N, d_model], index [n] (rows to send) -> the payload for `address`."""
+        if not self._uses_shm(address, stub):
+            return Payload(tensor_codec.encode(hidden[index], wire_dtype))
+        dtype = tensor_codec.WIRE_DTYPES[wire_dtype][1]
+        shape = (len(index), hidden.shape[1])
+        nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+        segment = self.pool.acquire(nbytes)
+        rows = segment.tensor(0, dtype, shape)
+        if hidden.dtype == dtype and hidden.device.type == "cpu":
+            torch.index_select(hidden, 0, index, out=rows)  # gathered straight into shared memory
+        else:
+            rows.copy_(hidden[index])  # a cast, or a device-to-host copy
+        return Payload(expert_pb2.Tensor(dtype=tensor_codec.WIRE_DTYPES[wire_dtype][0], shape=list(shape)),
+                       expert_pb2.SharedRegion(segment=segment.name, offset=0), segment, rows)
+
+    def unpack(self, payload: Payload, reply: expert_pb2.RunExpertsResponse, like: torch.Tensor) -> torch.Tensor:
+        """The server's outputs [n, d_model] in the dtype and on the device of `like` (the
+        hidden states), owned by the caller; frees the payload."""
+        if reply.outputs_shared and payload.rows is not None:
+            out = torch.empty(payload.rows.shape, dtype=like.dtype, device=like.device)
+            out.copy_(payload.rows)  # out of the segment before it serves another call
+        else:
+            out = tensor_codec.decode(reply.outputs).to(device=like.device, dtype=like.dtype)
+        self.done(payload, ok=True)
+        return out
+
+    def done(self, payload: Payload, ok: bool) -> None:
+        """The payload's call ended: reuse its segment if it returned OK, drop it otherwise."""
+        if payload.segment is None:
+            return
+        segment, payload.segment, payload.rows = payload.segment, None, None
+        if ok:
+            self.pool.release(segment)
+        else:
+            self.pool.discard(segment)
+
+    def unreachable(self, address: str, reason: str) -> None:
+        """`address` could not map a segment (it moved to another host): bytes from now on,
+        or an error under --transport shm."""
+        if self.mode == "shm":
+            raise FailedPrecondition(f"--transport shm, but expert server {address} cannot map this "
+                                     f"gateway's shared memory: {reason}")
+        log.warning("expert server %s cannot map shared memory any more (%s); sending bytes", address, reason)
+        with self._lock:
+            self._shared[address] = False
+
+    def forget(self, address: str) -> None:
+        """Ask `address` again on its next call (a server that restarted may run elsewhere)."""
+        with self._lock:
+            self._shared.pop(address, None)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def _uses_shm(self, address: str, stub) -> bool:
+        if self.mode == "grpc":
+            return False
+        with self._lock:
+            shared = self._shared.get(address)
+        if shared is None:
+            shared = self._probe(address, stub)
+        return shared
+
+    def _probe(self, address: str, stub) -> bool:
+        """AttachSharedMemory with a fresh segment holding a nonce; caches a definite answer."""
+        nonce = secrets.token_bytes(16)
+        segment = shm.Segment.create(shm.unique_name("probe"), len(nonce))
+        try:
+            segment.buf[:len(nonce)] = nonce
+            try:
+                reply = stub.AttachSharedMemory(
+                    expert_pb2.AttachSharedMemoryRequest(segment=segment.name, nonce=nonce), timeout=self.probe_timeout_s)
+                attached, reason = reply.attached, reply.reason
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return False  # unreachable now: bytes for this call, ask again next time
+                attached, reason = False, "the server predates shared memory"
+        finally:
+            segment.unlink()
+        if not attached:
+            if self.mode == "shm":
+                raise FailedPrecondition(f"--transport shm, but expert server {address} cannot map this "
+                                         f"gateway's shared memory: {reason}")
+            log.info("expert server %s: hidden states go as bytes (%s)", address, reason)
+        else:
+            log.info("expert server %s: hidden states go through shared memory", address)
+        with self._lock:
+            self._shared[address] = attached
+        return attached
