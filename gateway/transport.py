@@ -120,6 +120,8 @@ class Transport:
         """"shm" or "grpc": how calls to `address` move hidden states now ("?" before the first call)."""
         with self._lock:
             shared = self._shared.get(address)
+        if self.mode == "grpc":
+            return "grpc"
         return "?" if shared is None else ("shm" if shared else "grpc")
 
     def pack(self, address: str, stub, hidden: torch.Tensor, index: torch.Tensor, wire_dtype: str) -> Payload:
