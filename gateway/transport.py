@@ -77,13 +77,41 @@ class SegmentPool:
         """Never reuse `segment` (its call failed and a server may still write into it)."""
         with self._lock:
             self._all.pop(segment.name, None)
+        _unpin(segment)
         segment.unlink()
 
     def close(self) -> None:
         with self._lock:
             segments, self._all, self._free = list(self._all.values()), {}, []
         for segment in segments:
+            _unpin(segment)
             segment.unlink()
+
+
+def _pin(segment: shm.Segment) -> None:
+    """Page-lock a segment for a gateway on CUDA, so copies between the GPU and the
+    segment run at DMA speed rather than through a pageable bounce buffer (~5x on an
+    H200 for 12 MB). Once per segment; a failure only costs that speed."""
+    if segment.pinned is not None:
+        return
+    segment.pinned = 0
+    try:
+        ptr = torch.frombuffer(segment.buf, dtype=torch.uint8).data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(ptr, segment.size, 0)
+        segment.pinned = ptr if int(err) == 0 else 0
+        if not segment.pinned:
+            log.warning("cudaHostRegister of %s failed (%s); copies go through pageable memory", segment.name, err)
+    except Exception as exc:  # noqa: BLE001 - an optimisation, never a reason to fail a call
+        log.warning("could not page-lock %s (%s); copies go through pageable memory", segment.name, exc)
+
+
+def _unpin(segment: shm.Segment) -> None:
+    if segment.pinned:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(segment.pinned)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("cudaHostUnregister of %s failed: %s", segment.name, exc)
+        segment.pinned = 0
 
 
 @dataclass
@@ -133,6 +161,8 @@ class Transport:
         nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
         segment = self.pool.acquire(nbytes)
         rows = segment.tensor(0, dtype, shape)
+        if hidden.is_cuda:
+            _pin(segment)
         if hidden.dtype == dtype and hidden.device.type == "cpu":
             torch.index_select(hidden, 0, index, out=rows)  # gathered straight into shared memory
         else:

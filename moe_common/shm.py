@@ -59,6 +59,7 @@ class Segment:
         self.buf = buf
         self.size = len(buf)
         self.owner = owner
+        self.pinned = None  # a CUDA gateway page-locks it: the registered address, or 0 after a failure
 
     @classmethod
     def create(cls, name: str, size: int) -> "Segment":
