@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replica-memory", default="160MB", help="replica memory per expert server")
     g.add_argument("--policy", default="whole", choices=["whole", "split"])
     g.add_argument("--window", type=int, default=4, help="batches per plan in window mode")
+    g = p.add_argument_group("serving path (reported with the results)")
+    g.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N: the single-process model, the gateway and the expert servers all run there")
+    g.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
+                   help="expert servers' FFN kernel (grouped is faster and not bit-exact)")
+    g.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="hidden states between gateway and expert servers (only float32 is exact)")
+    g.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
+                   help="gRPC bytes or same-host shared memory for hidden states (gateway --transport)")
     g = p.add_argument_group("simulator")
     g.add_argument("--simulate-servers", default="8,16,64", help="server counts to project (empty: none)")
     g.add_argument("--gpu-costs", type=Path, default=None,
@@ -180,7 +189,7 @@ def serve_round(a, source, addresses: list[str], mode: str, predictor: str, warm
     port = pick_free_port()
     args = ["--replication", mode, "--replica-policy", a.policy, "--replication-window", str(a.window),
             "--max-batch-size", str(w.batch_size), "--max-wait-ms", "0", "--predictor-timeout-ms", "500",
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING", "--device", a.device, "--wire-dtype", a.wire_dtype, "--transport", a.transport]
     if predictor:
         args += ["--predictor", predictor]
     proc = spawn_gateway(source.path, HOST, port, addresses, args)
@@ -278,7 +287,7 @@ def record_trace(mono: Monolithic, source, indexed, w: Workload, trace_dir: Path
 class ExpertServers:
     """N expert server processes with the machine's cores split between them."""
 
-    def __init__(self, source, count: int, replica_memory: str):
+    def __init__(self, source, count: int, replica_memory: str, args: list[str] = ()):
         from gateway.launcher import spawn_expert_server, wait_ready
         from moe_common.serving import pick_free_port
 
@@ -288,7 +297,8 @@ class ExpertServers:
             for _ in range(count):
                 port = pick_free_port()
                 self.procs.append(spawn_expert_server(source.path, HOST, port, [
-                    "--replica-memory", replica_memory, "--threads", str(self.threads), "--log-level", "WARNING"]))
+                    "--replica-memory", replica_memory, "--threads", str(self.threads), "--log-level", "WARNING",
+                    *args]))
                 self.addresses.append(f"{HOST}:{port}")
             for proc, address in zip(self.procs, self.addresses):
                 wait_ready(proc, address)
@@ -343,7 +353,7 @@ def run(a) -> dict:
 
     # 1. The single-process model (its first rounds now, its last after everything else).
     log.info("single-process model: %d + %d requests in %d round(s)", w.warmup, w.requests, rounds)
-    mono = Monolithic(source.path)
+    mono = Monolithic(source.path, a.device)
     mono_runs = [run_monolithic(mono, warm, share[r], w) for r in range(rounds // 2 or 1)]
     trace_dir = work / "bench-trace"
     info = record_trace(mono, source, indexed, w, trace_dir)
@@ -359,7 +369,7 @@ def run(a) -> dict:
         if not a.no_one_server and 1 not in counts:
             runs.append((1, ["off"]))
         for n, run_modes in runs:
-            servers = ExpertServers(source, n, a.replica_memory)
+            servers = ExpertServers(source, n, a.replica_memory, ["--device", a.device, "--expert-kernel", a.expert_kernel])
             threads_of[n] = servers.threads
             try:
                 for r in range(rounds):
@@ -391,7 +401,9 @@ def run(a) -> dict:
         command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
         model=source.spec, num_experts=info.num_experts, num_sparse_layers=info.num_layers,
         expert_servers=counts[0], replica_memory=a.replica_memory, policy=a.policy, rounds=rounds,
-        workload=w.__dict__, forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
+        workload=w.__dict__,
+        serving=dict(device=a.device, expert_kernel=a.expert_kernel, wire_dtype=a.wire_dtype, transport=a.transport),
+        forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
         monolithic=monolithic, modes=measured[counts[0]],
     )
     if 1 in measured and counts[0] != 1:

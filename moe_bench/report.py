@@ -23,6 +23,8 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
         f"policy `{result['policy']}`; requests of {w['batch_size']} prompts x {w['prompt_tokens']} tokens, "
         f"{w['new_tokens']} new tokens, {w['clients']} clients, {w['requests']} measured requests "
         f"after {w['warmup']} warm-up. Forecaster: {result['forecaster']}.",
+        *([f"Serving path: device `{sv['device']}`, expert kernel `{sv['expert_kernel']}`, wire dtype "
+           f"`{sv['wire_dtype']}`, transport `{sv['transport']}`."] if (sv := result.get("serving")) else []),
         "",
         _row(["", "tokens/s total", "prefill", "decode", "vs single-process", "p50 ms", "p99 ms", "balancedness",
               "busiest server busy", "weights moved MB", "prefetch hits", "identical"]),

@@ -117,21 +117,24 @@ class Monolithic:
     """The single-process HF model serving one batch at a time, as the gateway's batcher
     does, with all of this machine's cores."""
 
-    def __init__(self, path):
+    def __init__(self, path, device: str = "cpu"):
         from transformers import SwitchTransformersForConditionalGeneration
 
-        self.model = SwitchTransformersForConditionalGeneration.from_pretrained(path).eval()
+        self.device = torch.device(device)
+        self.model = SwitchTransformersForConditionalGeneration.from_pretrained(path).to(self.device).eval()
         self.lock = threading.Lock()
 
     def send(self, prompts: list[list[int]], new_tokens: int):
         from moe_common.batching import generated_rows, pad_right
 
-        input_ids, mask = pad_right(prompts, self.model.config.pad_token_id)
+        input_ids, mask = (t.to(self.device) for t in pad_right(prompts, self.model.config.pad_token_id))
         streamer = _FirstToken()
         with self.lock, torch.inference_mode():
             t0 = time.perf_counter()
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                       do_sample=False, streamer=streamer)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             t1 = time.perf_counter()
         first = streamer.first or t1
-        return first - t0, t1 - first, generated_rows(out, self.model.config.eos_token_id)
+        return first - t0, t1 - first, generated_rows(out.cpu(), self.model.config.eos_token_id)
