@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expert_server.kernels import KERNELS
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tls import PLAINTEXT, TlsConfig
 
@@ -29,6 +30,10 @@ class ExpertServerConfig:
     # How the groups (experts) of one RunExperts call are run: one after another with
     # all intra-op threads, or concurrently on a thread pool. benchmarks/expert_groups.py measures both.
     group_executor: str = "sequential"
+    # The expert FFN kernel (expert_server/kernels.py): "exact" is bit-identical to HF;
+    # "grouped" runs one grouped GEMM per projection over the layer's stacked experts
+    # (opt-in: not bit-exact, bf16 on CUDA, and a second copy of the weights).
+    expert_kernel: str = "exact"
     # torch intra-op threads; 0 keeps torch's default (all cores). Several servers on one
     # machine should split the cores between them rather than oversubscribe.
     threads: int = 0
@@ -62,6 +67,11 @@ class ExpertServerConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
         if self.group_executor not in GROUP_EXECUTORS:
             raise ValueError(f"--group-executor must be one of {GROUP_EXECUTORS}")
+        if self.expert_kernel not in KERNELS:
+            raise ValueError(f"--expert-kernel must be one of {KERNELS}, not {self.expert_kernel!r}")
+        if self.expert_kernel == "grouped" and self.group_executor != "sequential":
+            raise ValueError("--group-executor threads runs the groups of --expert-kernel exact; "
+                             "grouped runs a call as one GEMM per projection")
         if self.replica_memory < 0:
             raise ValueError("--replica-memory must be >= 0")
         if self.simulate_load_delay_s < 0:

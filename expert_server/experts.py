@@ -1,8 +1,10 @@
 """The expert store: the logical experts this server holds and the FFN that runs them.
 
-Plain torch, no gRPC. An expert is the Switch FFN ``wo(act(wi(x)))`` with no biases,
-computed with the same ops as HF's SwitchTransformersDenseActDense so that the
-distributed model reproduces the single-process one exactly.
+Plain torch, no gRPC. An expert is the Switch FFN ``wo(act(wi(x)))`` with no biases.
+The store checks each call and runs it with one of the kernels of expert_server/kernels.py:
+``exact`` (the ops of HF's SwitchTransformersDenseActDense, so that the distributed
+model reproduces the single-process one exactly) or ``grouped`` (one grouped GEMM per
+projection over the layer's stacked experts; opt-in, not bit-exact).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from expert_server.kernels import KERNELS, StackedLayer, run_exact, run_grouped, stack_layer
 from moe_common.checkpoint import Checkpoint, SparseLayer, sparse_layers
 from moe_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from moe_common.model_source import ModelSource
@@ -24,6 +26,32 @@ log = logging.getLogger(__name__)
 ExpertKey = tuple[int, int]  # (sparse layer, expert)
 
 
+class _Held(dict):
+    """The weight dict of one moment, {(layer, expert): (wi, wo)}, with the grouped kernel's
+    stacks built from it ({layer: StackedLayer}, each on first use).
+
+    Never changed once published: every change of what is held publishes a new one, so a
+    run keeps the weights and stacks it started with, and a stack can never be stale.
+    """
+
+    __slots__ = ("stacks", "lock")
+
+    def __init__(self, weights: dict, previous: _Held | None = None):
+        super().__init__(weights)
+        self.stacks: dict[int, StackedLayer] = {}
+        self.lock = threading.Lock()  # one build per layer, not one per concurrent call
+        # Keep the stacks of layers the change left alone: restacking a layer copies all its weights.
+        # copy(): a run may be adding a stack to `previous` meanwhile (one C call, atomic under the GIL).
+        kept = previous.stacks.copy() if previous is not None else {}
+        if kept:
+            by_layer: dict[int, dict] = {}
+            for (layer, expert), w in self.items():
+                by_layer.setdefault(layer, {})[expert] = w
+            for layer, stacked in kept.items():
+                if stacked.built_from(by_layer.get(layer, {})):
+                    self.stacks[layer] = stacked
+
+
 class ExpertStore:
     """Holds expert weights of some logical experts and runs them.
 
@@ -31,10 +59,16 @@ class ExpertStore:
     servers' experts (set_replicas(), within `replica_memory` bytes). Thread-safe:
     RunExperts calls read a snapshot of the weight dict; changes build a new dict and
     swap it in, so running experts are never blocked by loading.
+
+    kernel: "exact" or "grouped" (expert_server/kernels.py). group_executor "threads"
+    runs the groups of an exact call concurrently; grouped runs a call as one GEMM per
+    projection and ignores it.
     """
 
     def __init__(self, source: ModelSource, device: str = "cpu", dtype: str = "float32",
-                 group_executor: str = "sequential", replica_memory: int = 0):
+                 group_executor: str = "sequential", replica_memory: int = 0, kernel: str = "exact"):
+        if kernel not in KERNELS:
+            raise ValueError(f"expert kernel must be one of {KERNELS}, not {kernel!r}")
         from transformers import SwitchTransformersConfig
         from transformers.activations import ACT2FN
 
@@ -47,7 +81,8 @@ class ExpertStore:
         self.dtype: torch.dtype = getattr(torch, dtype)
         self.act = ACT2FN[self.config.dense_act_fn]
         self.checkpoint = Checkpoint(source.path)
-        self._weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kernel = kernel
+        self._weights: _Held = _Held({})  # replaced whole, through _publish, on every change
         self._home: set[ExpertKey] = set()
         self._replicas: set[ExpertKey] = set()  # loaded and ready
         self.replica_memory = replica_memory
@@ -56,7 +91,7 @@ class ExpertStore:
         self._assign_lock = threading.Lock()
         self._replica_generation = 0
         self._copy_stream = None  # CUDA stream for replica loading, made on first use
-        self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" else None
+        self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" and kernel == "exact" else None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -111,11 +146,16 @@ class ExpertStore:
             missing = sorted(wanted - set(current))
             for key in missing:
                 new[key] = self.load_weights(key)
-            self._weights = new  # atomic swap: in-flight runs keep their snapshot
+            self._publish(new)
             self._home = wanted
         dropped = len(home_before - wanted)
+        self._prestack()
         log.info("assigned %d experts (%d loaded, %d dropped, %.1f MB)", len(new), len(missing), dropped, self.weight_bytes() / 1e6)
         return len(missing), dropped
+
+    def _publish(self, weights: dict) -> None:
+        """Swap in a new weight dict (callers hold _assign_lock); in-flight runs keep theirs."""
+        self._weights = _Held(weights, self._weights)
 
     def load_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
         """Read one expert from the checkpoint onto this store's device (not kept: assign and
@@ -174,7 +214,7 @@ class ExpertStore:
             generation = self._replica_generation
             keep = set(valid)
             self._replicas &= keep
-            self._weights = {k: v for k, v in self._weights.items() if k in self._home or k in self._replicas}
+            self._publish({k: v for k, v in self._weights.items() if k in self._home or k in self._replicas})
         loaded = 0
         for key in valid:
             if key in self._replicas:
@@ -195,9 +235,10 @@ class ExpertStore:
             with self._assign_lock:
                 if generation != self._replica_generation:
                     break  # superseded: the newer call decides what to hold
-                self._weights = {**self._weights, key: weights}
+                self._publish({**self._weights, key: weights})
                 self._replicas.add(key)
             loaded += sum(w.nbytes for w in weights)
+        self._prestack()
         log.info("replicas: %d ready, %d refused, %.1f MB loaded", len(self._replicas), len(refused), loaded / 1e6)
         return refused, loaded
 
@@ -214,46 +255,62 @@ class ExpertStore:
 
     def ffn(self, x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
         """x [n, d_model] -> [n, d_model]; the ops of SwitchTransformersDenseActDense (eval mode)."""
-        return F.linear(self.act(F.linear(x, wi)), wo)
+        return run_exact(x, [(wi, wo)], [x.shape[0]], self.act)
 
     def run(self, layer: int, groups: list[tuple[int, int]], hidden: torch.Tensor) -> torch.Tensor:
         """Run one sparse layer's experts.
 
-        groups: [(expert, num_tokens)] in row order; hidden: [sum num_tokens, d_model].
-        Returns [sum num_tokens, d_model] in the compute dtype, on CPU.
+        groups: [(expert, num_tokens)] in row order, experts held here, in any order;
+        hidden: [sum num_tokens, d_model]. Returns [sum num_tokens, d_model] in the compute
+        dtype, on CPU.
         """
         if hidden.dim() != 2 or hidden.shape[1] != self.d_model:
             raise InvalidArgument(f"hidden_states must have shape [tokens, {self.d_model}], got {list(hidden.shape)}")
         if not groups:
             raise InvalidArgument("no expert groups given")
-        total = 0
+        if not 0 <= layer < len(self.layers):
+            raise InvalidArgument(f"sparse layer {layer} does not exist (the model has {len(self.layers)})")
         weights = self._weights  # snapshot
+        total = 0
         for expert, n in groups:
-            self._check_key(layer, expert)
-            if n == 0:
-                raise InvalidArgument(f"expert group for expert {expert} has 0 tokens")
             if (layer, expert) not in weights:
+                self._check_key(layer, expert)  # a nonexistent expert is bad input, not a missing one
                 raise NotFound(f"expert {expert} of sparse layer {layer} is not held by this server")
+            if n <= 0:
+                raise InvalidArgument(f"expert group for expert {expert} has {n} tokens")
             total += n
         if total != hidden.shape[0]:
             raise InvalidArgument(f"expert groups cover {total} tokens but hidden_states has {hidden.shape[0]} rows")
 
         x = hidden.to(device=self.device, dtype=self.dtype)
-        bounds = []
-        start = 0
-        for expert, n in groups:
-            bounds.append((expert, start, start + n))
-            start += n
-
-        def one(b):
-            expert, a, z = b
-            wi, wo = weights[(layer, expert)]
-            return self.ffn(x[a:z], wi, wo)
-
         with torch.inference_mode():
-            if self._pool is not None and len(bounds) > 1:
-                outs = list(self._pool.map(one, bounds))
+            if self.kernel == "grouped":
+                # assign() and set_replicas() stack what they changed; a run that meets a
+                # snapshot published halfway through set_replicas stacks the layer itself.
+                out = run_grouped(x, self._stacked(weights, layer), groups, self.act)
             else:
-                outs = [one(b) for b in bounds]
-            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+                out = run_exact(x, [weights[(layer, e)] for e, _ in groups], [n for _, n in groups],
+                                self.act, self._pool)
         return out.cpu()
+
+    def _prestack(self) -> None:
+        """grouped: stack the layers a change left unstacked now, in AssignExperts or
+        SetReplicas, rather than in the next RunExperts of each (a layer's stack copies
+        all its weights: hundreds of ms for a layer of switch-base experts)."""
+        if self.kernel != "grouped":
+            return
+        weights = self._weights
+        for layer in sorted({layer for layer, _ in weights}):
+            self._stacked(weights, layer)
+
+    def _stacked(self, weights: _Held, layer: int) -> StackedLayer:
+        """The grouped kernel's stack of `layer` in the snapshot `weights`, built on first use."""
+        stacked = weights.stacks.get(layer)
+        if stacked is None:
+            with weights.lock:
+                stacked = weights.stacks.get(layer)
+                if stacked is None:
+                    stacked = stack_layer({e: w for (l, e), w in weights.items() if l == layer})
+                    weights.stacks[layer] = stacked
+                    log.debug("stacked %d experts of layer %d", len(stacked.experts), layer)
+        return stacked

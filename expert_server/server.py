@@ -21,6 +21,7 @@ import grpc
 
 from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
+from expert_server.kernels import KERNELS
 from expert_server.servicer import ExpertServicer
 from moe_common import model_source, serving, tls
 from moe_common.placement import experts_of_server, home_placement
@@ -52,7 +53,8 @@ class ExpertServer:
             torch.set_num_threads(config.threads)
         self.config = config
         source = model_source.resolve(config.model, config.cache_dir)
-        self.store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory)
+        self.store = ExpertStore(source, config.device, config.dtype, config.group_executor, config.replica_memory,
+                                 kernel=config.expert_kernel)
         self.servicer = ExpertServicer(self.store, config.tls, config.simulate_load_delay_s,
                                        shared_memory=config.shared_memory)
         self.activity = serving.ActivityInterceptor()
@@ -127,6 +129,9 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype of expert weights")
     p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"])
+    p.add_argument("--expert-kernel", default="exact", choices=list(KERNELS),
+                   help="exact: HF's ops per expert, bit-identical to HF (default); grouped: one grouped GEMM "
+                        "per projection over the layer's stacked experts (for CUDA, in bf16 there; not bit-exact)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
     p.add_argument("--replica-memory", default="0", help="memory for replicas of other servers' experts, e.g. 2GB")
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
@@ -161,6 +166,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             device=a.device,
             dtype=a.dtype,
             group_executor=a.group_executor,
+            expert_kernel=a.expert_kernel,
             experts=a.experts,
             shard=shard,
             max_workers=a.max_workers,

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
+    p.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
+                   help="expert servers' FFN kernel: exact (bit-identical to HF) or grouped (grouped GEMM, not bit-exact)")
     p.add_argument("--expert-threads", type=int, default=None,
                    help="torch threads per expert server (default: the machine's cores split between the servers)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -279,7 +281,8 @@ def main(argv=None) -> int:
     # (benchmarks/forward_throughput.py --expert-threads measures the difference).
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
-    expert_args = ["--device", a.device, "--log-level", a.log_level, "--threads", str(threads),
+    expert_args = ["--device", a.device, "--expert-kernel", a.expert_kernel, "--log-level", a.log_level,
+                   "--threads", str(threads),
                    "--replica-memory", str(a.replica_memory)]
     try:
         stack = start_stack(
