@@ -168,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert servers' FFN kernel: exact (bit-identical to HF) or grouped (grouped GEMM, not bit-exact)")
     p.add_argument("--expert-threads", type=int, default=None,
                    help="torch threads per expert server (default: the machine's cores split between the servers)")
+    p.add_argument("--gateway-device", default=None,
+                   help="where the gateway runs attention, norms and routers (default: cuda when --device is cuda)")
     p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
+                   help="hidden states between gateway and expert servers: shared memory where possible (auto)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
@@ -287,7 +291,8 @@ def main(argv=None) -> int:
     try:
         stack = start_stack(
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
-            gateway_args=["--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
+            gateway_args=["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
+                          "--transport", a.transport, "--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
                           "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
                           "--replication", a.replication, "--replica-policy", a.replica_policy,
                           "--redundancy", str(a.redundancy)],
