@@ -12,12 +12,9 @@ the same ops HF uses.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import grpc
 import torch
@@ -27,53 +24,13 @@ from gateway.connections import Connections, ExpertsMissing, SharedMemoryUnreach
 from gateway.dispatch_stats import DispatchStats, LayerCall
 from gateway.replication import assign_layer, choose_stand_ins
 from gateway.transport import Transport
+from gateway.views import ServerView, Views
 from moe_common import tensor_codec
 from moe_common.errors import MoEError, Unavailable
 from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_protos.moe.expert.v1 import expert_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class ServerView:
-    """One membership of the expert servers: who they are, the home placement among them
-    and the replicas planned and ready on them. Server indices (home[l][e], ready[s],
-    the s of planned (layer, expert, s)) index `addresses`.
-
-    A membership change (gateway/membership.py) builds a new view and swaps it in; a
-    layer call (or a replica plan being sent) keeps the view it started with, and
-    `inflight` counts those users so that the old view can be drained before its
-    servers drop experts and their channels close.
-    """
-
-    addresses: list[str]
-    stubs: list
-    home: list[list[int]]
-    slots: list[int]  # replica slots of each server
-    ready: list[set] = field(default_factory=list)  # ready[s]: {(layer, expert)} confirmed loaded on s
-    planned: set = field(default_factory=set)  # {(layer, expert, server)} the current plan wants
-    replica_sequence: list[int] = field(default_factory=list)  # a reply counts only if it answers the newest call
-    synced: set = field(default_factory=set)  # servers sent a replica set under this view
-    inflight: int = 0
-    # Servers whose layer call failed, and since when (monotonic s): not holders until
-    # they answer their health checks again (clear_suspect).
-    suspect: dict[int, float] = field(default_factory=dict)
-    # standins[s]: {(layer, expert)} server s loaded in place of a suspect home server.
-    standins: list[set] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.ready = self.ready or [set() for _ in self.addresses]
-        self.replica_sequence = self.replica_sequence or [0] * len(self.addresses)
-        self.standins = self.standins or [set() for _ in self.addresses]
-
-    def experts_of(self, server: int) -> list[tuple[int, int]]:
-        """The logical experts `server` is home to."""
-        return [(layer, e) for layer, row in enumerate(self.home) for e, h in enumerate(row) if h == server]
-
-    def held_by(self, server: int) -> set[tuple[int, int]]:
-        """What `server` is told to hold besides replicas: its home experts and its stand-ins."""
-        return set(self.experts_of(server)) | self.standins[server]
 
 
 class ExpertClients:
@@ -97,11 +54,9 @@ class ExpertClients:
         self.transport = Transport(transport)
         self.stats = DispatchStats()
         self.policy = policy
-        # Guards the view's ready/planned between the batcher thread and SetReplicas
-        # callbacks, and the swap of views.
-        self.replica_lock = threading.Lock()
-        self._drained = threading.Condition(self.replica_lock)
-        self.view = self.make_view(addresses, home, [0] * len(addresses))
+        self.views = Views(self.make_view(addresses, home, [0] * len(addresses)))
+        # Guards the view's ready/planned/suspect/standins (gateway/views.py).
+        self.replica_lock = self.views.lock
 
     # ---- views ----
 
@@ -112,31 +67,23 @@ class ExpertClients:
     def make_view(self, addresses: list[str], home: list[list[int]], slots: list[int]) -> ServerView:
         return ServerView(list(addresses), [self.stub(a) for a in addresses], home, list(slots))
 
+    @property
+    def view(self) -> ServerView:
+        return self.views.current
+
     def swap(self, view: ServerView) -> ServerView:
         """Make `view` current; returns the previous one. Layer calls already running
         finish on the previous view (wait_drained)."""
-        with self.replica_lock:
-            old, self.view = self.view, view
-        return old
+        return self.views.swap(view)
 
-    @contextlib.contextmanager
-    def using_view(self) -> Iterator[ServerView]:
+    def using_view(self):
         """The current view, counted in flight while the block runs: a membership change
         waits for it before its servers drop experts or their channels close."""
-        with self.replica_lock:
-            view = self.view
-            view.inflight += 1
-        try:
-            yield view
-        finally:
-            with self._drained:
-                view.inflight -= 1
-                self._drained.notify_all()
+        return self.views.using()
 
     def wait_drained(self, view: ServerView, timeout_s: float) -> bool:
         """Wait until no layer call runs on `view`; False on timeout."""
-        with self._drained:
-            return self._drained.wait_for(lambda: view.inflight == 0, timeout=timeout_s)
+        return self.views.wait_drained(view, timeout_s)
 
     def retain_members(self) -> None:
         """Close channels and forget per-server figures of every non-member."""
@@ -528,7 +475,7 @@ class _LayerAccumulator:
             ready_hits = sum((layer, e) in view.ready[s] for e, s in planned)
         stats.record(LayerCall(
             addresses=view.addresses, loads=self.loads, compute_ns=self.compute_ns, codec_ns=self.server_codec_ns,
-            tokens=sum(len(t) for _, t in token_lists), rpcs=self.rpcs, bytes_sent=self.bytes_sent,
+            tokens=sum(len(t) for _, t in token_lists), rpcs=self.rpcs, bytes_sent=self.bytes_sent, bytes_shared=self.bytes_shared,
             bytes_received=self.bytes_received, wall_ns=wall_ns, gateway_codec_ns=self.gateway_codec_ns,
             replica_tokens=self.replica_tokens, planned_checks=len(planned), planned_ready=ready_hits))
 

@@ -25,6 +25,7 @@ class LayerCall:
     rpcs: int
     bytes_sent: int
     bytes_received: int
+    bytes_shared: int  # hidden states sent through shared memory (gateway/transport.py)
     wall_ns: int  # from encoding the first request to decoding the last reply
     gateway_codec_ns: int  # encoding requests and decoding replies here
     replica_tokens: int  # tokens computed by a replica rather than the home server
@@ -42,6 +43,7 @@ class DispatchStats:
     tokens: int = 0  # routed tokens sent (dropped tokens are not sent)
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_shared: int = 0  # hidden states sent through shared memory instead of bytes
     dispatch_ns: int = 0  # wall time inside RemoteExperts.forward
     rpc_wall_ns: int = 0  # from encoding the first request to decoding the last reply, per layer
     server_compute_ns: int = 0  # max over servers of their compute, per layer (the critical path)
@@ -66,6 +68,7 @@ class DispatchStats:
             self.rpcs += c.rpcs
             self.tokens += c.tokens
             self.bytes_sent += c.bytes_sent
+            self.bytes_shared += c.bytes_shared
             self.bytes_received += c.bytes_received
             self.rpc_wall_ns += c.wall_ns
             self.server_compute_ns += max(c.compute_ns.values(), default=0)

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.dispatch import ExpertClients, ServerView
+from gateway.dispatch import ExpertClients
+from gateway.views import ServerView
 from moe_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoEError, NotFound, Unavailable
 from moe_common.placement import moved_experts, rebalance_home
 from moe_common.serving import wait_for_serving

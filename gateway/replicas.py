@@ -23,7 +23,8 @@ from collections import deque
 import grpc
 import numpy as np
 
-from gateway.dispatch import ExpertClients, ServerView
+from gateway.dispatch import ExpertClients
+from gateway.views import ServerView
 from gateway.replication import plan_replicas, standby_needed, standby_replicas
 from moe_common.traces import Pass, TraceInfo
 from moe_protos.moe.expert.v1 import expert_pb2

@@ -61,6 +61,9 @@ def test_greedy_generation_and_logits_equal_hf(tiny, reference, three_expert_ser
             assert gen.text == tokenizer.decode(ids, skip_special_tokens=True)
         status = stub.GetStatus(gateway_pb2.GetStatusRequest())
         assert [s.address for s in status.servers] == servers
+        shared = status.expert_path.bytes_shared
+        assert (shared == 0 and status.expert_path.bytes_sent > 0) if transport == "grpc" else \
+            (shared > 0 and status.expert_path.bytes_sent == 0)
 
     # One teacher-forced forward pass in-process over the same real expert servers.
     engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=servers, transport=transport))

@@ -135,7 +135,7 @@ class ExpertServerStatus(_message.Message):
     def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_home_experts: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., tokens: _Optional[int] = ..., compute_ns: _Optional[int] = ...) -> None: ...
 
 class ExpertPathStats(_message.Message):
-    __slots__ = ("layer_calls", "rpcs", "tokens", "bytes_sent", "bytes_received", "forward_ns", "dispatch_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "gateway_codec_ns", "server_codec_ns", "load_mean_sum", "load_max_sum", "suspects", "stand_in_loads")
+    __slots__ = ("layer_calls", "rpcs", "tokens", "bytes_sent", "bytes_received", "forward_ns", "dispatch_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "gateway_codec_ns", "server_codec_ns", "load_mean_sum", "load_max_sum", "suspects", "stand_in_loads", "bytes_shared")
     LAYER_CALLS_FIELD_NUMBER: _ClassVar[int]
     RPCS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ExpertPathStats(_message.Message):
     LOAD_MAX_SUM_FIELD_NUMBER: _ClassVar[int]
     SUSPECTS_FIELD_NUMBER: _ClassVar[int]
     STAND_IN_LOADS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SHARED_FIELD_NUMBER: _ClassVar[int]
     layer_calls: int
     rpcs: int
     tokens: int
@@ -168,7 +169,8 @@ class ExpertPathStats(_message.Message):
     load_max_sum: float
     suspects: int
     stand_in_loads: int
-    def __init__(self, layer_calls: _Optional[int] = ..., rpcs: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., forward_ns: _Optional[int] = ..., dispatch_ns: _Optional[int] = ..., rpc_wall_ns: _Optional[int] = ..., compute_max_ns: _Optional[int] = ..., compute_mean_ns: _Optional[int] = ..., gateway_codec_ns: _Optional[int] = ..., server_codec_ns: _Optional[int] = ..., load_mean_sum: _Optional[float] = ..., load_max_sum: _Optional[float] = ..., suspects: _Optional[int] = ..., stand_in_loads: _Optional[int] = ...) -> None: ...
+    bytes_shared: int
+    def __init__(self, layer_calls: _Optional[int] = ..., rpcs: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., forward_ns: _Optional[int] = ..., dispatch_ns: _Optional[int] = ..., rpc_wall_ns: _Optional[int] = ..., compute_max_ns: _Optional[int] = ..., compute_mean_ns: _Optional[int] = ..., gateway_codec_ns: _Optional[int] = ..., server_codec_ns: _Optional[int] = ..., load_mean_sum: _Optional[float] = ..., load_max_sum: _Optional[float] = ..., suspects: _Optional[int] = ..., stand_in_loads: _Optional[int] = ..., bytes_shared: _Optional[int] = ...) -> None: ...
 
 class LayerPlacement(_message.Message):
     __slots__ = ("layer", "name", "home_server")
