@@ -254,6 +254,10 @@ def mode_figures(rounds: list[dict], reference: dict) -> dict:
         prefetch_hit_rate=float(np.mean([rnd["prefetch_hit_rate"] for rnd in rounds])),
         replicas_ready=rounds[-1]["replicas_ready"],
         identical_to_reference=all(r.outputs == reference[r.request] for r in records),
+        # Rows (prompts) whose generated tokens equal the single-process model's: the
+        # agreement figure of modes that round differently (grouped kernel, bf16 wire).
+        rows_identical=sum(a == b for r in records for a, b in zip(r.outputs, reference[r.request])),
+        rows=sum(len(r.outputs) for r in records),
         load_over_time=rounds[0]["rates"],
     )
     return out
@@ -282,6 +286,33 @@ def record_trace(mono: Monolithic, source, indexed, w: Workload, trace_dir: Path
         recorder.remove()
         writer.close()
     return info
+
+
+def logit_agreement(a, source, addresses: list[str], mono: Monolithic, prompts: list[list[int]],
+                    new_tokens: int) -> dict:
+    """Max abs difference between the stack's logits and the single-process model's on one
+    teacher-forced forward pass of `prompts` (the decoder fed the reference's own tokens)."""
+    import torch
+
+    from gateway.config import GatewayConfig
+    from gateway.engine import Engine
+    from moe_common.batching import pad_right
+
+    input_ids, mask = (t.to(mono.device) for t in pad_right(prompts, mono.model.config.pad_token_id))
+    with torch.inference_mode():
+        decoder_ids = mono.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                          do_sample=False)
+        want = mono.model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits.cpu()
+    engine = Engine(GatewayConfig(model=str(source.path), expert_servers=addresses, device=a.device,
+                                  wire_dtype=a.wire_dtype, transport=a.transport))
+    try:
+        engine.connect()
+        got = engine.forward_logits(input_ids.cpu(), mask.cpu(), decoder_ids.cpu())
+    finally:
+        engine.close()
+    diff = (got - want).abs()
+    return dict(max_abs_logit_diff=float(diff.max()), logits_equal=bool(torch.equal(got, want)),
+                argmax_agreement=float((got.argmax(-1) == want.argmax(-1)).float().mean()))
 
 
 class ExpertServers:
@@ -362,6 +393,7 @@ def run(a) -> dict:
     predictor_port = pick_free_port()
     predictor = spawn_predictor(source.path, HOST, predictor_port, checkpoint, ["--log-level", "WARNING"])
     raw: dict[int, dict[str, list]] = {}
+    result_logits: dict = {}
     threads_of: dict[int, int] = {}
     try:
         wait_ready(predictor, f"{HOST}:{predictor_port}")
@@ -372,6 +404,9 @@ def run(a) -> dict:
             servers = ExpertServers(source, n, a.replica_memory, ["--device", a.device, "--expert-kernel", a.expert_kernel])
             threads_of[n] = servers.threads
             try:
+                if n == counts[0]:
+                    result_logits = logit_agreement(a, source, servers.addresses, mono, requests[0], w.new_tokens)
+                    log.info("one forward pass against the single-process model: %s", result_logits)
                 for r in range(rounds):
                     for mode in (run_modes if r % 2 == 0 else run_modes[::-1]):
                         log.info("%d expert servers, mode %s, round %d/%d", n, mode, r + 1, rounds)
@@ -402,7 +437,8 @@ def run(a) -> dict:
         model=source.spec, num_experts=info.num_experts, num_sparse_layers=info.num_layers,
         expert_servers=counts[0], replica_memory=a.replica_memory, policy=a.policy, rounds=rounds,
         workload=w.__dict__,
-        serving=dict(device=a.device, expert_kernel=a.expert_kernel, wire_dtype=a.wire_dtype, transport=a.transport),
+        serving=dict(device=a.device, expert_kernel=a.expert_kernel, wire_dtype=a.wire_dtype, transport=a.transport,
+                     **result_logits),
         forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
         monolithic=monolithic, modes=measured[counts[0]],
     )
@@ -520,8 +556,12 @@ def main(argv=None) -> int:
         a.markdown.write_text(text)
     if a.readme:
         report.update_readme(a.readme, text)
+    # An exact serving path must reproduce the single-process model; one that rounds
+    # differently (opt-in) reports its agreement instead of failing.
+    sv = result.get("serving", {})
+    exact_path = sv.get("expert_kernel", "exact") == "exact" and sv.get("wire_dtype", "float32") == "float32"
     ok = all(r["identical_to_reference"] for rows in result["measured"].values() for r in rows.values())
-    return 0 if ok else 1
+    return 0 if ok or not exact_path else 1
 
 
 def _jsonable(x):

@@ -24,7 +24,10 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
         f"{w['new_tokens']} new tokens, {w['clients']} clients, {w['requests']} measured requests "
         f"after {w['warmup']} warm-up. Forecaster: {result['forecaster']}.",
         *([f"Serving path: device `{sv['device']}`, expert kernel `{sv['expert_kernel']}`, wire dtype "
-           f"`{sv['wire_dtype']}`, transport `{sv['transport']}`."] if (sv := result.get("serving")) else []),
+           f"`{sv['wire_dtype']}`, transport `{sv['transport']}`. One forward pass against the single-process "
+           f"model: max abs logit difference {sv['max_abs_logit_diff']:.2e}"
+           f"{' (bit for bit equal)' if sv['logits_equal'] else ''}, argmax agreement {sv['argmax_agreement']:.1%}."]
+          if (sv := result.get("serving")) and "max_abs_logit_diff" in sv else []),
         "",
         _row(["", "tokens/s total", "prefill", "decode", "vs single-process", "p50 ms", "p99 ms", "balancedness",
               "busiest server busy", "weights moved MB", "prefetch hits", "identical"]),
@@ -39,7 +42,8 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
             name, f"{r['tokens_per_s']['total']:.0f}", f"{r['tokens_per_s']['prefill']:.0f}",
             f"{r['tokens_per_s']['decode']:.0f}", f"{r['vs_monolithic']:.2f}x", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
             f"{r['balancedness']:.3f}", f"{max(r['busy_share']):.0%}", f"{r['weights_moved_bytes'] / 1e6:.0f}",
-            f"{r['prefetch_hit_rate']:.0%}" if name != "off" else "", "yes" if r["identical_to_reference"] else "**no**"]))
+            f"{r['prefetch_hit_rate']:.0%}" if name != "off" else "", "yes" if r["identical_to_reference"] else
+            f"**no**: {r.get('rows_identical', 0)}/{r.get('rows', 0)} rows"]))
     out += ["", "Where the distributed forward spends its time (share of the gateway's forward time):", "",
             _row(["", "gateway compute", "expert compute", "waiting on slowest server", "transport + serialization"]),
             _row(["---"] * 5)]
