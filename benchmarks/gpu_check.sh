@@ -13,6 +13,8 @@
 #   preflight  benchmarks/gpu_preflight.py: names every package the project needs that is
 #              missing or too old, with the version it needs; torch, CUDA, devices
 #   pytest     the tests marked gpu (tests/test_gpu.py)
+#   expert-kernels  benchmarks/expert_kernels.py --device cuda: HF's loop, exact, grouped, dense
+#   layer-call benchmarks/layer_call.py on cuda: gRPC bytes against shared memory per call size
 #   gpu-costs  benchmarks/gpu_costs.py: expert costs on the GPU, for moe-bench --gpu-costs
 #   moe-bench  short, everything on the GPU, once moe-bench has --device; again with
 #              --expert-kernel grouped and bf16 on the wire where it has those flags
@@ -135,7 +137,7 @@ NO_CUDA=$(printf '%s' "$NO_CUDA" | tail -n 1)
 # --- GPU steps ----------------------------------------------------------------------
 if [ -n "$NO_CUDA" ]; then
     echo "NO CUDA DEVICE: $NO_CUDA; skipping the GPU steps"
-    for name in pytest gpu-costs moe-bench moe-bench-grouped; do
+    for name in pytest expert-kernels layer-call gpu-costs moe-bench moe-bench-grouped; do
         record "$name" SKIPPED 0 "no CUDA device: $NO_CUDA"
     done
 else
@@ -144,6 +146,12 @@ else
     gpu_tests=$(grep -l 'pytest.mark.gpu' tests/test_*.py | tr '\n' ' ')
     # shellcheck disable=SC2086
     step pytest 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest-gpu.xml" ${gpu_tests:-tests/test_gpu.py}
+
+    step expert-kernels 60 "$PY" benchmarks/expert_kernels.py --device cuda --out "$OUT/expert_kernels.json"
+
+    # Same-host transport with the gateway's hidden states and the experts on the GPU.
+    step layer-call 90 "$PY" benchmarks/layer_call.py --device cuda --gateway-device cuda --repeats 5 \
+        --out "$OUT/layer_call.json"
 
     step gpu-costs 150 "$PY" benchmarks/gpu_costs.py --model "$GPU_COSTS_MODEL" --out "$OUT/gpu_costs.json"
 

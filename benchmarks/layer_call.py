@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--transports", default="grpc,shm")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the expert server")
+    p.add_argument("--device", default="cpu", help="the expert server's device: cpu, cuda or cuda:N")
+    p.add_argument("--gateway-device", default="cpu", help="where the hidden states live, as in a gateway there")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layer_call.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     source = model_source.resolve(a.model, a.cache_dir)
     port = pick_free_port("127.0.0.1")
     address = f"127.0.0.1:{port}"
-    proc = spawn_expert_server(source.path, "127.0.0.1", port, ["--threads", str(a.threads)])
+    proc = spawn_expert_server(source.path, "127.0.0.1", port, ["--threads", str(a.threads), "--device", a.device])
     results = []
     try:
         wait_ready(proc, address, 600)
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
                 clients.assign_home_experts()
                 for tokens in (int(t) for t in a.tokens.split(",")):
                     hidden, lists = layer_call(tokens, config.d_model, min(a.experts, config.num_experts))
+                    hidden, lists = hidden.to(a.gateway_device), [(e, t.to(a.gateway_device)) for e, t in lists]
                     row = dict(transport=transport, tokens=tokens, mbytes=hidden.nbytes / 1e6,
                                **measure(clients, hidden, lists, a.repeats))
                     row["gb_per_s"] = 2 * hidden.nbytes / 1e9 / max(row["overhead_ms"] / 1e3, 1e-9)
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
               f"{r['overhead_ms']:11.3f} {ratio:15.2f}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(dict(model=a.model, date=time.strftime("%Y-%m-%d"), threads=a.threads,
+                                     device=a.device, gateway_device=a.gateway_device,
                                      repeats=a.repeats, results=results), indent=1))
     print(f"wrote {a.out}")
     return 0
