@@ -37,6 +37,16 @@ def generated_ids(model, output) -> list[list[int]]:
     return generated_rows(output, model.config.eos_token_id)
 
 
+def reference_ids(reference, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """The tokens the single-process model generates greedily for `prompts`, per row."""
+    import torch
+
+    model, tokenizer = reference
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return generated_ids(model, model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False))
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -70,7 +80,8 @@ def expert_servers(source, count: int, args=None):
 def restart_expert_server(source, address: str, log_dir, args=None, tries: int = 3) -> subprocess.Popen:
     """Start an expert server again on the address of one that died, and wait until it
     serves. Binding a just-freed loopback port can fail when an outgoing connection took
-    it as its ephemeral port meanwhile: then try again (the log says why it stopped)."""
+    it as its ephemeral port meanwhile: then, or when the start failed otherwise, try again
+    (the log of the last try says why it stopped)."""
     host, port = address.rsplit(":", 1)
     for attempt in range(tries):
         log_path = log_dir / f"restart-{port}-{attempt}.log"
@@ -81,7 +92,10 @@ def restart_expert_server(source, address: str, log_dir, args=None, tries: int =
             return proc
         except RuntimeError:
             proc.wait()
-            if "could not bind" not in log_path.read_text() or attempt == tries - 1:
+            # Also tried again: a start that died in gRPC's poller ("epoll_wait error: Bad
+            # file descriptor", seen once on the loaded 2-core machine); these tests are
+            # about the gateway, not about one server's start.
+            if attempt == tries - 1:
                 raise AssertionError(f"the restarted expert server on {address} stopped:\n{log_path.read_text()[-3000:]}")
     raise AssertionError("unreachable")
 

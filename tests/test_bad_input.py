@@ -130,8 +130,11 @@ def test_expert_server_rejects_bad_tensors_and_keeps_serving(tiny, three_expert_
 
 def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny, tmp_path):
     """One dead server: its experts run on the other (stand-ins), and status says which is
-    down. Every server dead: UNAVAILABLE naming the last one tried; the gateway stays up."""
-    with expert_servers(tiny, 2) as (addresses, procs), gateway(tiny, addresses) as address, channel(address) as ch:
+    down. Every server dead: UNAVAILABLE naming the last one tried; the gateway stays up.
+    Restarted, they are members again (never evicted: --evict-after-s 600, so a slow
+    restart cannot hide a gateway that fails to give them their experts back)."""
+    with expert_servers(tiny, 2) as (addresses, procs), \
+            gateway(tiny, addresses, ["--evict-after-s", "600"]) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         request = gateway_pb2.GenerateRequest(prompts=["hello experts"], parameters=gateway_pb2.GenerationParameters(max_new_tokens=4))
         first = stub.Generate(request)
@@ -158,5 +161,12 @@ def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny, tmp_path):
         while not stub.GetStatus(gateway_pb2.GetStatusRequest()).healthy:  # the gateway reconnects
             assert time.monotonic() < deadline, "the gateway did not reconnect to the restarted servers"
             time.sleep(0.2)
+        before = stub.GetStatus(gateway_pb2.GetStatusRequest())
         again = stub.Generate(request)
         assert list(again.generations[0].token_ids) == list(first.generations[0].token_ids)
+        after = stub.GetStatus(gateway_pb2.GetStatusRequest())
+        assert [s.address for s in after.servers] == addresses, "the restarted servers are still the members"
+        assert [b.healthy for b in after.servers] == [True, True]
+        # Both computed tokens of the new request: they hold their home experts again.
+        assert all(a.tokens > b.tokens for a, b in zip(after.servers, before.servers)), \
+            ([b.tokens for b in before.servers], [a.tokens for a in after.servers])

@@ -89,10 +89,13 @@ def test_seeded_sampling_does_not_depend_on_company(stub):
         assert b.timings.batch_size == 1
 
 
-def test_max_new_tokens_limits_and_zero(stub):
+def test_max_new_tokens_limits_and_zero(stub, reference):
     reply = stub.Generate(gateway_pb2.GenerateRequest(prompts=PROMPTS, parameters=params(max_new_tokens=3)))
-    assert all(len(g.token_ids) <= 3 for g in reply.generations)
-    assert all(g.finish_reason in ("eos", "length") for g in reply.generations)
+    expected = hf_generate(reference, PROMPTS, max_new_tokens=3, do_sample=False)
+    eos = reference[0].config.eos_token_id
+    for g, ids in zip(reply.generations, expected):
+        assert list(g.token_ids) == ids and 1 <= len(ids) <= 3
+        assert g.finish_reason == ("eos" if ids[-1] == eos else "length")
     zero = stub.Generate(gateway_pb2.GenerateRequest(prompts=["abc"], parameters=params(max_new_tokens=0)))
     assert list(zero.generations[0].token_ids) == [] and zero.generations[0].finish_reason == "length"
 

@@ -13,12 +13,12 @@ import pytest
 
 from moe_common.serving import pick_free_port
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import channel
+from tests.conftest import channel, reference_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_local_launcher_serves_and_stops_every_child(tiny):
+def test_local_launcher_serves_and_stops_every_child(tiny, reference):
     port = pick_free_port()
     proc = subprocess.Popen(
         [str(ROOT / "deploy" / "local" / "run.sh"), "--model", str(tiny.path), "--expert-servers", "2", "--port", str(port)],
@@ -30,7 +30,8 @@ def test_local_launcher_serves_and_stops_every_child(tiny):
         assert line.strip() == f"gateway listening on 127.0.0.1:{port}", line
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) == 4  # 2 expert servers, the predictor, the gateway
-        assert generate(port)
+        [expected] = reference_ids(reference, ["launch"], 3)
+        assert generate(port) == expected
         status = get_status(port)
         assert status.predictor.address and status.predictor.forecasts_failed == 0
         assert status.predictor.forecasts_ok + status.predictor.forecasts_late > 0
@@ -39,14 +40,14 @@ def test_local_launcher_serves_and_stops_every_child(tiny):
         # SIGUSR1 adds an expert server, which joins; SIGUSR2 removes the newest, which drains.
         proc.send_signal(signal.SIGUSR1)
         wait_for_servers(port, 3)
-        assert generate(port)
+        assert generate(port) == expected
         proc.send_signal(signal.SIGUSR2)
         wait_for_servers(port, 2)
         deadline = time.monotonic() + 60
         while len(psutil.Process(proc.pid).children(recursive=True)) != 4:
             assert time.monotonic() < deadline, "the removed expert server did not exit"
             time.sleep(0.1)
-        assert generate(port) and proc.poll() is None
+        assert generate(port) == expected and proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         gone, alive = psutil.wait_procs(children, timeout=10)

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from conftest import HOST, channel, expert_servers, gateway, generated_ids
+from gateway.launcher import spawn_gateway
 from gateway.membership import resolve
 from moe_common.placement import home_placement, moved_experts, rebalance_home
 from moe_common.serving import pick_free_port
@@ -137,3 +138,57 @@ def test_dead_server_is_evicted_and_serving_resumes(tiny, reference):
             assert status.healthy and [s.address for s in status.servers] == addresses[:1]
             # Every expert of the dead server (half of them) moved to the survivor.
             assert status.membership_changes[-1].experts_moved == len(status.placement) * status.num_experts // 2
+
+
+def _variant(tiny, directory: Path, change) -> Path:
+    """A copy of the tiny checkpoint, saved through HF's own code, with `change(name,
+    tensor)` applied to every parameter (in place)."""
+    import torch
+    from transformers import AutoTokenizer, SwitchTransformersForConditionalGeneration
+
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(tiny.path)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            change(name, tensor)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny.path).save_pretrained(directory)
+    return directory
+
+
+def test_gateway_refuses_expert_servers_of_another_checkpoint(tiny, tmp_path):
+    """Another fine-tune (other routers) is refused with FAILED_PRECONDITION at start and
+    at join. One that differs only in expert weights has the same identity today: the
+    identity covers config.json and the routers, not the experts (README, Scaling)."""
+    from moe_common.model_source import ModelSource, model_identity
+
+    def other_routers(name, tensor):
+        if name.endswith("router.classifier.weight"):
+            tensor.add_(0.5)
+
+    def other_experts(name, tensor):
+        if ".experts." in name:
+            tensor.mul_(2.0)
+
+    other = _variant(tiny, tmp_path / "other-routers", other_routers)
+    assert model_identity(other) != tiny.model_id
+    assert model_identity(_variant(tiny, tmp_path / "other-experts", other_experts)) == tiny.model_id
+
+    with expert_servers(ModelSource(str(other), other, model_identity(other)), 1) as (foreign, _):
+        # At start: the gateway exits and says why.
+        log_path = tmp_path / "gateway.log"
+        with log_path.open("w") as log_file:
+            proc = spawn_gateway(tiny.path, HOST, pick_free_port(HOST), foreign, log_file=log_file)
+        try:
+            assert proc.wait(timeout=120) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert "serves model" in log_path.read_text(), log_path.read_text()[-2000:]
+
+        # At join: refused, and the gateway serves on with its own servers.
+        with expert_servers(tiny, 1) as (own, _), gateway(tiny, own) as gw:
+            with pytest.raises(grpc.RpcError) as err:
+                _stub(gw).AddExpertServer(gateway_pb2.AddExpertServerRequest(address=foreign[0]), timeout=60)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "serves model" in err.value.details()
+            status = gateway_pb2_grpc.GatewayServiceStub(channel(gw)).GetStatus(gateway_pb2.GetStatusRequest())
+            assert [s.address for s in status.servers] == own and status.healthy

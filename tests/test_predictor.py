@@ -1,6 +1,7 @@
 """Routing traces, the SRU forecaster, the history baselines and the predictor service."""
 
 import json
+import time
 import subprocess
 import sys
 
@@ -264,3 +265,69 @@ def test_gateway_survives_the_predictor_dying(tiny):
         assert list(after.generations[0].token_ids) == list(before.generations[0].token_ids)
         status = stub.GetStatus(gateway_pb2.GetStatusRequest())
         assert status.predictor.forecasts_failed + status.predictor.forecasts_late > 0
+
+
+class _UnrulyPredictor(predictor_pb2_grpc.PredictorServiceServicer):
+    """A predictor service that misbehaves on purpose: `mode` "slow" answers after the
+    gateway's deadline, "malformed" answers at once with loads that cannot be right
+    (wrong length, NaN, negative)."""
+
+    def __init__(self):
+        self.mode = "slow"
+
+    def Forecast(self, request, context):
+        if self.mode == "slow":
+            time.sleep(0.5)
+            return pb.ForecastResponse()
+        layers = [pb.LayerForecast(layer=0, load=[1.0, 2.0]),
+                  pb.LayerForecast(layer=1, load=[float("nan")] * 8),
+                  pb.LayerForecast(layer=2, load=[-1.0] * 8)]
+        return pb.ForecastResponse(layers=layers, method="window")
+
+    def ReportLoads(self, request, context):
+        return pb.ReportLoadsResponse()
+
+    def GetStatus(self, request, context):
+        return pb.GetStatusResponse(method="window")
+
+
+def test_predictive_replication_rides_out_a_slow_malformed_and_dead_predictor(tiny, reference):
+    """Under predictive replication the gateway waits for each batch's forecast: a slow
+    predictor costs at most the deadline, a malformed forecast never reaches the planner,
+    a dead one is an error counted in GetStatus. No request fails, every output is exact."""
+    import concurrent.futures
+
+    from tests.conftest import expert_servers, reference_ids
+
+    prompts = ["forecast me", "a second prompt, longer than the first one"]
+    expected = reference_ids(reference, prompts, 6)
+    unruly = _UnrulyPredictor()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    predictor_pb2_grpc.add_PredictorServiceServicer_to_server(unruly, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    args = ["--replication", "predictive", "--predictor", f"127.0.0.1:{port}", "--predictor-timeout-ms", "100"]
+    try:
+        with expert_servers(tiny, 2, ["--replica-memory", "1MB"]) as (addresses, _), \
+                gateway(tiny, addresses, args) as address, channel(address) as ch:
+            stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+
+            def serve_and_count():
+                reply = stub.Generate(gateway_pb2.GenerateRequest(
+                    prompts=prompts, parameters=gateway_pb2.GenerationParameters(max_new_tokens=6)), timeout=60)
+                assert [list(g.token_ids) for g in reply.generations] == expected
+                p = stub.GetStatus(gateway_pb2.GetStatusRequest()).predictor
+                return p.forecasts_ok, p.forecasts_late, p.forecasts_failed
+
+            ok, late, failed = serve_and_count()  # slow: the encoder pass waits 100 ms, then goes on
+            assert ok == 0 and failed >= 1 and late + failed >= 2
+            unruly.mode = "malformed"
+            ok2, late2, failed2 = serve_and_count()
+            assert ok2 == 0 and failed2 > failed, "a malformed forecast must count as failed, not ok"
+            server.stop(0)  # dead
+            ok3, late3, failed3 = serve_and_count()
+            assert ok3 == 0 and failed3 > failed2
+            status = stub.GetStatus(gateway_pb2.GetStatusRequest())
+            assert status.healthy and status.replication.mode == "predictive"
+    finally:
+        server.stop(0)
