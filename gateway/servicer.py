@@ -119,9 +119,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         healthy = True
         view = e.clients.view  # one membership throughout the reply, whatever changes meanwhile
         tokens, compute = e.clients.tokens_per_server(view), e.clients.compute_per_server(view)
+        with e.clients.replica_lock:
+            suspects = set(view.suspect)
         for s, address in enumerate(view.addresses):
             status = reply.servers.add(address=address, num_home_experts=sum(row.count(s) for row in view.home),
-                                       tokens=tokens[s], compute_ns=compute[s])
+                                       tokens=tokens[s], compute_ns=compute[s], suspect=s in suspects)
             try:
                 info = e.clients.info(address, timeout_s=2.0)
                 status.healthy = True

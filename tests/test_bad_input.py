@@ -145,6 +145,7 @@ def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny, tmp_path):
             assert list(stub.Generate(request).generations[0].token_ids) == list(first.generations[0].token_ids)
         status = stub.GetStatus(gateway_pb2.GetStatusRequest())
         assert not status.healthy and [s.healthy for s in status.servers] == [True, False]
+        assert [s.suspect for s in status.servers] == [False, True]
         assert status.expert_path.suspects == 1 and status.expert_path.stand_in_loads > 0
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -158,7 +159,11 @@ def test_dead_expert_servers_cost_no_request_until_none_is_left(tiny, tmp_path):
         for i in range(2):
             procs[i] = restart_expert_server(tiny, addresses[i], tmp_path)
         deadline = time.monotonic() + 30
-        while not stub.GetStatus(gateway_pb2.GetStatusRequest()).healthy:  # the gateway reconnects
+
+        def back(status) -> bool:  # answering, and no longer suspect (the health watch saw them)
+            return status.healthy and not any(s.suspect for s in status.servers)
+
+        while not back(stub.GetStatus(gateway_pb2.GetStatusRequest())):  # the gateway reconnects
             assert time.monotonic() < deadline, "the gateway did not reconnect to the restarted servers"
             time.sleep(0.2)
         before = stub.GetStatus(gateway_pb2.GetStatusRequest())

@@ -117,7 +117,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpertServerStatus(_message.Message):
-    __slots__ = ("address", "healthy", "num_home_experts", "weight_bytes", "device", "tokens", "compute_ns")
+    __slots__ = ("address", "healthy", "num_home_experts", "weight_bytes", "device", "tokens", "compute_ns", "suspect")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     NUM_HOME_EXPERTS_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class ExpertServerStatus(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    SUSPECT_FIELD_NUMBER: _ClassVar[int]
     address: str
     healthy: bool
     num_home_experts: int
@@ -132,7 +133,8 @@ class ExpertServerStatus(_message.Message):
     device: str
     tokens: int
     compute_ns: int
-    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_home_experts: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., tokens: _Optional[int] = ..., compute_ns: _Optional[int] = ...) -> None: ...
+    suspect: bool
+    def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_home_experts: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., tokens: _Optional[int] = ..., compute_ns: _Optional[int] = ..., suspect: _Optional[bool] = ...) -> None: ...
 
 class ExpertPathStats(_message.Message):
     __slots__ = ("layer_calls", "rpcs", "tokens", "bytes_sent", "bytes_received", "forward_ns", "dispatch_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "gateway_codec_ns", "server_codec_ns", "load_mean_sum", "load_max_sum", "suspects", "stand_in_loads", "bytes_shared")
