@@ -119,11 +119,13 @@ class Segment:
 class SegmentCache:
     """The segments a server has opened, by name, the `capacity` most recently used.
 
-    A gateway reuses a few segments for every call, so a server opens each once. Evicting
-    only drops our reference: calls still computing keep their mapping alive.
+    A gateway reuses a few segments for every call (at most 8 kept free, gateway/transport.py),
+    so a server opens each once. Evicting only drops our reference: calls still computing
+    keep their mapping alive. A segment the gateway dropped stays in memory while a server
+    still maps it, so the capacity bounds that memory too: keep it small.
     """
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int = 16):
         self.capacity = capacity
         self._lock = threading.Lock()
         self._segments: collections.OrderedDict[str, Segment] = collections.OrderedDict()
