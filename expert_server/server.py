@@ -185,6 +185,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
 
 
 def main(argv=None) -> int:
+    serving.die_with_parent()
     config = parse_args(argv)
     server = ExpertServer(config)
     store = server.store

@@ -19,7 +19,6 @@ stops, saying why, only when the gateway exits or a child crashes past
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -35,13 +34,6 @@ from moe_common import model_source, serving, tls
 from moe_common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger("moe-serve")
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: Ctrl-C / SIGTERM handling still stops the children
 
 
 @dataclass
@@ -74,11 +66,13 @@ class Stack:
 
 def _spawn(args: list[str], log_file) -> subprocess.Popen:
     """Start `python -m args...`; its output goes to log_file, or else to our own stdout/stderr."""
+    # The child arranges to die with us (serving.die_with_parent); no preexec_fn, so
+    # subprocess can use vfork, which runs no fork handlers (gRPC's can deadlock a fork).
     return subprocess.Popen(
         [sys.executable, "-m", *args],
         stdout=log_file,
         stderr=subprocess.STDOUT if log_file is not None else None,
-        preexec_fn=_die_with_parent,
+        env={**os.environ, serving.PARENT_PID_ENV: str(os.getpid())},
     )
 
 

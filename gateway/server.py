@@ -161,6 +161,7 @@ def parse_args(argv=None) -> GatewayConfig:
 
 
 def main(argv=None) -> int:
+    serving.die_with_parent()
     config = parse_args(argv)
     gateway = Gateway(config)
     log.info("gateway on %s:%d serving model %r (%s) with %d expert servers",

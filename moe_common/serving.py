@@ -4,7 +4,9 @@ health service."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import socket
 import threading
@@ -130,3 +132,25 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# Set by gateway/launcher.py on the processes it starts: the pid they must not outlive.
+PARENT_PID_ENV = "MOE_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """When started by moe-serve or a test (MOE_PARENT_PID set), get SIGTERM when that
+    parent dies (Linux PR_SET_PDEATHSIG), and stop at once if it already has.
+
+    Done here, in the child, rather than in a preexec_fn: a preexec_fn makes subprocess
+    fork() instead of vfork(), and gRPC's fork handlers can deadlock a fork() that meets
+    its shutdown thread (seen in CI: the parent hung in __run_prefork_handlers)."""
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if not parent:
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        return  # not Linux: Ctrl-C / SIGTERM handling still stops the children
+    if os.getppid() != int(parent):  # the parent died before prctl: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)

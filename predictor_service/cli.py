@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    serving.die_with_parent()
     a = build_parser().parse_args(argv)
     serving.configure_logging(a.log_level)
     return a.fn(a)
