@@ -10,6 +10,11 @@ alone, since a batch shares one random stream and the seed promises the same tok
 whatever else arrives. A cancelled request (its client went away or its deadline
 passed) leaves the queue at once, stops taking part in its batch, and its handler
 stops waiting: a handler thread is never held by a request nobody waits for.
+
+When a batch starts, the prompts queued to form the next one are handed to the engine
+(`Engine.upcoming`; or, if none is queued yet, those of the first request to arrive
+while it runs), so that predictive replication forecasts and prefetches them while
+this batch runs rather than making the next batch wait.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Batcher:
         self._pending: list[Job] = []
         self._cv = threading.Condition()
         self._stopped = False
+        self._announce_on_submit = False  # a batch runs and nothing queued was announced yet
         self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._worker.start()
 
@@ -86,6 +92,10 @@ class Batcher:
                 raise ResourceExhausted(f"{queued} prompts are already waiting (limit {self.max_queued_prompts}); retry later")
             self._pending.append(job)
             self._cv.notify()
+            rows = self._next_rows() if self._announce_on_submit else []
+            self._announce_on_submit = self._announce_on_submit and not rows
+        if rows:
+            self.engine.upcoming(rows)
         return job
 
     def cancel(self, job: Job) -> None:
@@ -118,38 +128,52 @@ class Batcher:
                     break
             first = self._pending[0]
             deadline = first.arrival_ns / 1e9 + self.max_wait_s
-
-            def compatible() -> list[Job]:
-                if first.runs_alone:
-                    return [first]
-                batch, rows = [], 0
-                for job in self._pending:
-                    if job.sampling != first.sampling or job.cancelled.is_set():
-                        continue
-                    if batch and rows + len(job.prompts) > self.max_batch_size:
-                        break
-                    batch.append(job)
-                    rows += len(job.prompts)
-                return batch
-
-            batch = compatible()
+            batch = self._compatible(first)
             while (not first.runs_alone and sum(len(j.prompts) for j in batch) < self.max_batch_size
                    and not self._stopped):
                 remaining = deadline - time.perf_counter_ns() / 1e9
                 if remaining <= 0:
                     break
                 self._cv.wait(timeout=remaining)
-                batch = compatible()
+                batch = self._compatible(first)
             for job in batch:
                 self._pending.remove(job)
             return batch
+
+    def _compatible(self, first: Job) -> list[Job]:
+        """The jobs that would run with `first` (oldest first); call under self._cv."""
+        if first.runs_alone:
+            return [first]
+        batch, rows = [], 0
+        for job in self._pending:
+            if job.sampling != first.sampling or job.cancelled.is_set():
+                continue
+            if batch and rows + len(job.prompts) > self.max_batch_size:
+                break
+            batch.append(job)
+            rows += len(job.prompts)
+        return batch
+
+    def _next_rows(self) -> list[list[int]]:
+        """The prompts of the batch that would form now from the queue; call under self._cv."""
+        first = next((j for j in self._pending if not j.cancelled.is_set()), None)
+        return [] if first is None else [p for job in self._compatible(first) for p in job.prompts]
 
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._run_batch(batch)
+            with self._cv:
+                rows = self._next_rows()
+                self._announce_on_submit = not rows
+            if rows:
+                self.engine.upcoming(rows)
+            try:
+                self._run_batch(batch)
+            finally:
+                with self._cv:
+                    self._announce_on_submit = False
 
     def _run_batch(self, batch: list[Job]) -> None:
         owners = [(job, i) for job in batch for i in range(len(job.prompts))]  # row -> (job, prompt index)

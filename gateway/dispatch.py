@@ -54,6 +54,7 @@ class ExpertClients:
         self.transport = Transport(transport)
         self.stats = DispatchStats()
         self.policy = policy
+        self.group_cost = 0.0  # tokens' worth of one expert group (GatewayConfig.replica_group_cost)
         self.views = Views(self.make_view(addresses, home, [0] * len(addresses)))
         # Guards the view's ready/planned/suspect/standins (gateway/views.py).
         self.replica_lock = self.views.lock
@@ -402,7 +403,7 @@ class ExpertClients:
         orphans = [(e, counts[e]) for e in range(num_experts) if counts[e] and not holders[e]]
         if orphans:
             return {}, orphans
-        chunks = assign_layer(counts, holders, len(view.addresses), self.policy)
+        chunks = assign_layer(counts, holders, len(view.addresses), self.policy, group_cost=self.group_cost)
         by_server = {}
         for expert, tokens in token_lists:
             start = 0
@@ -477,7 +478,7 @@ class _LayerAccumulator:
             addresses=view.addresses, loads=self.loads, compute_ns=self.compute_ns, codec_ns=self.server_codec_ns,
             tokens=sum(len(t) for _, t in token_lists), rpcs=self.rpcs, bytes_sent=self.bytes_sent, bytes_shared=self.bytes_shared,
             bytes_received=self.bytes_received, wall_ns=wall_ns, gateway_codec_ns=self.gateway_codec_ns,
-            replica_tokens=self.replica_tokens, planned_checks=len(planned), planned_ready=ready_hits))
+            replica_tokens=self.replica_tokens, planned_checks=len(planned), planned_ready=ready_hits, layer=layer))
 
 
 class RemoteExperts(nn.Module):

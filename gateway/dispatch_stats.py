@@ -31,6 +31,7 @@ class LayerCall:
     replica_tokens: int  # tokens computed by a replica rather than the home server
     planned_checks: int  # planned replicas of this layer...
     planned_ready: int  # ...that were ready (prefetch hits)
+    layer: int = -1  # the sparse layer (-1: not given)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class DispatchStats:
     replica_tokens: int = 0  # tokens computed by a replica rather than the home server
     planned_checks: int = 0  # planned replicas whose layer ran...
     planned_ready: int = 0  # ...and were ready then (prefetch hits)
+    # sparse layer -> [planned replicas checked, ready] (prefetch hits per layer: with
+    # layer-ordered prefetches the first layers' replicas are ready first)
+    hits_by_layer: dict[int, list[int]] = field(default_factory=dict)
     suspects: int = 0  # servers made suspect by a failed layer call
     stand_in_loads: int = 0  # logical experts loaded on stand-ins for suspect servers
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -85,6 +89,10 @@ class DispatchStats:
             self.replica_tokens += c.replica_tokens
             self.planned_checks += c.planned_checks
             self.planned_ready += c.planned_ready
+            if c.layer >= 0 and c.planned_checks:
+                hits = self.hits_by_layer.setdefault(c.layer, [0, 0])
+                hits[0] += c.planned_checks
+                hits[1] += c.planned_ready
 
     def count_fault(self, suspects: int = 0, stand_in_loads: int = 0) -> None:
         with self._lock:
@@ -104,6 +112,11 @@ class DispatchStats:
         """Expert compute (ns) each of these servers reported so far, in their order."""
         with self._lock:
             return [self.compute_by_server.get(a, 0) for a in addresses]
+
+    def hit_rate_by_layer(self, num_layers: int) -> list[float]:
+        """Prefetch hit rate of each sparse layer 0..num_layers-1 (0.0 where nothing was planned)."""
+        with self._lock:
+            return [h[1] / h[0] if (h := self.hits_by_layer.get(layer)) else 0.0 for layer in range(num_layers)]
 
     def retain(self, addresses: list[str]) -> None:
         """Forget the per-server figures of servers that are no longer members."""

@@ -140,6 +140,7 @@ class Engine:
             [], [], self.source.model_id, config.wire_dtype, config.expert_timeout_s, config.replica_policy, config.tls,
             config.transport,
         )
+        self.clients.group_cost = config.replica_group_cost
         for module in remote_experts(self.model):
             module.clients = self.clients
         self.forward_ns = 0  # wall time of generate_batch, summed (GetStatus expert_path.forward_ns)
@@ -172,7 +173,7 @@ class Engine:
         if self.config.replication != "off" or self.config.redundancy > 1:
             self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
                                            self.config.replication_window, self.config.replication_min_gain,
-                                           redundancy=self.config.redundancy)
+                                           redundancy=self.config.redundancy, forecaster=self.observer.forecast_batch)
             self.observer.replicas = self.replicas
             if self.config.redundancy > 1:
                 view = self.clients.view
@@ -205,6 +206,8 @@ class Engine:
         return info.replica_slots
 
     def close(self) -> None:
+        if self.replicas is not None:
+            self.replicas.close()
         if self.observer is not None:
             self.observer.close()
         self.clients.close()
@@ -257,6 +260,12 @@ class Engine:
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad rows as the HF tokenizer does -> (input_ids [B, S], attention_mask [B, S])."""
         return pad_right(rows, self.pad_token_id)
+
+    def upcoming(self, rows: list[list[int]]) -> None:
+        """The prompts (token ids) queued to run in the next batch: predictive replication
+        forecasts and plans them while the current batch runs. Returns at once."""
+        if rows and self.replicas is not None and self.replicas.mode == "predictive":
+            self.replicas.upcoming(self.pad(rows)[0])
 
     @torch.inference_mode()
     def generate_batch(self, rows: list[list[int]], limits: list[int], sampling: Sampling,

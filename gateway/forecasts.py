@@ -2,9 +2,11 @@
 
 For every forward pass (the encoder pass, each decoder step) the gateway asks the
 predictor service for a forecast as soon as the pass's tokens are known: the call
-runs beside the pass under a deadline (--predictor-timeout-ms). Only predictive
-replication waits for it, at most that deadline, before planning a batch. When the
-pass ends the gateway reports the loads the router actually produced, and optionally
+runs beside the pass under a deadline (--predictor-timeout-ms), and its arrival is
+counted. Predictive replication plans from `forecast_batch`: the forecast of the
+requests queued to run NEXT, asked on the replica planner's thread while the current
+batch runs (gateway/replicas.py), so no batch waits for the predictor. When a pass
+ends the gateway reports the loads the router actually produced, and optionally
 appends the pass to a trace directory. The predictor being slow, down or wrong costs
 a log line and a counter, never a request.
 """
@@ -77,12 +79,7 @@ class PassObserver:
                                          token_ids=tokens.reshape(-1).tolist())
             self._pending = self.stub.Forecast.future(request, timeout=self.timeout_s)
         if kind == ENCODER and self.replicas is not None:
-            forecast = None
-            if self.replicas.mode == "predictive" and self._pending is not None:
-                # Planning needs this batch's forecast: wait for it, within its deadline.
-                self._collect_forecast(wait=True)
-                forecast = self.last_forecast
-            self.replicas.before_batch(forecast)
+            self.replicas.batch_started(input_ids)  # never waits: planning runs on its worker thread
 
     def _on_pass(self, p: Pass) -> None:
         if self.writer is not None:
@@ -97,23 +94,43 @@ class PassObserver:
             pb.LayerLoad(layer=layer, load=loads[j].tolist()) for j, layer in enumerate(self.info.layers_of(p.kind))])
         self.stub.ReportLoads.future(request, timeout=self.timeout_s * 10).add_done_callback(self._on_report_done)
 
-    def _collect_forecast(self, wait: bool = False) -> None:
+    def forecast_batch(self, input_ids: torch.Tensor) -> dict[int, np.ndarray] | None:
+        """The forecast of an encoder pass over input_ids [B, S]: layer -> expected load
+        [E], or None when the predictor fails or answers nonsense (counted and logged).
+        Blocks up to the predictor deadline: call it off the request path."""
+        if self.stub is None:
+            return None
+        b, s = input_ids.shape
+        request = pb.ForecastRequest(model_id=self.info.model_id, kind=pb.PASS_KIND_ENCODER, batch_size=b, seq_len=s,
+                                     token_ids=input_ids.reshape(-1).tolist())
+        try:
+            reply = self.stub.Forecast(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            self._count("failed", f"{err.code().name}: {err.details()}")
+            return None
+        return self._checked(reply)
+
+    def _collect_forecast(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
         self.last_forecast = {}
-        if not wait and not pending.done():
+        if not pending.done():
             pending.cancel()
             self._count("late", None)
             return
         try:
-            reply = pending.result()  # bounded by the call's deadline
+            reply = pending.result()
         except grpc.FutureCancelledError:
             self._count("late", None)
             return
         except grpc.RpcError as err:
             self._count("failed", f"{err.code().name}: {err.details()}")
             return
+        self.last_forecast = self._checked(reply) or {}
+
+    def _checked(self, reply) -> dict[int, np.ndarray] | None:
+        """A ForecastResponse as layer -> load [E]; None (counted as failed) when it cannot be right."""
         forecast = {f.layer: np.asarray(f.load, dtype=np.float64) for f in reply.layers}
         valid = set(self.info.encoder_layers) | set(self.info.decoder_layers)
         bad = [layer for layer, load in forecast.items()
@@ -121,9 +138,9 @@ class PassObserver:
                or np.any(load < 0)]
         if bad:  # a forecast that cannot be right must not reach the planner
             self._count("failed", f"malformed forecast for layers {bad}")
-            return
-        self.last_forecast = forecast
+            return None
         self._count("ok", None)
+        return forecast
 
     def _on_report_done(self, future) -> None:
         if future.exception() is not None:

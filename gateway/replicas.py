@@ -5,25 +5,36 @@ Modes (--replication):
   reactive    plan before each batch from the previous batch's actual loads.
   window      plan every `window` batches from the mean loads of the last `window`
               batches, as history-based balancers (DeepSeek's EPLB in vLLM/SGLang) do.
-  predictive  plan before each batch from the predictor's forecast for THIS batch
-              (encoder layers; decoder layers use the mean loads of the last `window`
-              batches, since decoder steps are forecast one step at a time).
-The plan comes from plan_replicas (pure, gateway/replication.py). Servers get their
-new replica sets through SetReplicas calls that run beside the batch: the gateway
-never waits for them, and dispatch uses a replica only once its server confirmed it
-loaded. Replicas the new plan drops stop being used at once.
+  predictive  plan each batch from the predictor's forecast of its encoder loads, made
+              while the PREVIOUS batch runs: the batcher hands over the token ids of
+              the requests queued next (`upcoming`), and their forecast, plan and
+              SetReplicas happen before that batch starts, so its replicas are loading
+              or ready when it needs them. Decoder layers use the mean loads of the
+              last `window` batches (decoder steps are forecast one step at a time).
+              A batch nobody was queued for (the queue was empty) is planned from
+              that window mean too.
+The plan comes from plan_replicas (pure, gateway/replication.py). Nothing here runs
+on the request path but bookkeeping: forecasts, plans and SetReplicas calls run on a
+PlanWorker thread (gateway/plan_worker.py), dispatch uses a replica only once its
+server confirmed it loaded, and replicas the new plan drops stop being used at once.
+SetReplicas lists replicas in layer order and servers load them in that order, so the
+first layers' replicas are ready first.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
+from typing import Callable
 
 import grpc
 import numpy as np
+import torch
 
 from gateway.dispatch import ExpertClients
+from gateway.plan_worker import PlanWorker
 from gateway.views import ServerView
 from gateway.replication import plan_replicas, standby_needed, standby_replicas
 from moe_common.traces import Pass, TraceInfo
@@ -62,7 +73,8 @@ def planning_loads(mode: str, history: list[np.ndarray], forecast: dict[int, np.
 
 class ReplicaManager:
     def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02,
-                 planner=plan_replicas, redundancy: int = 1):
+                 planner=plan_replicas, redundancy: int = 1,
+                 forecaster: Callable[[torch.Tensor], dict[int, np.ndarray] | None] | None = None):
         if mode not in MODES:
             raise ValueError(f"replication mode must be one of {MODES}")
         self.clients = clients
@@ -72,6 +84,14 @@ class ReplicaManager:
         self.min_gain = min_gain
         self.planner = planner  # plan_replicas; tests inject a wrapper to force interleavings
         self.redundancy = redundancy  # standby replicas: every logical expert on this many servers
+        # input_ids [B, S] -> layer -> expected load [E], or None (PassObserver.forecast_batch);
+        # called on the worker thread only, so its deadline never delays a batch.
+        self.forecaster = forecaster
+        self.worker = PlanWorker()
+        self._lock = threading.Lock()  # batches, history and _ahead: the batcher and request threads
+        self._ahead: torch.Tensor | None = None  # input_ids [B, S] of queued prompts planned ahead
+        self.lookahead_plans = 0  # batches planned from their forecast while the previous batch ran
+        self.request_path_ns = 0  # time batches spent in batch_started (bookkeeping only)
         self._standby: tuple[ServerView, set] | None = None  # standby replicas of the last view asked for
         self.batches = 0
         self.plans = 0
@@ -90,31 +110,69 @@ class ReplicaManager:
         for j, layer in enumerate(self.info.layers_of(p.kind)):
             self._current[layer] += loads[j]
 
-    def before_batch(self, forecast: dict[int, np.ndarray] | None) -> None:
-        """A new batch is formed: close the previous one's loads, plan, send prefetches.
-        Replicas only speed serving up: a failure here is logged, never the batch's."""
-        if self.batches > 0:
-            self._history.append(self._current)
-        self._current = np.zeros_like(self._current)
-        self.batches += 1
-        loads = planning_loads(self.mode, list(self._history), forecast, self.batches, self.window, self._current.shape)
-        if loads is None:
-            self.send_standby()  # a restarted server lost its standbys: send them again
+    def batch_started(self, input_ids: torch.Tensor) -> None:
+        """A batch starts its encoder pass over input_ids [B, S] (the batcher's thread, on
+        the request path): close the previous batch's loads and hand this batch's plan to
+        the worker, unless `upcoming` already planned these very prompts while the
+        previous batch ran. Never waits: not for a forecast, nor for planning."""
+        t0 = time.perf_counter_ns()
+        with self._lock:
+            if self.batches > 0:
+                self._history.append(self._current)
+            self._current = np.zeros_like(self._current)
+            self.batches += 1
+            batch = self.batches
+            ahead = self._ahead
+            planned_ahead = ahead is not None and ahead.shape == input_ids.shape and torch.equal(ahead, input_ids.cpu())
+            if planned_ahead:
+                self._ahead = None
+                self.lookahead_plans += 1
+            history = list(self._history)
+        if not planned_ahead:
+            self.worker.submit(lambda: self._plan_for(batch, history, None))
+        self.request_path_ns += time.perf_counter_ns() - t0
+
+    def upcoming(self, input_ids: torch.Tensor) -> None:
+        """The requests queued to run next are known: input_ids [B, S] of that batch (on
+        the CPU, right-padded as its encoder pass will see them). Predictive mode
+        forecasts their loads and plans on the worker while the current batch runs; the
+        batch whose input_ids match then skips its own plan. Returns at once."""
+        if self.mode != "predictive" or self.forecaster is None:
             return
+        with self._lock:
+            if self._ahead is not None and self._ahead.shape == input_ids.shape and torch.equal(self._ahead, input_ids):
+                return  # these prompts are planned already
+            self._ahead = input_ids
+            batch = self.batches + 1  # for the log: the batch after the last one started
+            history = list(self._history)
+        self.worker.submit(lambda: self._plan_for(batch, history, input_ids))
+
+    def _plan_for(self, batch: int, history: list[np.ndarray], input_ids: torch.Tensor | None) -> None:
+        """Plan batch number `batch` (on the worker thread) and send the prefetches.
+        Replicas only speed serving up: a failure here is logged, never a batch's."""
         try:
+            forecast = self.forecaster(input_ids) if input_ids is not None else None
+            loads = planning_loads(self.mode, history, forecast, batch, self.window, self._current.shape)
+            if loads is None:
+                self.send_standby()  # a restarted server lost its standbys: send them again
+                return
             # In flight on one view, so that a membership change waits for the plan to be
             # sent before it closes the channels of servers that left.
             with self.clients.using_view() as view:
-                self._plan(view, loads)
+                self._plan(view, loads, batch)
         except Exception:  # noqa: BLE001 - the batch runs on home placement and ready replicas anyway
             with self.clients.replica_lock:
                 self.failures += 1
-            log.exception("replica planning failed before batch %d; serving without a new plan", self.batches)
+            log.exception("replica planning failed for batch %d; serving without a new plan", batch)
 
-    def _plan(self, view: ServerView, loads: np.ndarray) -> None:
+    def close(self) -> None:
+        self.worker.close()
+
+    def _plan(self, view: ServerView, loads: np.ndarray, batch: int) -> None:
         t0 = time.perf_counter()
         plan = self.planner(loads.tolist(), view.home, view.slots, policy=self.clients.policy,
-                            previous=view.planned, min_gain=self.min_gain, standby=self.standby(view))
+                            previous=view.planned, min_gain=self.min_gain, standby=self.standby(view),
+                            group_cost=self.clients.group_cost)
         self.planning_ms.append((time.perf_counter() - t0) * 1e3)
         self.plans += 1
         self.kept_plans += plan.kept_previous
@@ -122,7 +180,7 @@ class ReplicaManager:
         added, dropped = len(plan.replicas - view.planned), len(view.planned - plan.replicas)
         log.info("batch %d (%s): %d replicas (+%d -%d%s), forecast makespan %.0f vs %.0f without, planned in %.1f ms; "
                  "so far balancedness %.3f, tokens per server %s, prefetch hits %d/%d",
-                 self.batches, self.mode, len(plan.replicas), added, dropped, ", previous kept" if plan.kept_previous else "",
+                 batch, self.mode, len(plan.replicas), added, dropped, ", previous kept" if plan.kept_previous else "",
                  plan.makespan, plan.baseline_makespan, self.planning_ms[-1],
                  self.clients.balancedness(), self.clients.tokens_per_server(view),
                  self.clients.stats.planned_ready, self.clients.stats.planned_checks)
@@ -227,5 +285,7 @@ class ReplicaManager:
             planning_ms_p50=float(np.median(self.planning_ms)) if self.planning_ms else 0.0,
             forecast_makespan=self.last_plan.makespan if self.last_plan else 0.0,
             forecast_baseline_makespan=self.last_plan.baseline_makespan if self.last_plan else 0.0,
+            request_path_ms=self.request_path_ns / 1e6, lookahead_plans=self.lookahead_plans,
+            prefetch_hit_rate_by_layer=st.hit_rate_by_layer(self.info.num_layers),
         )
 

@@ -219,7 +219,7 @@ class GetStatusResponse(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., model_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[ExpertServerStatus, _Mapping]]] = ..., placement: _Optional[_Iterable[_Union[LayerPlacement, _Mapping]]] = ..., healthy: _Optional[bool] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., predictor: _Optional[_Union[PredictorStatus, _Mapping]] = ..., replication: _Optional[_Union[ReplicationStatus, _Mapping]] = ..., membership_changes: _Optional[_Iterable[_Union[MembershipChange, _Mapping]]] = ..., expert_path: _Optional[_Union[ExpertPathStats, _Mapping]] = ..., membership_changes_total: _Optional[int] = ...) -> None: ...
 
 class ReplicationStatus(_message.Message):
-    __slots__ = ("mode", "policy", "batches", "plans", "kept_plans", "replicas_planned", "replicas_ready", "prefetch_hit_rate", "balancedness", "replica_tokens", "bytes_moved", "failures", "planning_ms_p50", "forecast_makespan", "forecast_baseline_makespan", "tokens_per_server")
+    __slots__ = ("mode", "policy", "batches", "plans", "kept_plans", "replicas_planned", "replicas_ready", "prefetch_hit_rate", "balancedness", "replica_tokens", "bytes_moved", "failures", "planning_ms_p50", "forecast_makespan", "forecast_baseline_makespan", "tokens_per_server", "request_path_ms", "lookahead_plans", "prefetch_hit_rate_by_layer")
     MODE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,9 @@ class ReplicationStatus(_message.Message):
     FORECAST_MAKESPAN_FIELD_NUMBER: _ClassVar[int]
     FORECAST_BASELINE_MAKESPAN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SERVER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_PATH_MS_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_PLANS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HIT_RATE_BY_LAYER_FIELD_NUMBER: _ClassVar[int]
     mode: str
     policy: str
     batches: int
@@ -252,7 +255,10 @@ class ReplicationStatus(_message.Message):
     forecast_makespan: float
     forecast_baseline_makespan: float
     tokens_per_server: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, mode: _Optional[str] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., plans: _Optional[int] = ..., kept_plans: _Optional[int] = ..., replicas_planned: _Optional[int] = ..., replicas_ready: _Optional[int] = ..., prefetch_hit_rate: _Optional[float] = ..., balancedness: _Optional[float] = ..., replica_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., failures: _Optional[int] = ..., planning_ms_p50: _Optional[float] = ..., forecast_makespan: _Optional[float] = ..., forecast_baseline_makespan: _Optional[float] = ..., tokens_per_server: _Optional[_Iterable[int]] = ...) -> None: ...
+    request_path_ms: float
+    lookahead_plans: int
+    prefetch_hit_rate_by_layer: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mode: _Optional[str] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ..., plans: _Optional[int] = ..., kept_plans: _Optional[int] = ..., replicas_planned: _Optional[int] = ..., replicas_ready: _Optional[int] = ..., prefetch_hit_rate: _Optional[float] = ..., balancedness: _Optional[float] = ..., replica_tokens: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., failures: _Optional[int] = ..., planning_ms_p50: _Optional[float] = ..., forecast_makespan: _Optional[float] = ..., forecast_baseline_makespan: _Optional[float] = ..., tokens_per_server: _Optional[_Iterable[int]] = ..., request_path_ms: _Optional[float] = ..., lookahead_plans: _Optional[int] = ..., prefetch_hit_rate_by_layer: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PredictorStatus(_message.Message):
     __slots__ = ("address", "forecasts_ok", "forecasts_late", "forecasts_failed", "reports_failed")
