@@ -34,7 +34,7 @@ def main() -> int:
     p.add_argument("--modes", default="off,reactive,window,predictive")
     p.add_argument("--predictor-checkpoint", type=Path, default=None)
     p.add_argument("--replica-memory", default="160MB", help="per expert server (base experts are 18.9 MB)")
-    p.add_argument("--policy", default="whole", choices=["whole", "split"])
+    p.add_argument("--policy", default="whole", choices=["whole", "split", "auto"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=4)

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.replication import POLICIES
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -46,9 +47,12 @@ class GatewayConfig:
     record_traces: Path | None = None  # append every pass's routing to this trace directory
     # --- replication ---
     replication: str = "off"  # off | reactive | window | predictive (gateway/replicas.py)
-    replica_policy: str = "whole"  # whole: bit-identical outputs; split: also splits one expert's tokens
+    replica_policy: str = "whole"  # whole: bit-identical outputs; split: also splits one expert's tokens; auto: per layer
     replication_window: int = 8  # batches per plan and history length of "window"
     replication_min_gain: float = 0.02  # keep the previous plan unless the new one gains this share
+    # Fixed cost of one expert group in tokens' worth (gateway/replication.py): 0 on CPUs;
+    # group_s / token_s of benchmarks/gpu_costs.py on a launch-bound GPU (~190 on an H200).
+    replica_group_cost: float = 0.0
     redundancy: int = 1  # servers holding each logical expert: home + (redundancy - 1) standby replicas
     # --- the model the gateway holds (everything but the experts) ---
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
@@ -85,10 +89,12 @@ class GatewayConfig:
             raise ValueError("--default-max-new-tokens must be within 0..--max-new-tokens-limit")
         if self.replication not in ("off", "reactive", "window", "predictive"):
             raise ValueError("--replication must be off, reactive, window or predictive")
-        if self.replica_policy not in ("whole", "split"):
-            raise ValueError("--replica-policy must be whole or split")
+        if self.replica_policy not in POLICIES:
+            raise ValueError(f"--replica-policy must be one of {', '.join(POLICIES)}")
         if self.replication == "predictive" and not self.predictor:
             raise ValueError("--replication predictive needs --predictor")
+        if self.replica_group_cost < 0:
+            raise ValueError("--replica-group-cost must be >= 0")
         if self.redundancy < 1:
             raise ValueError("--redundancy must be >= 1")
         if self.replication_window < 1:

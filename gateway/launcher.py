@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
-    p.add_argument("--replica-policy", default="whole", choices=["whole", "split"])
+    p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"])
+    p.add_argument("--replica-group-cost", type=float, default=0.0,
+                   help="fixed cost of one expert group in tokens' worth (gateway --replica-group-cost)")
     p.add_argument("--replica-memory", default="0", help="replica memory per expert server, e.g. 2GB")
     p.add_argument("--redundancy", type=int, default=1,
                    help="servers holding each logical expert (standby replicas need --replica-memory)")
@@ -289,6 +291,7 @@ def main(argv=None) -> int:
                           "--transport", a.transport, "--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
                           "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
                           "--replication", a.replication, "--replica-policy", a.replica_policy,
+                          "--replica-group-cost", str(a.replica_group_cost),
                           "--redundancy", str(a.redundancy)],
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,

@@ -16,9 +16,21 @@ Dispatch has two policies:
            on current load), so even one very hot expert spreads out. Matmuls of other
            shapes round differently (up to ~2e-6 on outputs of scale 1 for small chunks on
            CPU, benchmarks/exactness.py): outputs match HF only to float
-           tolerance, like a different batch composition does in HF itself.
+           tolerance, like a different batch composition does in HF itself. Chunk
+           sizes rounded to multiples of 4, 16 or 64 rows do not make it exact on
+           CPU: whether a chunk's rows equal the whole matmul's depends on the
+           whole group's size too (seen for 100 and 844 rows, not for 37 or 257).
+  "auto"   per layer call, "whole" when its slowest server finishes within
+           AUTO_TOLERANCE (5%) of the "split" assignment's slowest, else "split". A
+           layer call that ran whole is bit-identical; one that split rounds as
+           "split" does. Few large experts (6 experts on 4 servers, or one very hot
+           expert) split; evenly loaded layers stay whole.
 The planner models the same policy, so replicas go where the dispatcher can use them.
-Times are load / speed, with speed in tokens per unit time (1.0 = the reference server).
+Times are (tokens + groups x group_cost) / speed, with speed in tokens per unit time
+(1.0 = the reference server) and group_cost the fixed cost of one expert group in
+tokens' worth: 0 by default; on a launch-bound GPU one group costs as much as ~190
+tokens (shared/gpu/h200-expert-costs.json), so splitting an expert over k holders
+costs k - 1 more groups, and split only splits where that still pays.
 
 *Redundancy* K keeps every logical expert on K servers: its home and K-1 *standby*
 replicas (standby_replicas), planned before any hot replica and never dropped, so a
@@ -37,6 +49,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Replica = tuple[int, int, int]  # (layer, expert, server)
+POLICIES = ("whole", "split", "auto")
+AUTO_TOLERANCE = 0.05  # "auto" keeps a layer whole when it is at most this much slower than split
 
 
 # ---------------------------------------------------------------------------
@@ -44,15 +58,29 @@ Replica = tuple[int, int, int]  # (layer, expert, server)
 # ---------------------------------------------------------------------------
 
 def assign_layer(counts: list[int], holders: list[list[int]], num_servers: int, policy: str = "whole",
-                 speeds: list[float] | None = None) -> list[list[tuple[int, int]]]:
+                 speeds: list[float] | None = None, group_cost: float = 0.0) -> list[list[tuple[int, int]]]:
     """Which server computes which tokens of each expert of one layer.
 
     counts[e]: tokens routed to expert e; holders[e]: servers holding e, home first.
     Returns chunks[e] = [(server, n), ...] in token order (contiguous runs), sum n = counts[e].
     Experts whose only holder is their home go first (no choice); then the rest,
-    largest first, each to the holder(s) that finish soonest.
+    largest first, each to the holder(s) that finish soonest. "auto" returns the
+    "whole" assignment unless "split" finishes more than AUTO_TOLERANCE sooner.
+    group_cost: the fixed cost of one expert group, in tokens (see the module docstring).
     """
     speeds = speeds or [1.0] * num_servers
+    if policy == "auto":
+        whole = assign_layer(counts, holders, num_servers, "whole", speeds, group_cost)
+        if all(len(h) == 1 for h, n in zip(holders, counts) if n):
+            return whole  # no expert with a choice of holders: split would be the same
+        split = assign_layer(counts, holders, num_servers, "split", speeds, group_cost)
+
+        def slowest(chunks):
+            return max(server_times(chunks, num_servers, speeds, group_cost))
+
+        return whole if slowest(whole) <= (1 + AUTO_TOLERANCE) * slowest(split) else split
+    if policy not in POLICIES:
+        raise ValueError(f"dispatch policy must be one of {POLICIES}, got {policy!r}")
     busy = [0.0] * num_servers  # tokens assigned so far, per server
     chunks: list[list[tuple[int, int]]] = [[] for _ in counts]
     flexible = []
@@ -61,7 +89,7 @@ def assign_layer(counts: list[int], holders: list[list[int]], num_servers: int, 
             continue
         if len(holders[e]) == 1:
             chunks[e] = [(holders[e][0], n)]
-            busy[holders[e][0]] += n
+            busy[holders[e][0]] += n + group_cost
         else:
             flexible.append(e)
     flexible.sort(key=lambda e: (-counts[e], e))
@@ -69,12 +97,14 @@ def assign_layer(counts: list[int], holders: list[list[int]], num_servers: int, 
         if policy == "whole":
             best = min(holders[e], key=lambda s: ((busy[s] + counts[e]) / speeds[s], holders[e].index(s)))
             chunks[e] = [(best, counts[e])]
-            busy[best] += counts[e]
+            busy[best] += counts[e] + group_cost
         else:
-            shares = _waterfill([busy[s] for s in holders[e]], [speeds[s] for s in holders[e]], counts[e])
+            # A holder pays one group for its chunk: water-fill from busy + group_cost, so a
+            # holder whose start would already be later than the level gets nothing (and no group).
+            shares = _waterfill([busy[s] + group_cost for s in holders[e]], [speeds[s] for s in holders[e]], counts[e])
             chunks[e] = [(s, n) for s, n in zip(holders[e], shares) if n > 0]
             for s, n in chunks[e]:
-                busy[s] += n
+                busy[s] += n + group_cost
     return chunks
 
 
@@ -136,6 +166,16 @@ def server_loads(chunks: list[list[tuple[int, int]]], num_servers: int) -> list[
     return loads
 
 
+def server_times(chunks: list[list[tuple[int, int]]], num_servers: int, speeds: list[float],
+                 group_cost: float = 0.0) -> list[float]:
+    """Time per server of one layer's assignment: (tokens + groups x group_cost) / speed."""
+    times = [0.0] * num_servers
+    for runs in chunks:
+        for s, n in runs:
+            times[s] += n + group_cost
+    return [t / speeds[s] for s, t in enumerate(times)]
+
+
 def balancedness(loads: list[list[float]]) -> float:
     """vLLM's definition over layers l and servers r: sum_l mean_r n[l][r] / sum_l max_r n[l][r].
     1.0 is perfect; 1.0 also when nothing was routed."""
@@ -195,24 +235,25 @@ def holders_of(home: list[list[int]], replicas: set[Replica]) -> list[list[list[
 
 
 def layer_time(loads: list[float], holders: list[list[int]], num_servers: int, policy: str,
-               speeds: list[float]) -> float:
+               speeds: list[float], group_cost: float = 0.0) -> float:
     """Forecast time of one layer: its slowest server under the dispatch policy."""
     counts = [max(0, int(round(x))) for x in loads]
-    per_server = server_loads(assign_layer(counts, holders, num_servers, policy, speeds), num_servers)
-    return max(n / speeds[s] for s, n in enumerate(per_server))
+    return max(server_times(assign_layer(counts, holders, num_servers, policy, speeds, group_cost), num_servers,
+                            speeds, group_cost))
 
 
 def makespan(loads: list[list[float]], home: list[list[int]], replicas: set[Replica], num_servers: int,
-             policy: str = "whole", speeds: list[float] | None = None) -> float:
+             policy: str = "whole", speeds: list[float] | None = None, group_cost: float = 0.0) -> float:
     speeds = speeds or [1.0] * num_servers
     holders = holders_of(home, replicas)
-    return sum(layer_time(loads[layer], holders[layer], num_servers, policy, speeds) for layer in range(len(loads)))
+    return sum(layer_time(loads[layer], holders[layer], num_servers, policy, speeds, group_cost)
+               for layer in range(len(loads)))
 
 
 def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[int], *, policy: str = "whole",
                   speeds: list[float] | None = None, previous: set[Replica] | None = None, min_gain: float = 0.02,
                   candidates_per_layer: int = 4, targets_per_candidate: int = 4,
-                  standby: set[Replica] = frozenset()) -> Plan:
+                  standby: set[Replica] = frozenset(), group_cost: float = 0.0) -> Plan:
     """Choose replicas that make the forecast makespan smallest within each server's slots.
 
     Greedy: repeatedly add the single replica with the largest makespan reduction (ties:
@@ -235,31 +276,32 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
     free = _free_after(standby, slots)
     if min(free, default=0) < 0:
         raise ValueError("standby replicas exceed a server's slots")
-    baseline = makespan(loads, home, set(), num_servers, policy, speeds)
+    baseline = makespan(loads, home, set(), num_servers, policy, speeds, group_cost)
     holders = holders_of(home, plan)
-    times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds) for layer in range(num_layers)]
+    times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds, group_cost)
+             for layer in range(num_layers)]
 
     def best_for_layer(layer: int) -> tuple[tuple[float, float], Replica | None]:
         """The best replica for this layer and its (makespan gain, slowest server's gain).
         The second part lets the greedy cross plateaus: when several servers tie as the
         slowest, no single replica shortens the layer, but relieving one of them is progress."""
         counts = [max(0, int(round(x))) for x in loads[layer]]
-        per_server = server_loads(assign_layer(counts, holders[layer], num_servers, policy, speeds), num_servers)
-        slowest = max(range(num_servers), key=lambda s: (per_server[s] / speeds[s], -s))
+        per_server = server_times(assign_layer(counts, holders[layer], num_servers, policy, speeds, group_cost),
+                                  num_servers, speeds, group_cost)
+        slowest = max(range(num_servers), key=lambda s: (per_server[s], -s))
         on_slowest = sorted((e for e in range(len(counts)) if slowest in holders[layer][e] and counts[e] > 0),
                             key=lambda e: (-counts[e], e))[:candidates_per_layer]
         # Copies go to the least loaded servers with a free slot: under either policy a
         # busier target relieves less. Trying only a few keeps planning fast at 64 servers.
-        targets = sorted((s for s in range(num_servers) if free[s] > 0),
-                         key=lambda s: (per_server[s] / speeds[s], s))
+        targets = sorted((s for s in range(num_servers) if free[s] > 0), key=lambda s: (per_server[s], s))
         best_gain, best = (0.0, 0.0), None
         for e in on_slowest:
             for s in [t for t in targets if t not in holders[layer][e]][:targets_per_candidate]:
                 trial = [list(h) for h in holders[layer]]
                 trial[e].append(s)
-                after = server_loads(assign_layer(counts, trial, num_servers, policy, speeds), num_servers)
-                gain = (times[layer] - max(n / speeds[k] for k, n in enumerate(after)),
-                        (per_server[slowest] - after[slowest]) / speeds[slowest])
+                after = server_times(assign_layer(counts, trial, num_servers, policy, speeds, group_cost),
+                                     num_servers, speeds, group_cost)
+                gain = (times[layer] - max(after), per_server[slowest] - after[slowest])
                 progress = gain[0] > 1e-9 or (gain[0] > -1e-9 and gain[1] > 1e-9)
                 if progress and (best is None or gain > best_gain):
                     best_gain, best = gain, (layer, e, s)
@@ -292,7 +334,7 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
             if layer < num_layers and e < len(home[layer]) and s != home[layer][e] and used[s] < slots[s]:
                 kept.add(r)
                 used[s] += 1
-        old_span = makespan(loads, home, kept, num_servers, policy, speeds)
+        old_span = makespan(loads, home, kept, num_servers, policy, speeds, group_cost)
         if old_span <= baseline and old_span - new.makespan < min_gain * baseline:
             return Plan(kept, old_span, baseline, kept_previous=True)
     return new

@@ -106,9 +106,13 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
                    help="how replicas of hot experts are planned (predictive needs --predictor)")
-    p.add_argument("--replica-policy", default="whole", choices=["whole", "split"],
+    p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"],
                    help="whole: each expert's tokens to one holder (bit-identical outputs); "
-                        "split: also split one expert's tokens over holders (float-tolerance outputs)")
+                        "split: also split one expert's tokens over holders (float-tolerance outputs); "
+                        "auto: per layer call, whole unless split finishes more than 5%% sooner")
+    p.add_argument("--replica-group-cost", type=float, default=0.0,
+                   help="fixed cost of one expert group, in tokens' worth, for dispatch and planning: 0 on CPUs; "
+                        "group_s / token_s of benchmarks/gpu_costs.py on a launch-bound GPU")
     p.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
     p.add_argument("--replication-min-gain", type=float, default=0.02,
                    help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
@@ -151,6 +155,7 @@ def parse_args(argv=None) -> GatewayConfig:
             record_traces=a.record_traces,
             replication=a.replication,
             replica_policy=a.replica_policy,
+            replica_group_cost=a.replica_group_cost,
             replication_window=a.replication_window,
             replication_min_gain=a.replication_min_gain,
             redundancy=a.redundancy,

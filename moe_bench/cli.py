@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained forecaster; without it one is trained on the first --train-docs documents")
     g.add_argument("--train-docs", type=int, default=200, help="documents for training the forecaster (and not benchmarked)")
     g.add_argument("--replica-memory", default="160MB", help="replica memory per expert server")
-    g.add_argument("--policy", default="whole", choices=["whole", "split"])
+    g.add_argument("--policy", default="whole", choices=["whole", "split", "auto"],
+                   help="dispatch policy (gateway --replica-policy): whole is bit-identical; split and auto balance more")
     g.add_argument("--window", type=int, default=4, help="batches per plan in window mode")
     g = p.add_argument_group("serving path (reported with the results)")
     g.add_argument("--device", default="cpu",
@@ -90,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simulate-servers", default="8,16,64", help="server counts to project (empty: none)")
     g.add_argument("--gpu-costs", type=Path, default=None,
                    help="JSON of expert costs measured on a GPU (benchmarks/gpu_costs.py) for the projection")
+    g.add_argument("--gateway-costs", type=Path, default=None,
+                   help="JSON of the single-process model's GPU timings (shared/gpu/hf_anchors.py): with --gpu-costs, "
+                        "also project end-to-end on that GPU (moe_bench/projection.py)")
+    g.add_argument("--layer-overhead-ms", type=float, default=0.0,
+                   help="transport time per sparse-layer call in the GPU projection (0: an ideal data plane)")
+    g.add_argument("--simulate-only", action="store_true",
+                   help="serve nothing: record the routing with the single-process model and print the GPU projection "
+                        "(needs --gpu-costs and --gateway-costs)")
     g.add_argument("--no-one-server", action="store_true", help="skip the one-expert-server run")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--work-dir", type=Path, default=None, help="traces and the trained forecaster (default: a temp dir)")
@@ -385,9 +394,11 @@ def run(a) -> dict:
     # 1. The single-process model (its first rounds now, its last after everything else).
     log.info("single-process model: %d + %d requests in %d round(s)", w.warmup, w.requests, rounds)
     mono = Monolithic(source.path, a.device)
-    mono_runs = [run_monolithic(mono, warm, share[r], w) for r in range(rounds // 2 or 1)]
+    mono_runs = [] if a.simulate_only else [run_monolithic(mono, warm, share[r], w) for r in range(rounds // 2 or 1)]
     trace_dir = work / "bench-trace"
     info = record_trace(mono, source, indexed, w, trace_dir)
+    if a.simulate_only:
+        return gpu_projection(a, source, info, trace_dir, forecaster, w, command_result=True)
 
     # 2-3. Gateways over expert servers.
     predictor_port = pick_free_port()
@@ -493,8 +504,10 @@ def simulate_results(a, result, info, batches, measured, counts, threads_of, slo
     one = measured.get(1, {}).get("off")
 
     def sim(n, mode, costs, policy=a.policy, parallel=None):
+        # Closed-loop clients > 1 keep the next request queued behind the running one.
         return simulator.simulate(info, batches, n, mode, costs, slots=slots, policy=policy, window=a.window,
-                                  parallel=parallel, forecaster=forecaster, measured_from=w.warmup)
+                                  parallel=parallel, forecaster=forecaster, measured_from=w.warmup,
+                                  lookahead=w.clients > 1)
 
     raw = simulator.Costs(eff["group_s"], eff["token_s"], 0.0, 0.0, replica_load_s)
     unscaled = sim(n_cal, "off", raw, parallel=max(1, cores // threads_of[n_cal]))
@@ -536,12 +549,57 @@ def simulate_results(a, result, info, batches, measured, counts, threads_of, slo
             s = sim(n, mode, proj, policy=policy)
             layers[name] = dict(all_s=s["expert_layer_s"], encoder_s=s["encoder_layer_s"], tokens_per_s=tokens / s["seconds"])
         result["simulated_split"][str(n)] = layers
+    if a.gpu_costs and a.gateway_costs:
+        result["projection"] = gpu_projection(a, None, info, None, forecaster, w, batches=batches, slots=slots)
+
+
+def gpu_projection(a, source, info, trace_dir, forecaster, w, *, batches=None, slots=None,
+                   command_result: bool = False) -> dict:
+    """The simulator with the GPU's expert and gateway costs (moe_bench/projection.py) at
+    --simulate-servers. command_result: the whole result of a --simulate-only run."""
+    from expert_server.config import parse_bytes
+    from moe_bench import projection
+    from moe_common.traces import read_passes
+
+    if not (a.gpu_costs and a.gateway_costs):
+        raise SystemExit("--simulate-only needs --gpu-costs and --gateway-costs")
+    expert = projection.expert_costs(a.gpu_costs)
+    non_expert, anchor = projection.non_expert_per_batch(a.gateway_costs, w.batch_size, w.prompt_tokens, w.new_tokens)
+    if batches is None:
+        batches = simulator.batches_of(list(read_passes(trace_dir)))
+    if slots is None:
+        cfg = json.loads((source.path / "config.json").read_text())
+        slots = parse_bytes(a.replica_memory) // (2 * cfg["d_model"] * cfg["d_ff"] * 4)  # fp32 wi + wo, as servers count
+    p = projection.project(info, batches, forecaster, [int(x) for x in a.simulate_servers.split(",") if x], slots,
+                           expert, non_expert, window=a.window, measured_from=w.warmup, lookahead=w.clients > 1,
+                           layer_overhead_s=a.layer_overhead_ms / 1e3, progress=log.info)
+    p["gateway_source"] = anchor
+    p["routing_skew"] = simulator.skew(info, batches[w.warmup:])
+    if not command_result:
+        return p
+    return dict(kind="projection", command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(),
+                machine=machine(), model=(source.spec if source else a.model), num_experts=info.num_experts,
+                num_sparse_layers=info.num_layers, workload=w.__dict__, projection=p)
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
+    if result.get("kind") == "projection":  # --simulate-only
+        from moe_bench import projection
+
+        p = result["projection"]
+        text = "\n".join([f"GPU projection of {result['model']} ({result['num_experts']} experts x "
+                          f"{result['num_sparse_layers']} sparse layers), routing skew {p['routing_skew']:.1f}x; "
+                          f"{p['gateway_source']}.", ""] + projection.markdown(p)) + "\n"
+        print(text, flush=True)
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+        if a.markdown:
+            a.markdown.write_text(text)
+        return 0
     plots = {}
     if a.plots:
         files = report.plot(result, a.plots)

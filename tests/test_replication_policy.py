@@ -5,7 +5,7 @@ import random
 import pytest
 
 from gateway.replication import (assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas, server_loads,
-                                 standby_needed, standby_replicas)
+                                 server_times, standby_needed, standby_replicas)
 from moe_common.placement import home_placement
 
 
@@ -67,8 +67,9 @@ def test_hysteresis_never_keeps_a_plan_worse_than_none():
     assert not plan.kept_previous and plan.makespan <= plan.baseline_makespan
 
 
-@pytest.mark.parametrize("policy", ["whole", "split"])
-def test_planner_properties_on_random_forecasts(policy):
+@pytest.mark.parametrize("group_cost", [0.0, 25.0])
+@pytest.mark.parametrize("policy", ["whole", "split", "auto"])
+def test_planner_properties_on_random_forecasts(policy, group_cost):
     rng = random.Random(0)
     for _ in range(300):
         layers, experts, servers = rng.randint(1, 4), rng.choice([4, 8, 16]), rng.randint(1, 4)
@@ -77,15 +78,16 @@ def test_planner_properties_on_random_forecasts(policy):
         loads = [[rng.paretovariate(1.2) * 10 for _ in range(experts)] for _ in range(layers)]
         slots = [rng.randint(0, 4) for _ in range(servers)]
         previous = {(rng.randrange(layers), rng.randrange(experts), rng.randrange(servers)) for _ in range(3)}
-        plan = plan_replicas(loads, home, slots, policy=policy, previous=previous)
+        plan = plan_replicas(loads, home, slots, policy=policy, previous=previous, group_cost=group_cost)
         per_server = [sum(1 for r in plan.replicas if r[2] == s) for s in range(servers)]
         assert all(n <= cap for n, cap in zip(per_server, slots)), "over budget"
         assert all(s != home[layer][e] for layer, e, s in plan.replicas), "a replica on its home server"
         assert plan.makespan <= plan.baseline_makespan + 1e-9, "worse than no replication"
-        assert plan.makespan == pytest.approx(makespan(loads, home, plan.replicas, servers, policy))
+        assert plan.makespan == pytest.approx(makespan(loads, home, plan.replicas, servers, policy,
+                                                       group_cost=group_cost))
 
 
-@pytest.mark.parametrize("policy", ["whole", "split"])
+@pytest.mark.parametrize("policy", ["whole", "split", "auto"])
 def test_dispatch_covers_every_token_once(policy):
     rng = random.Random(1)
     for _ in range(50):
@@ -100,6 +102,45 @@ def test_dispatch_covers_every_token_once(policy):
             assert all(s in holders[e] and n > 0 for s, n in runs)
             if policy == "whole":
                 assert len(runs) <= 1
+
+
+def test_auto_keeps_a_layer_whole_unless_split_is_clearly_faster():
+    # 6 experts of 10 tokens on 4 servers, every expert on servers 0 and 1 too: whole
+    # leaves one server with 2 experts (20 tokens), split's greedy water-filling 16.
+    holders = [[s, *sorted({0, 1} - {s})] for s in (0, 1, 2, 3, 2, 3)]
+    counts = [10] * 6
+    assert max(server_loads(assign_layer(counts, holders, 4, "whole"), 4)) == 20
+    assert server_loads(assign_layer(counts, holders, 4, "split"), 4) == [15, 15, 14, 16]
+    assert assign_layer(counts, holders, 4, "auto") == assign_layer(counts, holders, 4, "split")
+    # Within 5% of split: whole (bit-identical). 3 experts on 2 servers, 21/20/20 tokens:
+    # whole gives 41, split 31; 2 experts of 20 and 21: whole 21, split 21.
+    assert assign_layer([21, 20], [[0, 1], [1, 0]], 2, "auto") == [[(0, 21)], [(1, 20)]]
+    assert assign_layer([21, 20, 20], [[0, 1], [1, 0], [0, 1]], 2, "auto") == \
+        assign_layer([21, 20, 20], [[0, 1], [1, 0], [0, 1]], 2, "split")
+    # No expert with a second holder: whatever the policy, one run per expert.
+    assert assign_layer([5, 7], [[0], [1]], 2, "auto") == [[(0, 5)], [(1, 7)]]
+    with pytest.raises(ValueError):
+        assign_layer([1], [[0]], 1, "fastest")
+
+
+def test_a_group_cost_makes_split_split_only_where_it_pays():
+    # Expert 0 (30 tokens) on idle servers 0 and 1, server 1 busy with 5 tokens of expert 1.
+    counts, holders = [30, 5], [[0, 1], [1]]
+    # No group cost: level 17.5 -> 18 and 12 tokens (the remainder to server 0).
+    assert assign_layer(counts, holders, 2, "split") == [[(0, 18), (1, 12)], [(1, 5)]]
+    # A group costs 20 tokens: server 1 is busy until 5 + 20 and its chunk costs another
+    # group, so it starts at 45 while server 0 starts at 20; the level is 47.5, so it takes
+    # 2 tokens (48 and 47 against 50 whole)...
+    chunks = assign_layer(counts, holders, 2, "split", group_cost=20)
+    assert chunks == [[(0, 28), (1, 2)], [(1, 5)]]
+    assert server_times(chunks, 2, [1.0, 1.0], 20) == [48, 47]
+    # ...but with 10 tokens the level is 30 < 45: whole on server 0.
+    assert assign_layer([10, 5], holders, 2, "split", group_cost=20) == [[(0, 10)], [(1, 5)]]
+    # The planner counts groups: a replica whose chunk would cost more than it saves is not made.
+    home = [[0, 1]]
+    assert plan_replicas([[30, 5]], home, [1, 1], policy="split").replicas == {(0, 0, 1)}
+    assert makespan([[30, 5]], home, set(), 2, group_cost=100) == 130
+    assert plan_replicas([[30, 5]], home, [1, 1], policy="split", group_cost=100).replicas == set()
 
 
 def test_stand_ins_go_to_the_least_busy_healthy_servers():
