@@ -92,6 +92,11 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
                                  f"{off['encoder_s'] / whole['encoder_s']:.2f}x", f"{off['encoder_s'] / split['encoder_s']:.2f}x",
                                  f"{off['all_s'] / whole['all_s']:.2f}x", f"{off['all_s'] / split['all_s']:.2f}x",
                                  f"{split['tokens_per_s']:.0f}"]))
+    if result.get("projection"):
+        from moe_bench.projection import markdown as projection_markdown
+
+        out += ["", f"GPU projection ({result['projection']['gateway_source']}):", ""]
+        out += projection_markdown(result["projection"])
     if plots:
         out.append("")
         out += [f"![{name}]({path})" for name, path in plots.items()]

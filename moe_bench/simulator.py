@@ -5,8 +5,11 @@ one machine can run.
 What it replays: a routing trace the gateway recorded while the benchmark ran
 (moe_common/traces.py), batch by batch and pass by pass. Per batch it plans replicas
 exactly as the gateway does (gateway.replicas.planning_loads, then
-gateway.replication.plan_replicas); predictive mode forecasts each batch's encoder
-loads with the trained forecaster, as the predictor service does. Per sparse-layer
+gateway.replication.plan_replicas). Predictive mode forecasts each batch's encoder
+loads with the trained forecaster, as the predictor service does, when the previous
+batch starts (the batch was queued behind it: `lookahead`), so its replicas load
+while the previous batch runs; without lookahead (one client: nothing is queued) it
+plans from the mean loads of the last `window` batches, as the gateway does. Per sparse-layer
 call it dispatches with gateway.replication.assign_layer, using only replicas that
 are loaded by then (a replica takes `replica_load_s` to load after its plan, one after
 another per server, as SetReplicas does).
@@ -64,12 +67,16 @@ def batches_of(passes: list[Pass]) -> list[list[Pass]]:
 
 def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode: str, costs: Costs, *,
              slots: int, policy: str = "whole", window: int = 8, parallel: int | None = None,
-             forecaster=None, measured_from: int = 0, min_gain: float = 0.02) -> dict:
+             forecaster=None, measured_from: int = 0, min_gain: float = 0.02, lookahead: bool = True,
+             group_cost: float = 0.0) -> dict:
     """Replay `batches` on `num_servers` servers in replication `mode`.
 
     slots: replica slots per server; parallel: servers computing at once (None = all);
     forecaster: predictor_service.forecaster.Forecaster for predictive mode (None: the
     forecast is missing and predictive plans from history, as the gateway would);
+    lookahead: each batch was queued while the previous one ran (closed-loop clients
+    > 1), so predictive forecasts and plans it then; group_cost: what the gateway's
+    --replica-group-cost tells its planner and dispatch (0: as the gateway's default);
     measured_from: batches before it only warm up the planner (as the benchmark's warm-up
     requests do). Returns seconds, balancedness, expert-layer seconds, replica figures.
     """
@@ -84,28 +91,41 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
     layer_s_by_kind = [0.0, 0.0]
     layer_calls = loads_moved = rpcs = 0
     hits = checks = 0
+    layer_hits, layer_checks = [0] * num_layers, [0] * num_layers
+
+    def forecast_of(batch: list[Pass]) -> dict[int, np.ndarray] | None:
+        encoder = next((p for p in batch if p.kind == ENCODER), None)
+        if encoder is None or forecaster is None:
+            return None
+        import torch
+
+        loads = forecaster.forecast(ENCODER, torch.from_numpy(encoder.tokens).long()).numpy()
+        return dict(zip(info.encoder_layers, loads))
+
+    def apply(loads: np.ndarray | None, count: bool) -> None:
+        """Plan from `loads` now (at `clock`); new replicas load one after another per server."""
+        nonlocal planned, ready_at, loads_moved
+        if loads is None:
+            return
+        plan = plan_replicas(loads.tolist(), home, [slots] * num_servers, policy=policy, previous=planned,
+                             min_gain=min_gain, group_cost=group_cost)
+        if plan.replicas != planned:
+            for server in range(num_servers):
+                new = sorted(r for r in plan.replicas - planned if r[2] == server)  # layer order, as SetReplicas
+                for k, replica in enumerate(new, start=1):
+                    ready_at[replica] = clock + k * costs.replica_load_s
+                loads_moved += len(new) if count else 0
+            ready_at = {r: t for r, t in ready_at.items() if r in plan.replicas}
+            planned = set(plan.replicas)
+
+    ahead = mode == "predictive" and lookahead and forecaster is not None
+    shape = (num_layers, num_experts)
     for b, batch in enumerate(batches):
         measured = b >= measured_from
-        forecast = None
-        if mode == "predictive" and forecaster is not None:
-            encoder = next((p for p in batch if p.kind == ENCODER), None)
-            if encoder is not None:
-                import torch
-
-                loads = forecaster.forecast(ENCODER, torch.from_numpy(encoder.tokens).long()).numpy()
-                forecast = dict(zip(info.encoder_layers, loads))
-        loads = planning_loads(mode, history, forecast, b + 1, window, (num_layers, num_experts))
-        if loads is not None:
-            plan = plan_replicas(loads.tolist(), home, [slots] * num_servers, policy=policy, previous=planned,
-                                 min_gain=min_gain)
-            if plan.replicas != planned:
-                for server in range(num_servers):
-                    new = sorted(r for r in plan.replicas - planned if r[2] == server)
-                    for k, replica in enumerate(new, start=1):
-                        ready_at[replica] = clock + k * costs.replica_load_s
-                    loads_moved += len(new) if measured else 0
-                ready_at = {r: t for r, t in ready_at.items() if r in plan.replicas}
-                planned = set(plan.replicas)
+        if not (ahead and b > 0):  # a batch planned ahead was planned when the previous one started
+            apply(planning_loads(mode, history, None, b + 1, window, shape), measured)
+        if ahead and b + 1 < len(batches):  # the next batch waits in the queue: forecast and plan it now
+            apply(planning_loads(mode, history, forecast_of(batches[b + 1]), b + 2, window, shape), measured)
         actual = np.zeros((num_layers, num_experts))
         for p in batch:
             pass_loads = p.loads(num_experts)
@@ -116,10 +136,12 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
                 for (pl, e, s), t in ready_at.items():
                     if pl == layer:
                         checks += measured
+                        layer_checks[layer] += measured
                         if t <= clock:
                             holders[e].append(s)
                             hits += measured
-                chunks = assign_layer(counts, holders, num_servers, policy)
+                            layer_hits[layer] += measured
+                chunks = assign_layer(counts, holders, num_servers, policy, group_cost=group_cost)
                 server_s = [0.0] * num_servers
                 server_tokens = [0] * num_servers
                 for parts in chunks:
@@ -144,7 +166,8 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
                 encoder_layer_s=layer_s_by_kind[ENCODER], decoder_layer_s=layer_s_by_kind[DECODER],
                 compute_mean_s=compute_mean_s,
                 balancedness=mean_sum / max_sum if max_sum else 1.0,
-                replicas_loaded=loads_moved, prefetch_hit_rate=hits / checks if checks else 0.0)
+                replicas_loaded=loads_moved, prefetch_hit_rate=hits / checks if checks else 0.0,
+                prefetch_hit_rate_by_layer=[h / c if c else 0.0 for h, c in zip(layer_hits, layer_checks)])
 
 
 def calibrate(cal: dict, group_s: float, token_s: float, replica_load_s: float, source: str,

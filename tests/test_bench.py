@@ -59,6 +59,50 @@ def test_a_replica_still_loading_is_not_used():
     assert r["seconds"] == 16 and r["prefetch_hit_rate"] == 0.0
 
 
+class KnownLoads:
+    """A forecaster that knows the hand-made trace's loads: [Lp=1, E=4]."""
+
+    def forecast(self, kind, tokens):
+        import torch
+
+        return torch.tensor([[6.0, 0.0, 2.0, 0.0]])
+
+
+def test_predictive_plans_the_queued_batch_while_the_previous_one_runs():
+    # With lookahead, batch 1 is forecast and planned when batch 0 starts (t = 0): its
+    # replica of expert 0 loads in 5 s, before batch 1 starts at t = 8, so batch 1 takes 6.
+    r = simulator.simulate(INFO, [batch(0), batch(1)], 2, "predictive", costs(5.0), slots=1, forecaster=KnownLoads())
+    assert r["seconds"] == 8 + 6 and r["prefetch_hit_rate_by_layer"] == [0.5]  # not ready in batch 0, ready in 1
+    # Without (nothing queued): batch 1 is planned from batch 0's loads when it starts,
+    # and the replica is still loading while it runs.
+    r = simulator.simulate(INFO, [batch(0), batch(1)], 2, "predictive", costs(5.0), slots=1, forecaster=KnownLoads(),
+                           lookahead=False)
+    assert r["seconds"] == 16 and r["prefetch_hit_rate"] == 0.0
+
+
+def test_gpu_projection_uses_the_measured_costs(tmp_path):
+    from moe_bench import projection
+
+    (tmp_path / "costs.json").write_text(json.dumps(dict(group_s=0.5, token_s=1.0, replica_load_s=0.0, device="X")))
+    (tmp_path / "hf.json").write_text(json.dumps({"device": "X", "hf_float32_8x128_s": 10.0,
+                                                  "hf_float32_8x128_expert_share": 0.4}))
+    expert = projection.expert_costs(tmp_path / "costs.json")
+    non_expert, source = projection.non_expert_per_batch(tmp_path / "hf.json", 8, 128, 8)
+    assert non_expert == pytest.approx(6.0) and "40% in experts" in source
+    with pytest.raises(SystemExit):
+        projection.non_expert_per_batch(tmp_path / "hf.json", 16, 128, 8)
+    p = projection.project(INFO, [batch(0), batch(1)], KnownLoads(), [2], 1, expert, non_expert, window=4,
+                           measured_from=0, lookahead=True)
+    rows = p["servers"]["2"]
+    # off: two layer calls on server 0 with 2 groups: 2 x (2 x 0.5 + 8) = 18 s; end to end + 2 x 6 s.
+    assert rows["off"]["expert_layer_s"] == 18 and rows["off"]["end_to_end_s"] == 30
+    # predictive whole: the replica of expert 0 planned for batch 1 at t = 0 loads at once,
+    # so both batches run expert 0 on server 1 (0.5 + 6) beside expert 2 on server 0 (2.5).
+    assert rows["predictive-whole"]["expert_layer_s"] == 6.5 + 6.5
+    assert rows["predictive-whole"]["expert_speedup"] == pytest.approx(18 / 13)
+    assert any("| 2 |" in line for line in projection.markdown(p))
+
+
 def test_no_slots_no_replicas():
     assert run("reactive", slots=0)["seconds"] == 16
 
