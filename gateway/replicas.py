@@ -17,8 +17,9 @@ The plan comes from plan_replicas (pure, gateway/replication.py). Nothing here r
 on the request path but bookkeeping: forecasts, plans and SetReplicas calls run on a
 PlanWorker thread (gateway/plan_worker.py), dispatch uses a replica only once its
 server confirmed it loaded, and replicas the new plan drops stop being used at once.
-SetReplicas lists replicas in layer order and servers load them in that order, so the
-first layers' replicas are ready first.
+Each server's new replicas go out layer by layer (replication.prefetch_stages: one
+SetReplicas per layer with new replicas, sent when the previous one is answered), so
+the first layers' replicas are ready, and used, before the deeper layers' are loaded.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from gateway.dispatch import ExpertClients
 from gateway.plan_worker import PlanWorker
 from gateway.views import ServerView
-from gateway.replication import plan_replicas, standby_needed, standby_replicas
+from gateway.replication import plan_replicas, prefetch_stages, standby_needed, standby_replicas
 from moe_common.traces import Pass, TraceInfo
 from moe_protos.moe.expert.v1 import expert_pb2
 
@@ -230,24 +231,34 @@ class ReplicaManager:
                 view.ready[s] &= want
                 # A server new to this view may still hold replicas of an earlier one: tell it.
                 if want != had or s not in view.synced:
+                    # Layer by layer (prefetch_stages), so the first layers' replicas are ready
+                    # first; in one call to a server whose holdings are unknown, so no stage
+                    # evicts a replica it already holds.
+                    stages = prefetch_stages(want, had) if s in view.synced else [want]
                     view.replica_sequence[s] += 1
                     view.synced.add(s)
-                    changed.append((s, want, view.replica_sequence[s]))
+                    changed.append((s, stages, view.replica_sequence[s]))
             view.planned = set(replicas)
-        for s, want, sequence in changed:
-            ordered = sorted(want)
-            request = expert_pb2.SetReplicasRequest(
-                replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in ordered],
-                model_id=clients.model_id,
-                # Where to stream a replica from if that server cannot read the checkpoint.
-                home_addresses=[view.addresses[view.home[layer][e]] for layer, e in ordered])
-            call = view.stubs[s].SetReplicas.future(request, timeout=clients.timeout_s * 10)
-            call.add_done_callback(lambda f, s=s, sequence=sequence: self._on_loaded(view, s, sequence, f))
+        for s, stages, sequence in changed:
+            self._send_stage(view, s, sequence, stages)
 
-    def _on_loaded(self, view: ServerView, server: int, sequence: int, future) -> None:
-        """A SetReplicas reply (on a gRPC callback thread). A server whose call failed, or
-        that refused replicas, is sent its replica set again before the next batch: the
-        planner usually keeps the same plan, which would otherwise never become ready."""
+    def _send_stage(self, view: ServerView, server: int, sequence: int, stages: list[set[tuple[int, int]]]) -> None:
+        """Send a server the first of its remaining replica sets; its reply sends the next."""
+        ordered = sorted(stages[0])
+        request = expert_pb2.SetReplicasRequest(
+            replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in ordered],
+            model_id=self.clients.model_id,
+            # Where to stream a replica from if that server cannot read the checkpoint.
+            home_addresses=[view.addresses[view.home[layer][e]] for layer, e in ordered])
+        call = view.stubs[server].SetReplicas.future(request, timeout=self.clients.timeout_s * 10)
+        call.add_done_callback(lambda f: self._on_loaded(view, server, sequence, f, stages[1:]))
+
+    def _on_loaded(self, view: ServerView, server: int, sequence: int, future,
+                   rest: list[set[tuple[int, int]]] = ()) -> None:
+        """A SetReplicas reply (on a gRPC callback thread); `rest` are the stages still to
+        send. A server whose call failed, or that refused replicas, is sent its replica set
+        again before the next batch: the planner usually keeps the same plan, which would
+        otherwise never become ready."""
         clients = self.clients
         try:
             reply = future.result()
@@ -272,6 +283,8 @@ class ReplicaManager:
         for f in reply.failed:
             log.warning("expert server %s refused replica %d:%d: %s", view.addresses[server],
                         f.expert.layer, f.expert.expert, f.reason)
+        if rest and not reply.failed:
+            self._send_stage(view, server, sequence, rest)
 
     def status(self) -> dict:
         st = self.clients.stats

@@ -225,6 +225,23 @@ class Plan:
     kept_previous: bool = False  # the previous plan was kept: the new one gained too little
 
 
+def prefetch_stages(want: set[tuple[int, int]], had: set[tuple[int, int]]) -> list[set[tuple[int, int]]]:
+    """The replica sets to send one server one after another, so that the replicas of the
+    first layers are ready first (they are needed first: the encoder's first sparse layer
+    runs milliseconds into a batch, the decoder's last one much later).
+
+    want, had: (layer, expert) the server is to hold and held until now. Stage k holds the
+    wanted replicas of layers up to the k-th layer that has new ones, plus every wanted
+    replica it holds already (so no stage evicts one a later stage would load again);
+    the last stage is `want`. One stage when the new replicas are all in one layer. Pure.
+    """
+    new_layers = sorted({layer for layer, _ in want - had})
+    if len(new_layers) <= 1:
+        return [set(want)]
+    kept = want & had
+    return [{r for r in want if r[0] <= layer} | kept for layer in new_layers]
+
+
 def holders_of(home: list[list[int]], replicas: set[Replica]) -> list[list[list[int]]]:
     """holders[l][e] = [home server, replica servers in ascending order]."""
     out = [[[s] for s in row] for row in home]

@@ -593,6 +593,9 @@ def main(argv=None) -> int:
         text = "\n".join([f"GPU projection of {result['model']} ({result['num_experts']} experts x "
                           f"{result['num_sparse_layers']} sparse layers), routing skew {p['routing_skew']:.1f}x; "
                           f"{p['gateway_source']}.", ""] + projection.markdown(p)) + "\n"
+        if a.plots:
+            path = projection.plot(p, a.plots / "projection.png")
+            text += f"\n![projection]({os.path.relpath(path.resolve(), (a.markdown or Path('x')).resolve().parent)})\n"
         print(text, flush=True)
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)

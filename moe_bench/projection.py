@@ -103,3 +103,29 @@ def markdown(p: dict) -> list[str]:
                  f" / {rows[f'predictive-{x}']['balancedness']:.2f}" for x in POLICIES]
         lines.append(f"| {n} | {rows['off']['expert_layer_s'] * 1e3:.1f} | " + " | ".join(cells) + " |")
     return lines
+
+
+def plot(p: dict, path: Path) -> Path:
+    """Expert-layer and end-to-end speed-up over mode off against server count, per policy (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = [int(n) for n in p["servers"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, title in ((axes[0], "expert_speedup", "expert layers"), (axes[1], "end_to_end_speedup", "end to end")):
+        for policy in POLICIES:
+            ax.plot(servers, [p["servers"][str(n)][f"predictive-{policy}"][key] for n in servers], marker="o",
+                    label=f"predictive, {policy}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("expert servers")
+        ax.set_title(f"{title}: speed-up over static placement")
+    axes[0].set_ylabel("x mode off")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

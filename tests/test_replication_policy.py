@@ -5,7 +5,7 @@ import random
 import pytest
 
 from gateway.replication import (assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas, server_loads,
-                                 server_times, standby_needed, standby_replicas)
+                                 prefetch_stages, server_times, standby_needed, standby_replicas)
 from moe_common.placement import home_placement
 
 
@@ -141,6 +141,16 @@ def test_a_group_cost_makes_split_split_only_where_it_pays():
     assert plan_replicas([[30, 5]], home, [1, 1], policy="split").replicas == {(0, 0, 1)}
     assert makespan([[30, 5]], home, set(), 2, group_cost=100) == 130
     assert plan_replicas([[30, 5]], home, [1, 1], policy="split", group_cost=100).replicas == set()
+
+
+def test_prefetch_stages_load_the_first_layers_first():
+    had = {(0, 1), (2, 5), (3, 0)}
+    want = {(0, 1), (0, 2), (1, 7), (2, 5), (3, 3)}
+    # New replicas in layers 0, 1 and 3; (3, 0) is dropped at once; (2, 5) is kept throughout.
+    assert prefetch_stages(want, had) == [{(0, 1), (0, 2), (2, 5)}, {(0, 1), (0, 2), (1, 7), (2, 5)}, want]
+    assert prefetch_stages({(1, 1), (1, 2)}, set()) == [{(1, 1), (1, 2)}]  # one layer: one call
+    assert prefetch_stages(set(), had) == [set()]
+    assert prefetch_stages({(2, 5)}, had) == [{(2, 5)}]
 
 
 def test_stand_ins_go_to_the_least_busy_healthy_servers():
