@@ -8,7 +8,9 @@ replicas with gateway.replication.plan_replicas for each server count and dispat
 policy, with --slots replica slots per server. Prints the trace's routing skew, then
 replicas, the forecast makespan
 (slowest server's tokens, summed over layers) against no replicas, and planning time.
-The gateway plans once per batch, so this time is on the batch's path in predictive mode.
+The gateway plans once per batch on its planner thread (gateway/plan_worker.py), while
+the previous batch runs: this time delays when replicas start loading, not a batch.
+--group-cost weighs each expert group as that many tokens (--replica-group-cost).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=5, help="which recorded batch's loads to plan for")
     p.add_argument("--servers", default="2,4,8,16,64")
     p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--group-cost", type=float, default=0.0, help="a group's fixed cost in tokens' worth")
     a = p.parse_args()
     info = load_manifest(a.trace)
     batches = batches_of(list(read_passes(a.trace)))
@@ -46,9 +49,9 @@ def main() -> int:
     print(f"batch {a.batch}: {int(loads.sum())} routed tokens over {info.num_layers} layers, {a.slots} slots per server")
     for n in [int(x) for x in a.servers.split(",")]:
         home = home_placement(info.num_layers, info.num_experts, n)
-        for policy in ("whole", "split"):
+        for policy in ("whole", "split", "auto"):
             t0 = time.perf_counter()
-            plan = plan_replicas(loads.tolist(), home, [a.slots] * n, policy=policy)
+            plan = plan_replicas(loads.tolist(), home, [a.slots] * n, policy=policy, group_cost=a.group_cost)
             ms = (time.perf_counter() - t0) * 1e3
             print(f"  {n:3d} servers {policy:<5}: {len(plan.replicas):4d} replicas, makespan {plan.makespan:6.0f} "
                   f"vs {plan.baseline_makespan:6.0f} without ({plan.baseline_makespan / max(plan.makespan, 1):.1f}x), "
