@@ -234,6 +234,9 @@ def serve_round(a, source, addresses: list[str], mode: str, predictor: str, warm
         compute=[s1.compute_ns - s0.compute_ns for s0, s1 in zip(before.servers, after.servers)],
         bytes_moved=after.replication.bytes_moved - before.replication.bytes_moved,
         prefetch_hit_rate=after.replication.prefetch_hit_rate, replicas_ready=after.replication.replicas_ready,
+        prefetch_hit_rate_by_layer=list(after.replication.prefetch_hit_rate_by_layer),
+        lookahead_plans=after.replication.lookahead_plans - before.replication.lookahead_plans,
+        request_path_ms=after.replication.request_path_ms - before.replication.request_path_ms,
         rates=[(t1, [(b - a_) / (t1 - t0) for a_, b in zip(c0, c1)])
                for (t0, c0), (t1, c1) in zip(samples, samples[1:]) if t1 > t0],
     )
@@ -261,6 +264,10 @@ def mode_figures(rounds: list[dict], reference: dict) -> dict:
         layer_calls=total("layer_calls"), rpcs=total("rpcs"), rounds=len(rounds),
         weights_moved_bytes=total("bytes_moved"),
         prefetch_hit_rate=float(np.mean([rnd["prefetch_hit_rate"] for rnd in rounds])),
+        prefetch_hit_rate_by_layer=[float(x) for x in np.mean([rnd["prefetch_hit_rate_by_layer"] for rnd in rounds], axis=0)]
+        if rounds[0].get("prefetch_hit_rate_by_layer") else [],
+        lookahead_plans=total("lookahead_plans"),
+        replication_request_path_ms_per_request=total("request_path_ms") / max(1, len(records)),
         replicas_ready=rounds[-1]["replicas_ready"],
         identical_to_reference=all(r.outputs == reference[r.request] for r in records),
         # Rows (prompts) whose generated tokens equal the single-process model's: the
