@@ -294,3 +294,34 @@ def test_gateway_continuous_scheduler_end_to_end(tiny, reference, prompt_ids):
         sparse_decoder = sum(1 for n, _ in model.named_modules() if n.startswith("decoder.") and n.endswith(".mlp.router"))
         assert path.decode_tokens == sparse_decoder * sum(len(w) for w in wants)
         assert path.decode_tokens / path.decode_layer_calls > 1
+
+
+# ---- moe-bench's open loop ----
+
+
+def test_open_loop_schedule_is_seeded_poisson_with_uniform_lengths():
+    from moe_bench.open_loop import arrival_schedule
+
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    a = arrival_schedule(prompts, 4000, rate=5.0, new_tokens=(4, 64), seed=7)
+    assert a == arrival_schedule(prompts, 4000, rate=5.0, new_tokens=(4, 64), seed=7)
+    assert a != arrival_schedule(prompts, 4000, rate=5.0, new_tokens=(4, 64), seed=8)
+    gaps = [y.at_s - x.at_s for x, y in zip(a, a[1:])]
+    assert a[0].at_s == 0 and min(gaps) >= 0
+    assert abs(sum(gaps) / len(gaps) - 1 / 5.0) < 0.01  # mean gap 1/rate (exponential: sd 0.2/sqrt(4000))
+    lengths = [x.new_tokens for x in a]
+    assert min(lengths) == 4 and max(lengths) == 64 and abs(sum(lengths) / len(lengths) - 34) < 1
+    assert [x.prompt for x in a[:4]] == [[1, 2], [3], [4, 5, 6], [1, 2]]
+    with pytest.raises(ValueError):
+        arrival_schedule(prompts, 3, rate=1.0, new_tokens=(5, 4))
+
+
+def test_open_loop_summary_by_hand():
+    from moe_bench.open_loop import OpenRecord, summarize
+
+    records = [OpenRecord(sent_s=0.0, first_s=0.5, done_s=1.5, tokens=[1, 2, 3]),  # TPOT 0.5 s
+               OpenRecord(sent_s=1.0, first_s=1.2, done_s=3.0, tokens=[4])]  # one token: no TPOT
+    s = summarize(records)
+    assert s["generated_tokens"] == 4 and s["wall_s"] == 3.0 and s["tokens_per_s"] == 4 / 3
+    assert s["ttft_p50_ms"] == pytest.approx(350) and s["tpot_p50_ms"] == pytest.approx(500)
+    assert s["p50_ms"] == pytest.approx(1750) and s["p99_ms"] == pytest.approx(1500 + 0.99 * 500)
