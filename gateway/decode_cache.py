@@ -116,7 +116,7 @@ class RowCaches:
         src = cross_k[0].shape[1]
         slots, width, src_width = self.capacity
         if self.rows == slots or src > src_width:
-            self._allocate(max(slots, 2 * slots if self.rows == slots else slots), width, max(src_width, _pow2(src)))
+            self._allocate(2 * slots if self.rows == slots else slots, width, max(src_width, _pow2(src)))
             self.grows += 1
         slot = self.rows
         for layer in range(self.num_layers):

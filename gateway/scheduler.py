@@ -260,13 +260,21 @@ class ContinuousScheduler:
             admit = self._take()
             if admit is None:
                 return
-            for row in [r for r in self._running if r.job.cancelled.is_set()]:
-                self._retire(row)
-            admit = [r for r in admit if not r.job.cancelled.is_set()]
-            if admit:
-                self._admit(admit)
-            if self._running:
-                self._step()
+            try:
+                for row in [r for r in self._running if r.job.cancelled.is_set()]:
+                    self._retire(row)
+                admit = [r for r in admit if not r.job.cancelled.is_set()]
+                if admit:
+                    self._admit(admit)
+                if self._running:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leave every handler waiting forever
+                log.exception("the decode loop failed; failing its jobs and starting over with empty caches")
+                for job in {id(r.job): r.job for r in [*admit, *self._running]}.values():
+                    if self._jobs.pop(id(job), None) is not None:
+                        job.events.put(("error", exc))
+                self._running = []
+                self.decoder = RowDecoder(self.engine.model, self.engine.pad_token_id, rows=self.max_batch_size)
 
     def _admit(self, rows: list[_Row]) -> None:
         t0 = time.perf_counter_ns()
