@@ -325,3 +325,17 @@ def test_open_loop_summary_by_hand():
     assert s["generated_tokens"] == 4 and s["wall_s"] == 3.0 and s["tokens_per_s"] == 4 / 3
     assert s["ttft_p50_ms"] == pytest.approx(350) and s["tpot_p50_ms"] == pytest.approx(500)
     assert s["p50_ms"] == pytest.approx(1750) and s["p99_ms"] == pytest.approx(1500 + 0.99 * 500)
+
+
+def test_scheduler_flags_are_validated():
+    from gateway.config import GatewayConfig
+    from gateway.server import parse_args
+
+    config = parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1", "--scheduler", "continuous",
+                         "--max-batch-tokens", "512"])
+    assert config.scheduler == "continuous" and config.max_batch_tokens == 512
+    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1"]).scheduler == "static"
+    with pytest.raises(ValueError, match="--scheduler"):
+        GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], scheduler="dynamic")
+    with pytest.raises(ValueError, match="--max-batch-tokens"):
+        GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], max_batch_tokens=0)
