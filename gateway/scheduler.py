@@ -309,7 +309,7 @@ class ContinuousScheduler:
         finally:
             self.engine.forward_ns += time.perf_counter_ns() - t0
         now = time.perf_counter_ns()
-        done = []
+        done, finished = [], []
         for row, token in zip(rows, tokens):
             state = self._jobs.get(id(row.job))
             if state is None:  # its job failed or was cancelled
@@ -327,9 +327,11 @@ class ContinuousScheduler:
                 done.append(row)
                 state.open_rows -= 1
                 if state.open_rows == 0:
-                    self._finish(row.job, state, now)
+                    finished.append((row.job, state))
         for row in sorted(done, key=lambda r: -r.slot):  # highest slot first: moves never touch a retiring row
             self._retire(row)
+        for job, state in finished:  # after retiring: whoever hears "done" sees the slots free
+            self._finish(job, state, now)
 
     def _retire(self, row: _Row) -> None:
         moved = self.decoder.remove(row.slot)

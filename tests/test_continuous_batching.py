@@ -204,12 +204,17 @@ def test_rows_joining_and_leaving_mid_flight_equal_hf_alone(reference, prompt_id
 def test_scheduler_serves_concurrent_jobs_exactly(reference, prompt_ids):
     """ContinuousScheduler's own loop (threads, FIFO admission, streaming, retiring) on the
     single-process model: jobs submitted at staggered times, one with several prompts, one
-    streamed, one cancelled while running; every finished row equals HF alone."""
+    streamed, one cancelled while waiting and one while running (the tiny model makes no
+    EOS within 300 tokens of these prompts); every finished row equals HF alone and every
+    row leaves the caches."""
     model, _ = reference
     engine = types.SimpleNamespace(model=model, pad_token_id=model.config.pad_token_id,
                                    eos_token_id=model.config.eos_token_id, forward_ns=0)
     scheduler = ContinuousScheduler(engine, max_batch_size=3, max_batch_tokens=64)
     try:
+        running = scheduler.submit(Job(prompts=[prompt_ids[2]], max_new_tokens=[300], sampling=Sampling(), stream=True))
+        assert running.next_event()[0] == "token"
+        scheduler.cancel(running)  # decoding: it leaves the running set at the next step
         jobs = []
         for i in range(len(PROMPTS)):
             jobs.append(scheduler.submit(Job(prompts=[prompt_ids[i]], max_new_tokens=[LIMITS[i]],
@@ -229,6 +234,11 @@ def test_scheduler_serves_concurrent_jobs_exactly(reference, prompt_ids):
             else:
                 results.append(job.wait())
         multi_results, _ = multi.wait()
+        tokens = 1
+        while (event := running.next_event())[0] == "token":
+            tokens += 1
+        assert event[0] == "error" and "cancelled" in str(event[1]) and tokens < 300
+        assert scheduler.decoder.caches.rows == 0 and not scheduler._running
     finally:
         scheduler.stop()
     for i, (rows, timings) in enumerate(results):
