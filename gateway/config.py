@@ -11,6 +11,10 @@ from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
 
+# How requests are batched: static (gateway/batcher.py: a batch runs HF generate() to its
+# end) or continuous (gateway/scheduler.py: rows join and leave the batch at every step).
+SCHEDULERS = ("static", "continuous")
+
 # How hidden states reach expert servers (gateway/transport.py): shared memory where a
 # server can map this gateway's memory and bytes elsewhere, always shared memory, or bytes.
 TRANSPORTS = ("auto", "shm", "grpc")
@@ -37,6 +41,8 @@ class GatewayConfig:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_prompts_per_request: int = 64
     max_queued_prompts: int = 1024  # beyond it new requests get RESOURCE_EXHAUSTED
+    scheduler: str = "static"  # static | continuous (SCHEDULERS)
+    max_batch_tokens: int = 4096  # continuous: prompt tokens per admission step (the oldest prompt always fits)
     # --- limits ---
     max_input_tokens: int = 512
     max_new_tokens_limit: int = 512
@@ -83,6 +89,10 @@ class GatewayConfig:
             raise ValueError("--max-batch-size must be >= 1")
         if self.max_prompts_per_request < 1 or self.max_queued_prompts < self.max_prompts_per_request:
             raise ValueError("need 1 <= --max-prompts-per-request <= --max-queued-prompts")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
+        if self.max_batch_tokens < 1:
+            raise ValueError("--max-batch-tokens must be >= 1")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
         if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:

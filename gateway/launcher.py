@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden states between gateway and expert servers: shared memory where possible (auto)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
+                   help="gateway batching: static batches, or continuous (rows join and leave at every step)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
     p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"])
     p.add_argument("--replica-group-cost", type=float, default=0.0,
@@ -292,7 +295,8 @@ def main(argv=None) -> int:
                           "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
                           "--replication", a.replication, "--replica-policy", a.replica_policy,
                           "--replica-group-cost", str(a.replica_group_cost),
-                          "--redundancy", str(a.redundancy)],
+                          "--redundancy", str(a.redundancy),
+                          "--scheduler", a.scheduler, "--max-batch-tokens", str(a.max_batch_tokens)],
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
         )

@@ -17,6 +17,7 @@ from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.membership import Membership
+from gateway.scheduler import ContinuousScheduler
 from gateway.servicer import Counters, GatewayServicer, InferenceServicer, MembershipServicer
 from moe_common import model_source, serving, tls
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
@@ -37,7 +38,11 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.engine = Engine(config)
-        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
+        if config.scheduler == "continuous":
+            self.batcher = ContinuousScheduler(self.engine, config.max_batch_size, config.max_batch_tokens,
+                                               config.max_queued_prompts)
+        else:
+            self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
         self.membership = Membership(self.engine)
         counters = Counters()
         self.server, self.port, health = serving.create_server(
@@ -85,6 +90,11 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-batch-size", type=int, default=8, help="prompts per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
+                   help="static: a batch runs to its end; continuous: requests join and leave the running batch "
+                        "at every decoding step")
+    p.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="continuous scheduler: prompt tokens per admission step")
     p.add_argument("--max-prompts-per-request", type=int, default=64)
     p.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
@@ -138,6 +148,8 @@ def parse_args(argv=None) -> GatewayConfig:
             port=a.port,
             max_batch_size=a.max_batch_size,
             max_wait_ms=a.max_wait_ms,
+            scheduler=a.scheduler,
+            max_batch_tokens=a.max_batch_tokens,
             max_prompts_per_request=a.max_prompts_per_request,
             max_queued_prompts=a.max_queued_prompts,
             max_workers=a.max_workers,

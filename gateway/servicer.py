@@ -151,7 +151,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             rpc_wall_ns=st.rpc_wall_ns, compute_max_ns=st.server_compute_ns,
             compute_mean_ns=int(st.server_compute_mean_ns), gateway_codec_ns=st.gateway_codec_ns,
             server_codec_ns=st.server_codec_ns, load_mean_sum=st.sum_mean_load, load_max_sum=st.sum_max_load,
-            suspects=st.suspects, stand_in_loads=st.stand_in_loads, bytes_shared=st.bytes_shared))
+            suspects=st.suspects, stand_in_loads=st.stand_in_loads, bytes_shared=st.bytes_shared,
+            decode_layer_calls=e.decode_calls.calls, decode_tokens=e.decode_calls.tokens))
         if self.membership is not None:
             reply.membership_changes.extend(change_message(c) for c in list(self.membership.changes))
             reply.membership_changes_total = self.membership.changes_total
