@@ -119,8 +119,6 @@ class GatewayConfig:
             raise ValueError("--admin-port must differ from --port: clients must not reach the control plane")
         if self.client_status not in ("auto", "full", "public"):
             raise ValueError("--client-status must be auto, full or public")
-        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
-            raise ValueError(f"--api-keys-file {self.api_keys_file} does not exist")
         if self.api_key_rate_per_s < 0 or self.api_key_max_concurrent < 0:
             raise ValueError("--api-key-rate-per-s and --api-key-max-concurrent must be >= 0 (0: no limit)")
         self.tls.check_bind(self.admin_host, "the gateway's admin port")

@@ -106,26 +106,28 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
                 predictor: bool = True, predictor_checkpoint: Path | None = None,
-                tls: TlsConfig = PLAINTEXT, admin_port: int = 0) -> Stack:
+                tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
     until all are SERVING. port 0 (and admin_port 0) = any free one. The gateway's admin
-    port binds loopback (it changes the deployment; clients never need it)."""
+    port binds loopback (it changes the deployment; clients never need it); expert servers
+    and the predictor bind internal_host (default: host)."""
     if num_expert_servers < 1:
         raise ValueError("--expert-servers must be >= 1")
     # Resolve (and build, for presets) once here, so the children do not race to build it.
     source = model_source.resolve(model, cache_dir)
-    expert_ports = [serving.pick_free_port(host) for _ in range(num_expert_servers)]
+    inner = internal_host or host
+    expert_ports = [serving.pick_free_port(inner) for _ in range(num_expert_servers)]
     port = port or serving.pick_free_port(host)
     admin_port = admin_port or serving.pick_free_port("127.0.0.1")
-    stack = Stack(f"{host}:{port}", [f"{host}:{p}" for p in expert_ports], admin_address=f"127.0.0.1:{admin_port}")
+    stack = Stack(f"{host}:{port}", [f"{inner}:{p}" for p in expert_ports], admin_address=f"127.0.0.1:{admin_port}")
     try:
         for p in expert_ports:
-            stack.processes.append(spawn_expert_server(source.path, host, p, [*(expert_args or []), *tls.args()], log_file))
+            stack.processes.append(spawn_expert_server(source.path, inner, p, [*(expert_args or []), *tls.args()], log_file))
         gateway_args = ["--admin-port", str(admin_port), *(gateway_args or []), *tls.args()]
         if predictor:
-            predictor_port = serving.pick_free_port(host)
-            stack.predictor_address = f"{host}:{predictor_port}"
-            stack.processes.append(spawn_predictor(source.path, host, predictor_port, predictor_checkpoint,
+            predictor_port = serving.pick_free_port(inner)
+            stack.predictor_address = f"{inner}:{predictor_port}"
+            stack.processes.append(spawn_predictor(source.path, inner, predictor_port, predictor_checkpoint,
                                                    log_file=log_file, serve_args=tls.args()))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
@@ -164,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gateway admin port on 127.0.0.1 (membership; 0 = any free one, printed)")
     p.add_argument("--api-keys-file", type=Path, default=None,
                    help="client API keys, one per line (the gateway reloads them on SIGHUP)")
-    p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway's client port binds (loopback by default)")
+    p.add_argument("--internal-host", default="127.0.0.1",
+                   help="address expert servers and the predictor bind (loopback: only the gateway reaches them; "
+                        "beyond it they need --cluster-token-file, mutual TLS or --insecure)")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
     p.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
                           *(["--api-keys-file", str(a.api_keys_file)] if a.api_keys_file else [])],
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
-            admin_port=a.admin_port,
+            admin_port=a.admin_port, internal_host=a.internal_host,
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
         while not stop.wait(0.2):
             while requests:
                 if requests.pop(0) == "add":
-                    add_expert_server(supervisor, model_path, a.host, expert_args, tls_config)
+                    add_expert_server(supervisor, model_path, a.internal_host, expert_args, tls_config)
                 else:
                     remove_expert_server(supervisor)
             if not supervisor.poll():

@@ -65,7 +65,11 @@ def read_secret_lines(path: Path) -> list[str]:
 
 
 def read_token(path: Path) -> str:
-    lines = read_secret_lines(path)
+    """The one token line of a --cluster-token-file; ValueError saying what is wrong."""
+    try:
+        lines = read_secret_lines(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read cluster token file {path}: {exc}") from None
     if len(lines) != 1:
         raise ValueError(f"cluster token file {path} must hold exactly one token line, has {len(lines)}")
     if len(lines[0]) < 16:
@@ -150,7 +154,10 @@ class ApiKeys:
         self._lock = threading.Lock()
         self._digests: list[bytes] = []
         self._state: dict[bytes, _KeyState] = {}
-        keys = read_secret_lines(self.path)
+        try:  # read when the gateway starts (a mounted secret need not exist where flags are checked)
+            keys = read_secret_lines(self.path)
+        except OSError as exc:
+            raise ValueError(f"cannot read --api-keys-file {self.path}: {exc}") from None
         if not keys:
             raise ValueError(f"API key file {self.path} holds no keys")
         self._set(keys)

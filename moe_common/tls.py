@@ -41,8 +41,6 @@ class TlsConfig:
     def __post_init__(self):
         if self.allowed_peers and not self.require_client_cert:
             raise ValueError("--allowed-peers checks client certificates: it needs --tls-require-client-cert")
-        if self.cluster_token_file is not None:
-            auth.read_token(self.cluster_token_file)  # fail at start, not on the first call
         if (self.cert is None) != (self.key is None):
             raise ValueError("give --tls-cert and --tls-key together")
         if self.require_client_cert and (self.ca is None or self.cert is None):

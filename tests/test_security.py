@@ -81,7 +81,9 @@ def test_internal_servers_refuse_unauthenticated_binds_beyond_loopback(tmp_path)
     short = tmp_path / "short"
     short.write_text("abc\n")
     with pytest.raises(ValueError, match="shorter than 16"):
-        TlsConfig(cluster_token_file=short)
+        TlsConfig(cluster_token_file=short).cluster_token
+    with pytest.raises(ValueError, match="cannot read"):
+        TlsConfig(cluster_token_file=tmp_path / "absent").interceptors()
 
 
 # ---------------------------------------------------------------------------
@@ -157,8 +159,8 @@ def test_api_keys_native_oip_health_reload_and_limits(tiny, tmp_path):
 
             # A 100 MB message: RESOURCE_EXHAUSTED (beyond the client port's limit), and the gateway serves on.
             huge = gateway_pb2.GenerateRequest(prompts=["x" * (100 * 1000 * 1000)])
-            assert code_of(lambda: stub.Generate(huge, timeout=60, metadata=bearer("first-key-0123456789")))[0] == \
-                grpc.StatusCode.RESOURCE_EXHAUSTED
+            code, details = code_of(lambda: stub.Generate(huge, timeout=60, metadata=bearer("first-key-0123456789")))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details, details
             assert stub.Generate(REQUEST, timeout=60, metadata=bearer("first-key-0123456789")).generations
 
             # SIGHUP reloads the file: the new key works, the revoked one stops working.
