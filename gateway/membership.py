@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -58,6 +59,7 @@ from moe_common.serving import wait_for_serving
 log = logging.getLogger(__name__)
 CHANGES_KEPT = 32  # GetStatus reports this many recent changes
 JOIN_RETRY_S = 10.0  # a discovered address that failed to join is tried again after this long
+START_DIGEST_SAMPLE = 8  # home experts per server whose digests are checked when the gateway starts
 
 
 @dataclass
@@ -234,6 +236,16 @@ class Membership:
                 f"({len(bad)} of {len(experts)} checked, e.g. expert {bad[0][1]} of sparse layer {bad[0][0]}): "
                 "refused")
         log.info("membership: %s holds the checkpoint's weights (%d experts checked)", address, len(experts))
+
+    def check_members_sample(self, per_server: int = START_DIGEST_SAMPLE, seed: int | None = None) -> None:
+        """At start: digests of a random sample of each member's home experts (reading and
+        hashing every expert of a big checkpoint would delay the start by minutes); a server
+        that fails is named in the FAILED_PRECONDITION and the gateway does not start."""
+        rng = random.Random(seed)
+        view = self.clients.view
+        for s, address in enumerate(view.addresses):
+            experts = sorted(view.experts_of(s))
+            self.check_digests(address, rng.sample(experts, min(per_server, len(experts))))
 
     @contextlib.contextmanager
     def _keeping_alive(self, addresses: list[str]):

@@ -82,6 +82,7 @@ class Gateway:
         # Bound and answering health (NOT_SERVING) while expert servers load their experts.
         try:
             self.engine.connect()
+            self.membership.check_members_sample()  # servers given at start hold the checkpoint's experts too
         except BaseException:
             self.stop()
             raise

@@ -301,7 +301,8 @@ def test_mtls_allow_list_refuses_other_certificates(tiny, tmp_path):
 
 def test_server_with_other_expert_weights_is_refused_at_join(tiny, tmp_path):
     """Same model identity (config.json and routers), different expert weights: the
-    digests differ, so the join is refused with FAILED_PRECONDITION."""
+    digests differ, so the join is refused with FAILED_PRECONDITION, and a gateway
+    started over such a server does not start."""
     from moe_common.model_source import ModelSource, model_identity
     from test_membership import _variant
 
@@ -322,3 +323,49 @@ def test_server_with_other_expert_weights_is_refused_at_join(tiny, tmp_path):
         # A server with the checkpoint's weights joins, digests checked.
         change = admin.AddExpertServer(gateway_pb2.AddExpertServerRequest(address=own[1]), timeout=60)
         assert list(change.servers) == own and change.experts_moved > 0
+        # At start too: a gateway given the rogue server exits and names it.
+        log_path = tmp_path / "gateway.log"
+        with log_path.open("w") as log_file:
+            proc = spawn_gateway(tiny.path, HOST, pick_free_port(HOST), rogue, log_file=log_file)
+        try:
+            assert proc.wait(timeout=120) != 0
+        finally:
+            stop(proc)
+        assert f"expert server {rogue[0]} holds expert weights that differ" in log_path.read_text()
+
+
+def test_set_replicas_fetches_only_from_announced_members(tiny, tmp_path):
+    """A server that cannot read an expert from its checkpoint fetches it from the home
+    address SetReplicas names only when the gateway announced that address as a member
+    (AssignExperts.members): nobody can make it dial an arbitrary host."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moe_common.model_source import resolve
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny.path, partial)
+    tensors = load_file(partial / "model.safetensors")
+    prefix = "encoder.block.1.layer.1.mlp.experts.expert_0."  # expert 0 of sparse layer 0
+    save_file({k: v for k, v in tensors.items() if not k.startswith(prefix)}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    source = resolve(str(partial))
+    replica = expert_pb2.SetReplicasRequest(replicas=[expert_pb2.ExpertRef(layer=0, expert=0)], model_id=tiny.model_id)
+    with expert_servers(tiny, 1, ["--experts", "0:0"]) as (home, _), \
+            expert_servers(source, 1, ["--replica-memory", "1MB"]) as (server, _):
+        stub = expert_pb2_grpc.ExpertServiceStub(channel(server[0]))
+        replica.home_addresses[:] = home
+        # Not announced: the address is not dialled, the replica is refused.
+        reply = stub.SetReplicas(replica, timeout=60)
+        assert not reply.ready and len(reply.failed) == 1 and "could not be loaded" in reply.failed[0].reason
+        # Announced by the gateway's AssignExperts: fetched from it.
+        stub.AssignExperts(expert_pb2.AssignExpertsRequest(model_id=tiny.model_id, members=[*home, *server]),
+                           timeout=60)
+        reply = stub.SetReplicas(replica, timeout=60)
+        assert [(r.layer, r.expert) for r in reply.ready] == [(0, 0)] and not reply.failed
+        # A later membership without it: no longer a source.
+        stub.SetReplicas(expert_pb2.SetReplicasRequest(model_id=tiny.model_id), timeout=60)
+        stub.AssignExperts(expert_pb2.AssignExpertsRequest(model_id=tiny.model_id, members=server), timeout=60)
+        reply = stub.SetReplicas(replica, timeout=60)
+        assert not reply.ready and len(reply.failed) == 1
