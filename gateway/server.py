@@ -42,12 +42,13 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig):
         self.config = config
+        # Read first: a missing key file fails the start before the model loads.
+        self.api_keys = (auth.ApiKeys(config.api_keys_file, config.api_key_rate_per_s, config.api_key_max_concurrent)
+                         if config.api_keys_file is not None else None)
         self.engine = Engine(config)
         self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
         self.membership = Membership(self.engine)
         counters = Counters()
-        self.api_keys = (auth.ApiKeys(config.api_keys_file, config.api_key_rate_per_s, config.api_key_max_concurrent)
-                         if config.api_keys_file is not None else None)
         self.admin_server = None
         self.server, self.port, health = serving.create_server(
             config.address,
