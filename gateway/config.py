@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_common.auth import is_loopback
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -134,8 +135,6 @@ class GatewayConfig:
     @property
     def public_status(self) -> bool:
         """Whether the client port's GetStatus leaves out internal addresses."""
-        from moe_common.auth import is_loopback
-
         return self.client_status == "public" or (self.client_status == "auto" and not is_loopback(self.host))
 
     @property

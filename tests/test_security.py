@@ -369,3 +369,30 @@ def test_set_replicas_fetches_only_from_announced_members(tiny, tmp_path):
         stub.AssignExperts(expert_pb2.AssignExpertsRequest(model_id=tiny.model_id, members=server), timeout=60)
         reply = stub.SetReplicas(replica, timeout=60)
         assert not reply.ready and len(reply.failed) == 1
+
+
+def test_a_stack_with_a_cluster_token_passes_it_everywhere(tiny, tmp_path):
+    """moe-serve's start_stack gives the token to every child: the gateway reaches expert
+    servers and predictor with it (forecasts arrive), while a caller without it is refused
+    by each of them."""
+    from gateway.launcher import start_stack
+    from moe_protos.moe.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+
+    token = tmp_path / "token"
+    token.write_text("stack-token-0123456789\n")
+    cluster = TlsConfig(cluster_token_file=token)
+    with start_stack(str(tiny.path), 1, tls=cluster) as stack:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel(stack.gateway_address))  # clients need no token
+        assert stub.Generate(REQUEST, timeout=60).generations
+        with cluster.channel(stack.admin_address) as ch:
+            status = gateway_pb2_grpc.GatewayServiceStub(ch).GetStatus(gateway_pb2.GetStatusRequest())
+        assert status.healthy and status.predictor.forecasts_failed == 0
+        assert status.predictor.forecasts_ok + status.predictor.forecasts_late > 0
+        predictor = predictor_pb2_grpc.PredictorServiceStub(channel(stack.predictor_address))
+        assert code_of(lambda: predictor.GetStatus(predictor_pb2.GetStatusRequest(), timeout=10))[0] == \
+            grpc.StatusCode.UNAUTHENTICATED
+        with cluster.channel(stack.predictor_address) as ch:
+            predictor_pb2_grpc.PredictorServiceStub(ch).GetStatus(predictor_pb2.GetStatusRequest(), timeout=10)
+        expert = expert_pb2_grpc.ExpertServiceStub(channel(stack.expert_addresses[0]))
+        assert code_of(lambda: expert.GetInfo(expert_pb2.GetInfoRequest(), timeout=10))[0] == \
+            grpc.StatusCode.UNAUTHENTICATED
