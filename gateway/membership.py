@@ -59,6 +59,7 @@ from moe_common.serving import wait_for_serving
 log = logging.getLogger(__name__)
 CHANGES_KEPT = 32  # GetStatus reports this many recent changes
 JOIN_RETRY_S = 10.0  # a discovered address that failed to join is tried again after this long
+ANNOUNCE_TIMEOUT_S = 5.0  # deadline of telling an unchanged member the new member list
 START_DIGEST_SAMPLE = 8  # home experts per server whose digests are checked when the gateway starts
 
 
@@ -177,10 +178,9 @@ class Membership:
                 new = self.clients.make_view(addresses, home, slots)
                 after = {a: set(new.experts_of(s)) for s, a in enumerate(new.addresses)}
                 # 1. load: old and new home sets (a server still serves the old placement until the swap).
-                # Every member is told (idempotent for those that gain nothing) so that each
-                # knows the new membership, the only addresses it fetches replicas from.
-                self.clients.assign_many({a: before.get(a, set()) | after[a] for a in addresses}, timeout,
-                                         members=addresses)
+                # Each call also names the new members: the only addresses a server fetches replicas from.
+                gaining = {a: before.get(a, set()) | after[a] for a in addresses if not after[a] <= before.get(a, set())}
+                self.clients.assign_many(gaining, timeout, members=addresses)
                 for address in joining:  # a rogue server is refused before it serves a token
                     self.check_digests(address, after[address])
             except BaseException:
@@ -201,6 +201,12 @@ class Membership:
             self.clients.assign_many({a: after[a] for a in addresses if before.get(a, set()) - after[a]}, timeout)
         except MoEError as exc:
             log.warning("membership: dropping moved experts failed: %s", exc)
+        # Servers that neither gained nor lost learn the new members too (their expert set is
+        # unchanged, so the call is instant); best effort with a short deadline, so a member
+        # that hangs cannot hold up the change: it keeps the old list and fetches less.
+        quiet = {a: after[a] for a in addresses if a not in gaining and not before.get(a, set()) - after[a]}
+        for address, exc in self.clients.assign_each(quiet, ANNOUNCE_TIMEOUT_S)[1].items():
+            log.info("membership: %s did not take the new member list: %s", address, exc)
         for address in leaving:
             if graceful:
                 try:  # hold nothing: a server waiting to shut down may exit now
