@@ -46,7 +46,7 @@ class ExpertServerConfig:
     # Or a shard of the default home placement: (index, count).
     shard: tuple[int, int] | None = None
     # --- membership (gateway/membership.py) ---
-    register_with: str = ""  # gateway host:port to join at start (and leave at shutdown)
+    register_with: str = ""  # the gateway's admin address (--admin-port) to join at start (and leave at shutdown)
     advertise: str = ""  # host:port the gateway should call; default: --host:--port
     # On SIGTERM: NOT_SERVING, then serve on until the gateway moved the home experts
     # away (it is given none), at most this long.
@@ -90,6 +90,7 @@ class ExpertServerConfig:
             raise ValueError(f"--register-with must be host:port, not {self.register_with!r}")
         if self.experts not in ("", "all"):
             parse_expert_list(self.experts)  # fail now, not after loading the model
+        self.tls.check_bind(self.host, "the expert server")
 
     @property
     def address(self) -> str:

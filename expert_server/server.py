@@ -3,7 +3,7 @@
     moe-expert-server --model tiny --port 50061                 # experts assigned by the gateway
     moe-expert-server --model tiny --port 50061 --shard 0/2     # preload shard 0 of 2 (home placement)
     moe-expert-server --model DIR --experts 0:0-3,1:0-3         # preload these (layer:expert)
-    moe-expert-server --model tiny --port 50063 --register-with 127.0.0.1:50051   # join a running gateway
+    moe-expert-server --model tiny --port 50063 --register-with 127.0.0.1:50052   # join a running gateway (its admin port)
 
 On SIGTERM the server drains: health turns NOT_SERVING, GetInfo says draining, the
 gateway moves its home experts to the other servers (gateway/membership.py), and
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
     p.add_argument("--max-workers", type=int, default=16)
-    p.add_argument("--register-with", default="", help="gateway host:port to join at start and leave at shutdown")
+    p.add_argument("--register-with", default="", help="the gateway's admin address (its --admin-port) to join at start and leave at shutdown")
     p.add_argument("--advertise", default="", help="host:port the gateway should call (default: --host:--port)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0,
                    help="on SIGTERM, serve on until the gateway moved our experts away, at most this long")

@@ -56,6 +56,10 @@ def call_result(address: str, call):
             raise SharedMemoryUnreachable(f"{where}: {details}") from None
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             raise FailedPrecondition(f"{where}: {details}") from None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # Not a bug of ours: the deployment's credentials disagree (--cluster-token-file, --allowed-peers).
+            raise FailedPrecondition(f"{where} refused the gateway's cluster credentials ({code.name}: {details}): "
+                                     "check --cluster-token-file and --allowed-peers on both") from None
         raise ExpertServerError(f"{where} failed: {code.name}: {details}") from None
 
 

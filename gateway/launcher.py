@@ -4,7 +4,7 @@
     moe-serve --config deploy/local/stack.yaml          # the same flags as a YAML file
 
 While it runs, `kill -USR1 <pid>` adds an expert server (it joins the gateway with
---register-with) and `kill -USR2 <pid>` removes the newest one (it drains: the
+--register-with at the gateway's admin address, printed at start) and `kill -USR2 <pid>` removes the newest one (it drains: the
 gateway moves its experts away before it exits); requests keep being served.
 
 Starts N expert servers and the gateway on loopback, waits until each answers
@@ -44,6 +44,7 @@ class Stack:
     expert_addresses: list[str]
     predictor_address: str = ""
     processes: list[subprocess.Popen] = field(default_factory=list)
+    admin_address: str = ""  # the gateway's control plane (MembershipService): --register-with goes here
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in self.processes:
@@ -105,24 +106,28 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
                 predictor: bool = True, predictor_checkpoint: Path | None = None,
-                tls: TlsConfig = PLAINTEXT) -> Stack:
+                tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
-    until all are SERVING. port 0 = any free one."""
+    until all are SERVING. port 0 (and admin_port 0) = any free one. The gateway's admin
+    port binds loopback (it changes the deployment; clients never need it); expert servers
+    and the predictor bind internal_host (default: host)."""
     if num_expert_servers < 1:
         raise ValueError("--expert-servers must be >= 1")
     # Resolve (and build, for presets) once here, so the children do not race to build it.
     source = model_source.resolve(model, cache_dir)
-    expert_ports = [serving.pick_free_port(host) for _ in range(num_expert_servers)]
+    inner = internal_host or host
+    expert_ports = [serving.pick_free_port(inner) for _ in range(num_expert_servers)]
     port = port or serving.pick_free_port(host)
-    stack = Stack(f"{host}:{port}", [f"{host}:{p}" for p in expert_ports])
+    admin_port = admin_port or serving.pick_free_port("127.0.0.1")
+    stack = Stack(f"{host}:{port}", [f"{inner}:{p}" for p in expert_ports], admin_address=f"127.0.0.1:{admin_port}")
     try:
         for p in expert_ports:
-            stack.processes.append(spawn_expert_server(source.path, host, p, [*(expert_args or []), *tls.args()], log_file))
-        gateway_args = [*(gateway_args or []), *tls.args()]
+            stack.processes.append(spawn_expert_server(source.path, inner, p, [*(expert_args or []), *tls.args()], log_file))
+        gateway_args = ["--admin-port", str(admin_port), *(gateway_args or []), *tls.args()]
         if predictor:
-            predictor_port = serving.pick_free_port(host)
-            stack.predictor_address = f"{host}:{predictor_port}"
-            stack.processes.append(spawn_predictor(source.path, host, predictor_port, predictor_checkpoint,
+            predictor_port = serving.pick_free_port(inner)
+            stack.predictor_address = f"{inner}:{predictor_port}"
+            stack.processes.append(spawn_predictor(source.path, inner, predictor_port, predictor_checkpoint,
                                                    log_file=log_file, serve_args=tls.args()))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
@@ -135,14 +140,16 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
     return stack
 
 
-def _demo(address: str, tls: TlsConfig) -> None:
-    """One Generate call, printed: what a first client sees."""
+def _demo(address: str, tls: TlsConfig, api_keys_file: Path | None = None) -> None:
+    """One Generate call, printed: what a first client sees (with the first API key, if any)."""
+    from moe_common.auth import read_secret_lines
     from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
     prompt = "Experts, assemble!"
+    metadata = [("authorization", f"Bearer {read_secret_lines(api_keys_file)[0]}")] if api_keys_file else None
     with tls.channel(address) as channel:
         reply = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
-            prompts=[prompt], parameters=gateway_pb2.GenerationParameters(max_new_tokens=16)))
+            prompts=[prompt], parameters=gateway_pb2.GenerationParameters(max_new_tokens=16)), metadata=metadata)
     g = reply.generations[0]
     print(f"demo request: {prompt!r} -> token ids {list(g.token_ids)} text {g.text!r} "
           f"({reply.timings.total_ns / 1e6:.0f} ms; a random-init preset writes gibberish)", flush=True)
@@ -155,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
     p.add_argument("--expert-servers", type=int, default=2, help="number of expert server processes at start")
     p.add_argument("--port", type=int, default=50051, help="gateway port")
-    p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="gateway admin port on 127.0.0.1 (membership; 0 = any free one, printed)")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="client API keys, one per line (the gateway reloads them on SIGHUP)")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway's client port binds (loopback by default)")
+    p.add_argument("--internal-host", default="127.0.0.1",
+                   help="address expert servers and the predictor bind (loopback: only the gateway reaches them; "
+                        "beyond it they need --cluster-token-file, mutual TLS or --insecure)")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
     p.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
@@ -232,7 +246,7 @@ def supervise(stack: Stack, a: argparse.Namespace, model_path: Path, expert_args
     except the gateway."""
     sup = Supervisor(stack, a.restart_policy)
     # A restarted expert server registers: if it was evicted meanwhile it joins again.
-    args = [*expert_args, "--register-with", stack.gateway_address, *tls_config.args()]
+    args = [*expert_args, "--register-with", stack.admin_address, *tls_config.args()]
     for proc, address in zip(stack.processes, stack.expert_addresses):
         host, port = address.rsplit(":", 1)
         sup.watch("expert server", address, proc,
@@ -249,7 +263,7 @@ def add_expert_server(sup: Supervisor, model_path: Path, host: str, expert_args:
     """SIGUSR1: one more expert server, which joins the gateway once loaded."""
     port = serving.pick_free_port(host)
     address = f"{host}:{port}"
-    args = [*expert_args, "--register-with", sup.stack.gateway_address, *tls_config.args()]
+    args = [*expert_args, "--register-with", sup.stack.admin_address, *tls_config.args()]
     proc = spawn_expert_server(model_path, host, port, args)
     sup.watch("expert server", address, proc, lambda: spawn_expert_server(model_path, host, port, args))
     log.info("adding expert server %s (pid %d); it joins the gateway once loaded", address, proc.pid)
@@ -296,9 +310,11 @@ def main(argv=None) -> int:
                           "--replication", a.replication, "--replica-policy", a.replica_policy,
                           "--replica-group-cost", str(a.replica_group_cost),
                           "--redundancy", str(a.redundancy),
-                          "--scheduler", a.scheduler, "--max-batch-tokens", str(a.max_batch_tokens)],
+                          "--scheduler", a.scheduler, "--max-batch-tokens", str(a.max_batch_tokens),
+                          *(["--api-keys-file", str(a.api_keys_file)] if a.api_keys_file else [])],
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
+            admin_port=a.admin_port, internal_host=a.internal_host,
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
@@ -313,16 +329,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGUSR2, lambda *_: requests.append("remove"))
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
+        print(f"gateway admin (membership, not for clients) on {stack.admin_address}", flush=True)
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
         if stack.predictor_address:
             print(f"predictor: {stack.predictor_address}", flush=True)
         print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
         if a.demo:
-            _demo(stack.gateway_address, tls_config)
+            _demo(stack.gateway_address, tls_config, a.api_keys_file)
         while not stop.wait(0.2):
             while requests:
                 if requests.pop(0) == "add":
-                    add_expert_server(supervisor, model_path, a.host, expert_args, tls_config)
+                    add_expert_server(supervisor, model_path, a.internal_host, expert_args, tls_config)
                 else:
                     remove_expert_server(supervisor)
             if not supervisor.poll():

@@ -52,11 +52,14 @@ def submit(batcher: Batcher, job: Job, context) -> None:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters, membership=None):
+    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters, membership=None, public: bool = False):
         self.engine = engine
         self.batcher = batcher
         self.counters = counters
         self.membership = membership
+        # GetStatus without internal addresses (expert servers, predictor): what the
+        # client port answers when clients are not the operators (GatewayConfig.public_status).
+        self.public = public
 
     def _job(self, request: gateway_pb2.GenerateRequest, stream: bool) -> Job:
         e = self.engine
@@ -156,6 +159,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if self.membership is not None:
             reply.membership_changes.extend(change_message(c) for c in list(self.membership.changes))
             reply.membership_changes_total = self.membership.changes_total
+        if self.public:
+            for status in reply.servers:
+                status.ClearField("address")
+            reply.predictor.ClearField("address")
+            for change in reply.membership_changes:
+                del change.servers[:]
+            reply.ClearField("model_source")  # a path on the gateway's host
         return reply
 
 

@@ -53,15 +53,19 @@ def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: TlsConfig = PLAINTEXT,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
+    internal: bool = True,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a server on `address` ("host:port", port 0 = any free one).
 
     Adds grpc.health.v1.Health (every service NOT_SERVING until the caller says
-    otherwise) and server reflection. Returns (server, bound port, health servicer).
+    otherwise) and server reflection. internal: a cluster-plane server, which enforces
+    the cluster token and peer allow-list of `tls` (moe_common/auth.py); the gateway's
+    client port is not one. Returns (server, bound port, health servicer).
     """
+    cluster = tls.interceptors() if internal else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[*interceptors, ErrorMappingInterceptor()],
+        interceptors=[*cluster, *interceptors, ErrorMappingInterceptor()],
         # Without so_reuseport=0 a second server binds a port already in use and the two
         # silently split the traffic (e.g. a stack started twice on one port).
         options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],

@@ -138,6 +138,7 @@ def cmd_serve(a) -> int:
     name = predictor_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
     try:
         tls_config = tls.from_args(a)
+        tls_config.check_bind(a.host, "the predictor")
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -169,3 +169,38 @@ def test_healthcheck_command(tiny):
 @pytest.mark.parametrize("script", ["local/run.sh", "quickstart.sh"])
 def test_shell_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(ROOT / "deploy" / script)]).returncode == 0
+
+
+def test_admin_port_stays_off_services_and_only_the_gateway_reaches_expert_servers():
+    """README "Security": the admin port is on loopback and in no Service or published
+    port; internal services require the cluster token; NetworkPolicies let only the
+    gateway (and peer expert servers, for FetchExpert) reach expert servers."""
+    resources = base_resources()
+    workloads = {d["metadata"]["name"]: d for d in resources if d["kind"] in ("Deployment", "StatefulSet")}
+    gw_args = workloads["moe-gateway"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    gateway = gateway_args(gw_args[1:])
+    assert gateway.admin_host == "127.0.0.1" and gateway.admin_port
+    assert gateway.public_status and gateway.api_keys_file is not None
+    service_ports = {p["targetPort"] for d in resources if d["kind"] == "Service" for p in d["spec"]["ports"]}
+    assert gateway.admin_port not in service_ports
+    for name, w in workloads.items():
+        program, *args = w["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert parse(program, args).cluster_token_file if program == "moe-predictor" else "--cluster-token-file" in args
+    policies = {d["metadata"]["name"]: d["spec"] for d in resources if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"moe-expert", "moe-predictor", "moe-gateway"}
+
+    def sources(spec):
+        return sorted(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                      for rule in spec["ingress"] for peer in rule.get("from", []))
+
+    assert sources(policies["moe-expert"]) == ["moe-expert", "moe-gateway"]
+    assert sources(policies["moe-predictor"]) == ["moe-gateway"]
+    assert [p["port"] for rule in policies["moe-gateway"]["ingress"] for p in rule["ports"]] == [gateway.port]
+
+    compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        assert "--cluster-token-file" in service["command"] and service["secrets"] == ["cluster_token"], name
+        assert "ports" not in service or name == "gateway"
+    compose_gateway = gateway_args(compose["services"]["gateway"]["command"][1:])
+    assert compose_gateway.admin_host == "127.0.0.1"
+    assert all(f":{compose_gateway.admin_port}" not in p for p in compose["services"]["gateway"]["ports"])
