@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_common.metrics import check_port as check_metrics_port
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -59,6 +60,7 @@ class GatewayConfig:
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
     startup_timeout_s: float = 600.0  # waiting for expert servers to be SERVING and load their experts
     tls: TlsConfig = PLAINTEXT  # the client-facing port and the channels to expert servers and predictor
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port (gateway/metrics.py); 0 = off
 
     def __post_init__(self):
         if not self.expert_servers and not self.expert_discovery:
@@ -89,6 +91,7 @@ class GatewayConfig:
             raise ValueError("--replica-policy must be whole or split")
         if self.replication == "predictive" and not self.predictor:
             raise ValueError("--replication predictive needs --predictor")
+        check_metrics_port(self.metrics_port)
         if self.redundancy < 1:
             raise ValueError("--redundancy must be >= 1")
         if self.replication_window < 1:

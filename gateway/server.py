@@ -17,8 +17,9 @@ from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.membership import Membership
+from gateway.metrics import Exposure, server_interceptors
 from gateway.servicer import Counters, GatewayServicer, InferenceServicer, MembershipServicer
-from moe_common import model_source, serving, tls
+from moe_common import metrics, model_source, serving, tls
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -51,7 +52,9 @@ class Gateway:
             SERVICE_NAMES,
             max_workers=config.max_workers,
             tls=config.tls,
+            interceptors=server_interceptors(),
         )
+        self.metrics = None
         # Bound and answering health (NOT_SERVING) while expert servers load their experts.
         try:
             self.engine.connect()
@@ -59,9 +62,12 @@ class Gateway:
             self.stop()
             raise
         self.membership.start()
+        self.metrics = Exposure(self)
         serving.set_serving(health, SERVICE_NAMES)
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.membership.stop()
         self.server.stop(grace=2).wait()
         self.batcher.stop()
@@ -118,8 +124,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
+    metrics.add_arguments(p)
     a = p.parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     try:
         return GatewayConfig(
             model=a.model,
@@ -155,6 +162,7 @@ def parse_args(argv=None) -> GatewayConfig:
             replication_min_gain=a.replication_min_gain,
             redundancy=a.redundancy,
             tls=tls.from_args(a),
+            metrics_port=a.metrics_port,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -166,6 +174,8 @@ def main(argv=None) -> int:
     gateway = Gateway(config)
     log.info("gateway on %s:%d serving model %r (%s) with %d expert servers",
              config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(gateway.engine.clients.addresses))
+    if gateway.metrics.port:
+        log.info("gateway metrics on http://%s:%d/metrics", config.host, gateway.metrics.port)
     serving.wait_for_termination()
     log.info("shutting down")
     gateway.stop()

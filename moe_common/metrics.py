@@ -1,0 +1,163 @@
+"""Prometheus plumbing shared by the three services: the /metrics HTTP endpoint, a
+registry with process (RSS, CPU, file descriptors) and GPU memory figures, the
+request counter of a gRPC service, and the `--metrics-port` / `--log-format` flags.
+
+Names follow what vLLM and TGI users alert on: prefix `moe_`, base units (`_seconds`,
+`_bytes`, `_total`). Labels stay bounded: method, status code, sparse layer x expert,
+member address; never a request id. Each service's own metrics live in its package
+(gateway/metrics.py, expert_server/metrics.py, predictor_service/metrics.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import start_http_server
+
+from moe_common import tracing
+
+log = logging.getLogger(__name__)
+
+# Latency buckets (seconds) from 1 ms to 2 min: expert calls take ms, long generations minutes.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Per-layer and per-call figures: 50 us to 10 s.
+FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """--metrics-port and --log-format, the same on every service."""
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = off); HOST is the service's --host")
+    p.add_argument("--log-format", default="text", choices=list(tracing.LOG_FORMATS),
+                   help="text lines, or one JSON object per line (with request_id and batch_id fields)")
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--metrics-port must be in 0..65535 (0 = off), not {port}")
+
+
+class GpuMemoryCollector:
+    """moe_gpu_memory_bytes{device, kind="allocated"|"reserved"} of every CUDA device this
+    process initialised; nothing on a CPU-only process (torch is not imported for it)."""
+
+    def collect(self):
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        g = GaugeMetricFamily("moe_gpu_memory_bytes", "CUDA memory of this process by torch's allocator",
+                              labels=["device", "kind"])
+        for i in range(torch.cuda.device_count()):
+            g.add_metric([f"cuda:{i}", "allocated"], torch.cuda.memory_allocated(i))
+            g.add_metric([f"cuda:{i}", "reserved"], torch.cuda.memory_reserved(i))
+        yield g
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry with the process, platform, garbage collector and GPU memory figures."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(GpuMemoryCollector())
+    return registry
+
+
+class MetricsServer:
+    """/metrics of `registry` over HTTP on host:port, in a daemon thread. stop() closes it."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise OSError(f"could not serve metrics on {host}:{port}: {exc}") from exc
+        self.host = host
+        self.port = self._server.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> MetricsServer | None:
+    """Start /metrics when port > 0 (the --metrics-port convention); None when off."""
+    return MetricsServer(registry, host, port) if port else None
+
+
+def _code_name(context) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+class RpcMetricsInterceptor(grpc.ServerInterceptor):
+    """Counts each call of `methods` (full method name -> label) by status code in
+    `counter` (labels: its label, status) and observes its duration in `duration`
+    (a histogram without labels; None: not timed). Outermost interceptor: it sees the
+    code the error mapping set."""
+
+    def __init__(self, methods: dict[str, str], counter, duration=None):
+        self.methods = methods
+        self.counter = counter
+        self.duration = duration
+        self.active = 0  # calls of `methods` being handled now
+        self._lock = threading.Lock()
+
+    def _start(self) -> float:
+        with self._lock:
+            self.active += 1
+        return time.perf_counter()
+
+    def _done(self, label: str, context, t0: float, failed: bool) -> None:
+        with self._lock:
+            self.active -= 1
+        code = _code_name(context)
+        if failed and code == "OK":
+            # No code set: the handler raised past the error mapping, or (a stream) the
+            # client went away and gRPC closed the generator.
+            code = "UNKNOWN" if context.is_active() else "CANCELLED"
+        self.counter.labels(label, code).inc()
+        if self.duration is not None:
+            self.duration.observe(time.perf_counter() - t0)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        label = self.methods.get(handler_call_details.method)
+        if handler is None or label is None:
+            return handler
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary_unary(request, context):
+                t0, failed = self._start(), True
+                try:
+                    reply = inner(request, context)
+                    failed = False
+                    return reply
+                finally:
+                    self._done(label, context, t0, failed)
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            def unary_stream(request, context):
+                t0, failed = self._start(), True
+                try:
+                    yield from inner_stream(request, context)
+                    failed = False
+                finally:
+                    self._done(label, context, t0, failed)
+
+            return handler._replace(unary_stream=unary_stream)
+        return handler
