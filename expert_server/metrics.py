@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 from prometheus_client import Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 
 from moe_common import metrics as common
 
@@ -56,14 +56,8 @@ class _Tokens:
         self.m = m
 
     def collect(self):
-        c = CounterMetricFamily("moe_expert_server_tokens", "Tokens this server computed per logical expert",
-                                labels=["layer", "expert"])
-        tokens = self.m.tokens()
-        for layer in range(tokens.shape[0]):
-            for e, n in enumerate(tokens[layer].tolist()):
-                if n:
-                    c.add_metric([str(layer), str(e)], n)
-        yield c
+        yield common.LayerExpertCounter("moe_expert_server_tokens", "Tokens this server computed per logical expert",
+                                        self.m.tokens(), skip_zero=True)
 
 
 class StoreCollector:

@@ -153,14 +153,8 @@ class _ExpertTokens:
         self.m = m
 
     def collect(self):
-        c = CounterMetricFamily("moe_expert_tokens", "Tokens routed to each logical expert (sparse layer x expert)",
-                                labels=["layer", "expert"])
-        tokens = self.m.expert_tokens()
-        for layer in range(tokens.shape[0]):
-            ls = str(layer)
-            for e, n in enumerate(tokens[layer].tolist()):
-                c.add_metric([ls, str(e)], n)
-        yield c
+        yield common.LayerExpertCounter("moe_expert_tokens", "Tokens routed to each logical expert (sparse layer x expert)",
+                                        self.m.expert_tokens())
 
 
 class _ForecastError:

@@ -35,6 +35,7 @@ from gateway import metrics as gateway_metrics
 from gateway.engine import RowResult
 from gateway.launcher import start_stack
 from moe_common import tracing
+from moe_common.metrics import exposition
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -133,7 +134,11 @@ def test_layer_done_counts_tokens_per_logical_expert():
     m.layer_done(1, torch.tensor([1, 0, 0, 5]), 1_000_000)  # a wider layer grows the table
     m.layer_done(0, torch.tensor([2, 0, 0, 0]), 1_000_000)
     assert m.expert_tokens().tolist() == [[2, 0, 0, 0], [1, 3, 1, 5]]
-    assert sample(m.registry, "moe_expert_tokens_total", {"layer": "1", "expert": "3"}) == 5
+    text = exposition(m.registry).decode()
+    assert 'moe_expert_tokens_total{layer="1",expert="3"} 5\n' in text
+    parsed = {(s.labels["layer"], s.labels["expert"]): s.value for f in text_string_to_metric_families(text)
+              if f.name == "moe_expert_tokens" for s in f.samples}
+    assert parsed == {(str(l), str(e)): n for l, row in enumerate(m.expert_tokens().tolist()) for e, n in enumerate(row)}
     assert sample(m.registry, "moe_layer_dispatch_seconds_count", {"layer": "1"}) == 2
     assert sample(m.registry, "moe_layer_dispatch_seconds_sum", {"layer": "1"}) == pytest.approx(0.003)
 
