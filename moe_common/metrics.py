@@ -20,7 +20,7 @@ import grpc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client import generate_latest
+from prometheus_client import disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from moe_common import tracing
@@ -64,6 +64,9 @@ class GpuMemoryCollector:
 
 def new_registry() -> CollectorRegistry:
     """A registry with the process, platform, garbage collector and GPU memory figures."""
+    # No `_created` sample beside every counter and histogram: they double the series of
+    # the labelled families, and Prometheus' rate() does not need them.
+    disable_created_metrics()
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

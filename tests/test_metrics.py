@@ -184,6 +184,22 @@ def test_json_log_lines_carry_the_request_ids():
     assert tracing.TextFormatter().format(record("hello")).endswith("moe.test: hello")
 
 
+def test_metrics_port_flags_are_validated():
+    from expert_server.config import ExpertServerConfig
+    from gateway.config import GatewayConfig
+    from gateway.launcher import parse_args as serve_args
+
+    with pytest.raises(ValueError, match="--metrics-port"):
+        GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], metrics_port=70000)
+    with pytest.raises(ValueError, match="--metrics-port"):
+        ExpertServerConfig(model="tiny", metrics_port=-1)
+    assert GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], metrics_port=9400).metrics_port == 9400
+    # moe-serve: BASE..BASE+1+servers must be ports.
+    assert serve_args(["--model", "tiny", "--expert-servers", "3", "--metrics-port", "9400"]).metrics_port == 9400
+    with pytest.raises(SystemExit):
+        serve_args(["--model", "tiny", "--expert-servers", "3", "--metrics-port", "65533"])
+
+
 # ---------------------------------------------------------------------------
 # One real stack with metrics on
 # ---------------------------------------------------------------------------
@@ -469,7 +485,7 @@ def test_prometheus_scrapes_the_stack(stack, prometheus):
 
 
 def test_membership_changes_are_counted(stack):
-    """Last in this module: it takes an expert server out of the stack."""
+    """Last of the stack tests: it takes an expert server out of the stack."""
     before = scrape(stack.metrics_ports[stack.gateway_address])
     with grpc.insecure_channel(stack.gateway_address) as channel:
         gateway_pb2_grpc.MembershipServiceStub(channel).RemoveExpertServer(
@@ -478,3 +494,4 @@ def test_membership_changes_are_counted(stack):
     assert value(after, "moe_membership_changes_total", kind="leave") == \
         value(before, "moe_membership_changes_total", kind="leave") + 1
     assert value(after, "moe_expert_servers", state="serving") == 1
+
