@@ -141,6 +141,37 @@ def hook_costs(experts: int) -> dict:
     return dict(layer_done_us=round(layer_us, 1), request_finished_us=round(request_us, 1), experts=experts)
 
 
+def call_costs(address: str, calls: int = 300, blocks: int = 6) -> dict:
+    """Per-call time of a cheap RPC (GetInfo) to an expert server over a plain channel and
+    over the gateway's traced one (request ids in the metadata, timed per server), in
+    alternating blocks: what the interceptor adds to every expert call."""
+    from gateway.metrics import METRICS
+    from moe_common import tracing
+    from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
+
+    channel = grpc.insecure_channel(address)
+    plain = expert_pb2_grpc.ExpertServiceStub(channel)
+    traced = expert_pb2_grpc.ExpertServiceStub(tracing.intercept(channel, on_done=METRICS.rpc_timer(address)))
+    token = tracing.set_current(",".join(f"{i:032x}" for i in range(8)), "1")  # a batch of 8 requests
+    request = expert_pb2.GetInfoRequest()
+    times = {"plain": [], "traced": []}
+    try:
+        for stub in (plain, traced):
+            stub.GetInfo(request, timeout=10)  # connect
+        for b in range(blocks):
+            for name, stub in (("plain", plain), ("traced", traced)) if b % 2 == 0 else (("traced", traced),
+                                                                                          ("plain", plain)):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    stub.GetInfo(request, timeout=10)
+                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    finally:
+        tracing.reset_current(token)
+        channel.close()
+    plain_us, traced_us = statistics.median(times["plain"]), statistics.median(times["traced"])
+    return dict(plain_us=round(plain_us, 1), traced_us=round(traced_us, 1), added_us=round(traced_us - plain_us, 1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
@@ -164,6 +195,23 @@ def main() -> None:
         load = Load(stack.gateway_address, a.clients, a.max_new_tokens)
         scraper = Scraper(list(stack.metrics_ports.values()), a.scrape_interval_s)
         scraper.thread.start()
+        # Idle stack: the CPU the services spend answering scrapes, which CPU time measures
+        # even on a busy machine (wall-clock rates do not). Scraped 4x a second here so that
+        # the difference stands well above the 10 ms tick of process CPU times.
+        idle = {}
+        scraper.interval_s = 0.25
+        for mode in ("off", "on", "off", "on"):
+            (scraper.active.set if mode == "on" else scraper.active.clear)()
+            s0, c0 = scraper.scrapes, cpu_seconds(procs)
+            time.sleep(a.phase_s)
+            idle.setdefault(mode, []).append((cpu_seconds(procs) - c0, scraper.scrapes - s0))
+        idle_off = sum(c for c, _ in idle["off"]) / (len(idle["off"]) * a.phase_s)  # CPU s per s, idle
+        idle_on = sum(c for c, _ in idle["on"]) / (len(idle["on"]) * a.phase_s)
+        scrapes_per_s = sum(n for _, n in idle["on"]) / (len(idle["on"]) * a.phase_s)
+        cpu_per_scrape = max(0.0, idle_on - idle_off) / scrapes_per_s
+        scraper.interval_s = a.scrape_interval_s
+        print(f"idle stack: {idle_off:.3f} CPU s/s not scraped, {idle_on:.3f} scraped ({scrapes_per_s:.1f} scrapes/s): "
+              f"{cpu_per_scrape * 1e3:.2f} ms of CPU per scrape of one service", flush=True)
         for t in load.threads:
             t.start()
         time.sleep(a.warmup_s)  # a benchmark's warm-up period, not a wait for readiness
@@ -183,6 +231,9 @@ def main() -> None:
         for t in load.threads:
             t.join(timeout=300)
         load.channel.close()
+        calls = call_costs(stack.expert_addresses[0])
+        print(f"GetInfo to an expert server: {calls['plain_us']} us plain, {calls['traced_us']} us with request ids "
+              f"and timing (+{calls['added_us']} us a call)", flush=True)
     off = statistics.median(x["tokens_per_s"] for x in phases if x["metrics"] == "off")
     on = statistics.median(x["tokens_per_s"] for x in phases if x["metrics"] == "on")
     def round_ratios(key: str) -> list[float]:
@@ -191,20 +242,32 @@ def main() -> None:
         return [(p[1] / p[0] if r % 2 == 0 else p[0] / p[1]) for r, p in enumerate(pairs) if min(p) > 0]
 
     ratios, cpu_ratios = round_ratios("tokens_per_s"), round_ratios("tokens_per_cpu_s")
-    result = dict(model=a.model, expert_servers=a.expert_servers, clients=a.clients, max_new_tokens=a.max_new_tokens,
+    # Serving CPU per second under load (not scraped), and what scraping every service
+    # each interval adds to it: the throughput lost where CPU bounds throughput.
+    serving_cpu = statistics.median(x["cpu_s"] / a.phase_s for x in phases if x["metrics"] == "off")
+    services = len(scraper.ports)
+    estimate = {f"{interval:g}s": round(cpu_per_scrape * services / interval / serving_cpu, 5)
+                for interval in (1, 5, 15)}
+    result = dict(idle_cpu_s_per_s_off=round(idle_off, 4), idle_cpu_s_per_s_on=round(idle_on, 4),
+                  cpu_ms_per_scrape=round(cpu_per_scrape * 1e3, 3), serving_cpu_s_per_s=round(serving_cpu, 3),
+                  estimated_throughput_cost_by_scrape_interval=estimate, model=a.model, expert_servers=a.expert_servers, clients=a.clients, max_new_tokens=a.max_new_tokens,
                   phase_s=a.phase_s, scrape_interval_s=a.scrape_interval_s, phases=phases,
                   median_tokens_per_s_off=off, median_tokens_per_s_on=on, ratio_of_medians=round(on / off, 4),
                   round_ratios=[round(x, 3) for x in ratios], median_round_ratio=round(statistics.median(ratios), 4),
                   round_cpu_ratios=[round(x, 3) for x in cpu_ratios],
                   median_round_cpu_ratio=round(statistics.median(cpu_ratios), 4),
                   scrapes=scraper.scrapes, mean_scrape_ms=round(scraper.seconds / max(1, scraper.scrapes) * 1e3, 2),
-                  mean_scrape_bytes=scraper.bytes // max(1, scraper.scrapes), hooks=hook_costs(128))
+                  mean_scrape_bytes=scraper.bytes // max(1, scraper.scrapes), hooks=hook_costs(128),
+                  expert_call=calls)
     print(json.dumps(result, indent=2))
     print(f"throughput with metrics scraped every {a.scrape_interval_s:g} s / not scraped: medians {on:.1f} / {off:.1f} "
           f"tokens/s = {on / off:.3f}; median of the {len(ratios)} rounds' ratios {statistics.median(ratios):.3f}")
     print(f"tokens per CPU second of the stack, scraped / not scraped: median of the rounds' ratios "
           f"{statistics.median(cpu_ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in cpu_ratios)})")
     cpu_share = scraper.seconds / max(1e-9, sum(1 for x in phases if x["metrics"] == "on") * a.phase_s)
+    print(f"CPU per scrape {cpu_per_scrape * 1e3:.2f} ms x {services} services against {serving_cpu:.2f} CPU s/s "
+          f"serving: estimated throughput cost when scraping every 1 / 5 / 15 s: "
+          + " / ".join(f"{v:.3%}" for v in estimate.values()))
     print(f"scrapes took {result['mean_scrape_ms']} ms each ({result['mean_scrape_bytes']} bytes): at most "
           f"{cpu_share:.1%} of one core while scraping every {a.scrape_interval_s:g} s")
     if a.out:
