@@ -232,4 +232,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(TraceFilter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # Not force=True: as before, a process whose root logger has handlers already (a test
+    # run in-process under pytest's capture) keeps them.
+    logging.basicConfig(level=level.upper(), handlers=[handler])
