@@ -495,3 +495,17 @@ def test_membership_changes_are_counted(stack):
         value(before, "moe_membership_changes_total", kind="leave") + 1
     assert value(after, "moe_expert_servers", state="serving") == 1
 
+
+
+def test_forecast_failures_are_counted_when_the_predictor_is_down(stack):
+    """After the membership test: stops the predictor (the gateway serves on without forecasts)."""
+    predictor = stack.processes[len(stack.expert_addresses)]
+    predictor.terminate()
+    predictor.wait(timeout=30)
+    port = stack.metrics_ports[stack.gateway_address]
+    before = value(scrape(port), "moe_forecast_failures_total")
+    generate(stack, ["forecasts fail, the request does not"])
+    after = scrape(port)
+    # "error" when the refused call ends before its pass does, "late" otherwise.
+    assert value(after, "moe_forecast_failures_total") > before
+    assert value(after, "moe_requests_total", api="generate", status="OK") > 0
