@@ -176,7 +176,14 @@ def test_every_service_is_scraped():
         assert {"name": "metrics", "containerPort": port} in container["ports"]
     compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
     prometheus = compose["services"]["prometheus"]
-    assert prometheus["profiles"] == ["monitoring"]
+    assert prometheus["profiles"] == compose["services"]["grafana"]["profiles"] == ["monitoring"]
+    # Grafana's provisioned data source is that Prometheus; its dashboard is ours.
+    grafana = ROOT / "deploy" / "grafana"
+    source = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert any(m.startswith("../grafana/moe-dashboard.json:") for m in mounts)
+    assert all((ROOT / "deploy" / "docker" / m.split(":")[0]).exists() for m in mounts + prometheus["volumes"])
     config = yaml.safe_load((ROOT / "deploy" / "docker" / "prometheus.yml").read_text())
     targets = set()
     for job in config["scrape_configs"]:
