@@ -6,6 +6,7 @@ import threading
 import time
 
 from expert_server.experts import ExpertStore
+from expert_server.metrics import METRICS
 from moe_common import shm, tensor_codec
 from moe_common.errors import FailedPrecondition, InvalidArgument, MoEError
 from moe_common.integrity import expert_digest
@@ -36,6 +37,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         t1 = time.perf_counter_ns()
         out = self.store.run(request.layer, [(g.expert, g.num_tokens) for g in request.groups], hidden)
         t2 = time.perf_counter_ns()
+        METRICS.run_done(request.layer, request.groups, t2 - t1)
         wire = tensor_codec.wire_dtype_name(request.hidden_states.dtype)
         if shared:
             hidden.copy_(out)  # outputs over the inputs: the caller reads them where it wrote
@@ -88,7 +90,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         sources = {k: a for k, a in zip(wanted, request.home_addresses) if a and a in members}
         if self.load_delay_s and not set(wanted) <= set(self.store.held()):
             time.sleep(self.load_delay_s)
+        t0 = time.perf_counter()
         refused, loaded = self.store.set_replicas(wanted, sources, self._fetch)
+        METRICS.replicas_loaded(loaded, time.perf_counter() - t0)
         return expert_pb2.SetReplicasResponse(
             ready=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in self.store.replicas()],
             failed=[expert_pb2.ReplicaFailure(expert=expert_pb2.ExpertRef(layer=k[0], expert=k[1]), reason=why)

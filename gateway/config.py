@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gateway.replication import POLICIES
 from moe_common.auth import is_loopback
+from moe_common.metrics import check_port as check_metrics_port
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -84,6 +85,7 @@ class GatewayConfig:
     # GetStatus on the client port: "full", or "public" without the internal addresses of
     # expert servers and predictor; "auto" = full when the client port is on loopback.
     client_status: str = "auto"
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port (gateway/metrics.py); 0 = off
 
     def __post_init__(self):
         if not self.expert_servers and not self.expert_discovery:
@@ -120,6 +122,7 @@ class GatewayConfig:
             raise ValueError("--replication predictive needs --predictor")
         if self.replica_group_cost < 0:
             raise ValueError("--replica-group-cost must be >= 0")
+        check_metrics_port(self.metrics_port)
         if self.redundancy < 1:
             raise ValueError("--redundancy must be >= 1")
         if self.replication_window < 1:

@@ -15,7 +15,8 @@ from typing import Iterator
 
 import grpc
 
-from moe_common import shm
+from gateway.metrics import METRICS
+from moe_common import shm, tracing
 from moe_common.errors import FailedPrecondition, MoEError, Unavailable
 from moe_common.serving import message_options
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -83,7 +84,9 @@ class Connections:
         with self._lock:
             if address not in self._stubs:
                 self._channels[address] = self._open(address)
-                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
+                # Request ids in the metadata of each call, and RunExperts timed per server.
+                traced = tracing.intercept(self._channels[address], on_done=METRICS.rpc_timer(address))
+                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(traced)
             return self._stubs[address]
 
     @contextlib.contextmanager

@@ -22,6 +22,7 @@ from torch import nn
 
 from gateway.connections import Connections, ExpertsMissing, SharedMemoryUnreachable, call_result
 from gateway.dispatch_stats import DispatchStats, LayerCall
+from gateway.metrics import METRICS
 from gateway.replication import assign_layer, choose_stand_ins
 from gateway.transport import Transport
 from gateway.views import ServerView, Views
@@ -520,4 +521,5 @@ class RemoteExperts(nn.Module):
                 scaled = outputs[expert] * routing_weights[top_x, 0, None]
                 final.index_add_(0, top_x, scaled.to(hidden_states.dtype))
         self.clients.add_dispatch_time(time.perf_counter_ns() - t0)
+        METRICS.layer_done(self.layer, counts, time.perf_counter_ns() - t0)
         return final

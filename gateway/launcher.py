@@ -45,6 +45,7 @@ class Stack:
     predictor_address: str = ""
     processes: list[subprocess.Popen] = field(default_factory=list)
     admin_address: str = ""  # the gateway's control plane (MembershipService): --register-with goes here
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # service address -> its /metrics port (--metrics-port)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in self.processes:
@@ -98,6 +99,10 @@ def spawn_predictor(model_path: Path, host: str, port: int, checkpoint: Path | N
                    "--port", str(port), *extra, *(serve_args or [])], log_file)
 
 
+def metrics_args(port: int) -> list[str]:
+    return ["--metrics-port", str(port)] if port else []
+
+
 def wait_ready(proc: subprocess.Popen, address: str, timeout_s: float = 600.0, tls: TlsConfig = PLAINTEXT) -> None:
     serving.wait_for_serving(address, timeout_s, is_alive=lambda: proc.poll() is None, tls=tls)
 
@@ -106,11 +111,13 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
                 predictor: bool = True, predictor_checkpoint: Path | None = None,
-                tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None) -> Stack:
+                tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None,
+                metrics_port: int = 0, predictor_args: list[str] | None = None) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
     until all are SERVING. port 0 (and admin_port 0) = any free one. The gateway's admin
     port binds loopback (it changes the deployment; clients never need it); expert servers
-    and the predictor bind internal_host (default: host)."""
+    and the predictor bind internal_host (default: host). metrics_port BASE > 0: /metrics
+    of the gateway on BASE, the predictor on BASE+1 and expert server i on BASE+2+i."""
     if num_expert_servers < 1:
         raise ValueError("--expert-servers must be >= 1")
     # Resolve (and build, for presets) once here, so the children do not race to build it.
@@ -120,15 +127,22 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
     port = port or serving.pick_free_port(host)
     admin_port = admin_port or serving.pick_free_port("127.0.0.1")
     stack = Stack(f"{host}:{port}", [f"{inner}:{p}" for p in expert_ports], admin_address=f"127.0.0.1:{admin_port}")
+    if metrics_port:
+        stack.metrics_ports[stack.gateway_address] = metrics_port
+        stack.metrics_ports.update({a: metrics_port + 2 + i for i, a in enumerate(stack.expert_addresses)})
     try:
-        for p in expert_ports:
-            stack.processes.append(spawn_expert_server(source.path, inner, p, [*(expert_args or []), *tls.args()], log_file))
-        gateway_args = ["--admin-port", str(admin_port), *(gateway_args or []), *tls.args()]
+        for p, address in zip(expert_ports, stack.expert_addresses):
+            stack.processes.append(spawn_expert_server(source.path, inner, p, [
+                *(expert_args or []), *tls.args(), *metrics_args(stack.metrics_ports.get(address, 0))], log_file))
+        gateway_args = ["--admin-port", str(admin_port), *(gateway_args or []), *tls.args(), *metrics_args(metrics_port)]
         if predictor:
             predictor_port = serving.pick_free_port(inner)
             stack.predictor_address = f"{inner}:{predictor_port}"
+            if metrics_port:
+                stack.metrics_ports[stack.predictor_address] = metrics_port + 1
             stack.processes.append(spawn_predictor(source.path, inner, predictor_port, predictor_checkpoint,
-                                                   log_file=log_file, serve_args=tls.args()))
+                                                   args=predictor_args, log_file=log_file, serve_args=[
+                                                       *tls.args(), *metrics_args(metrics_port + 1 if metrics_port else 0)]))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
             wait_ready(proc, address, timeout_s, tls)
@@ -204,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-backoff-s", type=float, default=1.0,
                    help="wait before restarting a crashed child; doubles with each recent restart (at most 30 s)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="BASE: Prometheus /metrics of the gateway on BASE, the predictor on BASE+1 and expert "
+                        "server i on BASE+2+i (0 = off)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="every process's log lines: text, or one JSON object per line")
     tls.add_arguments(p)
     return p
 
@@ -232,6 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--model is required (as a flag or in --config)")
     if a.expert_servers < 1:
         p.error("--expert-servers must be >= 1")
+    if a.metrics_port and not 0 < a.metrics_port <= 65535 - 2 - a.expert_servers:
+        p.error(f"--metrics-port BASE needs BASE..BASE+{1 + a.expert_servers} within 1..65535")
     try:
         a.restart_policy = RestartPolicy(a.restart_backoff_s, max(a.restart_backoff_s, 30.0), a.restart_limit,
                                          a.restart_window_s)
@@ -250,11 +271,14 @@ def supervise(stack: Stack, a: argparse.Namespace, model_path: Path, expert_args
     for proc, address in zip(stack.processes, stack.expert_addresses):
         host, port = address.rsplit(":", 1)
         sup.watch("expert server", address, proc,
-                  lambda host=host, port=int(port): spawn_expert_server(model_path, host, port, args))
+                  lambda host=host, port=int(port), mp=stack.metrics_ports.get(address, 0):
+                  spawn_expert_server(model_path, host, port, [*args, *metrics_args(mp)]))
     if stack.predictor_address:
         host, port = stack.predictor_address.rsplit(":", 1)
+        predictor_metrics = metrics_args(stack.metrics_ports.get(stack.predictor_address, 0))
         sup.watch("predictor", stack.predictor_address, stack.processes[len(stack.expert_addresses)],
-                  lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint, serve_args=tls_config.args()))
+                  lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint,
+                                          args=["--log-format", a.log_format], serve_args=[*tls_config.args(), *predictor_metrics]))
     sup.watch("gateway", stack.gateway_address, stack.processes[-1], None)
     return sup
 
@@ -264,6 +288,9 @@ def add_expert_server(sup: Supervisor, model_path: Path, host: str, expert_args:
     port = serving.pick_free_port(host)
     address = f"{host}:{port}"
     args = [*expert_args, "--register-with", sup.stack.admin_address, *tls_config.args()]
+    if sup.stack.metrics_ports:  # the next port after every one handed out so far
+        sup.stack.metrics_ports[address] = max(sup.stack.metrics_ports.values()) + 1
+        args += metrics_args(sup.stack.metrics_ports[address])
     proc = spawn_expert_server(model_path, host, port, args)
     sup.watch("expert server", address, proc, lambda: spawn_expert_server(model_path, host, port, args))
     log.info("adding expert server %s (pid %d); it joins the gateway once loaded", address, proc.pid)
@@ -283,7 +310,7 @@ def remove_expert_server(sup: Supervisor) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     try:
         tls_config = tls.from_args(a)
     except ValueError as exc:
@@ -299,6 +326,7 @@ def main(argv=None) -> int:
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
     expert_args = ["--device", a.device, "--expert-kernel", a.expert_kernel, "--log-level", a.log_level,
+                   "--log-format", a.log_format,
                    "--threads", str(threads),
                    "--replica-memory", str(a.replica_memory)]
     try:
@@ -306,7 +334,7 @@ def main(argv=None) -> int:
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
             gateway_args=["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
                           "--transport", a.transport, "--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
-                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
+                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level, "--log-format", a.log_format,
                           "--replication", a.replication, "--replica-policy", a.replica_policy,
                           "--replica-group-cost", str(a.replica_group_cost),
                           "--redundancy", str(a.redundancy),
@@ -315,6 +343,7 @@ def main(argv=None) -> int:
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
             admin_port=a.admin_port, internal_host=a.internal_host,
+            metrics_port=a.metrics_port, predictor_args=["--log-format", a.log_format],
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
@@ -333,6 +362,8 @@ def main(argv=None) -> int:
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
         if stack.predictor_address:
             print(f"predictor: {stack.predictor_address}", flush=True)
+        for address, mp in stack.metrics_ports.items():
+            print(f"metrics of {address}: http://{a.host}:{mp}/metrics", flush=True)
         print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
         if a.demo:
             _demo(stack.gateway_address, tls_config, a.api_keys_file)

@@ -49,6 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.connections import call_result
 from gateway.dispatch import ExpertClients
+from gateway.metrics import METRICS
 from gateway.views import ServerView
 from moe_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoEError, NotFound, Unavailable
 from moe_common.integrity import CheckpointDigests
@@ -218,6 +219,7 @@ class Membership:
         change = Change(addresses, moved, t_load - t0, t_drain - t_load, time.monotonic() - t0)
         self.changes.append(change)
         self.changes_total += 1
+        METRICS.membership_changed("join" if joining else "leave" if graceful else "evict")
         log.info("membership: now %d expert servers (%s); load %.2f s, drain %.2f s, total %.2f s",
                  len(addresses), ", ".join(addresses), change.load_s, change.drain_s, change.total_s)
         return change

@@ -20,9 +20,10 @@ from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.membership import Membership
+from gateway.metrics import Exposure, server_interceptors
 from gateway.scheduler import ContinuousScheduler
 from gateway.servicer import Counters, GatewayServicer, InferenceServicer, MembershipServicer
-from moe_common import auth, model_source, serving, tls
+from moe_common import auth, metrics, model_source, serving, tls
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -55,6 +56,7 @@ class Gateway:
         self.membership = Membership(self.engine)
         counters = Counters()
         self.admin_server = None
+        self.metrics = None
         self.server, self.port, health = serving.create_server(
             config.address,
             [
@@ -66,7 +68,10 @@ class Gateway:
             max_workers=config.max_workers,
             max_message_bytes=config.client_max_message_bytes,
             tls=config.tls,
-            interceptors=[auth.ApiKeyInterceptor(self.api_keys)] if self.api_keys is not None else [],
+            # Outermost first: request counts and ids (gateway/metrics.py), then API keys, so
+            # refused calls are counted too.
+            interceptors=[*server_interceptors(),
+                          *([auth.ApiKeyInterceptor(self.api_keys)] if self.api_keys is not None else [])],
             internal=False,
         )
         try:
@@ -93,6 +98,7 @@ class Gateway:
             self.stop()
             raise
         self.membership.start()
+        self.metrics = Exposure(self)
         serving.set_serving(admin_health, ADMIN_SERVICE_NAMES)
         serving.set_serving(health, SERVICE_NAMES)
 
@@ -101,6 +107,8 @@ class Gateway:
             self.api_keys.reload()
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.membership.stop()
         if self.admin_server is not None:
             self.admin_server.stop(grace=2)
@@ -179,8 +187,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
+    metrics.add_arguments(p)
     a = p.parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     try:
         return GatewayConfig(
             model=a.model,
@@ -225,6 +234,7 @@ def parse_args(argv=None) -> GatewayConfig:
             api_key_rate_per_s=a.api_key_rate_per_s,
             api_key_max_concurrent=a.api_key_max_concurrent,
             client_status=a.client_status,
+            metrics_port=a.metrics_port,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -239,6 +249,8 @@ def main(argv=None) -> int:
              config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(gateway.engine.clients.addresses))
     log.info("admin port (membership) on %s:%d; API keys %s", config.admin_host, gateway.admin_port,
              f"from {config.api_keys_file}" if config.api_keys_file else "off (the client port is open)")
+    if gateway.metrics.port:
+        log.info("gateway metrics on http://%s:%d/metrics", config.host, gateway.metrics.port)
     serving.wait_for_termination()
     log.info("shutting down")
     gateway.stop()

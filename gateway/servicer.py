@@ -12,6 +12,8 @@ import numpy as np
 
 from gateway.batcher import Batcher, Job
 from gateway.engine import Engine, Sampling
+from gateway.metrics import METRICS
+from moe_common import tracing
 from moe_common.errors import Cancelled, InvalidArgument, NotFound
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -45,6 +47,7 @@ def _sampling_from_pb(p: gateway_pb2.GenerationParameters) -> Sampling:
 def submit(batcher: Batcher, job: Job, context) -> None:
     """Queue a job for as long as its RPC lives: when the RPC ends (cancelled, deadline
     passed) the job is cancelled and its handler thread released."""
+    job.request_id = tracing.current_request_id()  # set by the server's tracing interceptor
     if not context.add_callback(lambda: batcher.cancel(job)):
         # The RPC already ended (its deadline passed while it waited for a handler thread).
         raise Cancelled("the request ended before it was queued (cancelled, or its deadline passed)")
@@ -75,6 +78,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             job = self._job(request, stream=False)
             submit(self.batcher, job, context)
             results, timings = job.wait()
+            METRICS.request_finished(job.prompts, results, timings)
             reply = gateway_pb2.GenerateResponse(timings=gateway_pb2.Timings(**timings))
             for prompt, r in zip(job.prompts, results):
                 reply.generations.add(
@@ -100,6 +104,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     )
                 elif kind == "done":
                     results, timings = rest
+                    METRICS.request_finished(job.prompts, results, timings)
                     # Prompts with max_new_tokens 0 produced no token: close them explicitly.
                     for index, r in enumerate(results):
                         if not r.token_ids:
@@ -353,8 +358,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
         job = Job(prompts=prompts, max_new_tokens=limits, sampling=sampling)
         submit(self.batcher, job, context)
-        results, _ = job.wait()
-        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
+        results, timings = job.wait()
+        METRICS.request_finished(job.prompts, results, timings)
+        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
+                                       id=request.id or tracing.current_request_id())
         for name in wanted:
             if name == "text_output":
                 texts = [e.decode(r.token_ids).encode("utf-8") for r in results]

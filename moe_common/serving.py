@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moe_common import tracing
 from moe_common.errors import ErrorMappingInterceptor
 from moe_common.tls import PLAINTEXT, TlsConfig
 
@@ -134,8 +135,12 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """One line per record, text or JSON (--log-format), with the request ids of the
+    call being handled (moe_common/tracing.py)."""
+    from moe_common import tracing
+
+    tracing.configure(level, fmt)
 
 
 # Set by gateway/launcher.py on the processes it starts: the pid they must not outlive.
