@@ -138,8 +138,6 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """One line per record, text or JSON (--log-format), with the request ids of the
     call being handled (moe_common/tracing.py)."""
-    from moe_common import tracing
-
     tracing.configure(level, fmt)
 
 
