@@ -487,7 +487,7 @@ def test_prometheus_scrapes_the_stack(stack, prometheus):
 def test_membership_changes_are_counted(stack):
     """Last of the stack tests: it takes an expert server out of the stack."""
     before = scrape(stack.metrics_ports[stack.gateway_address])
-    with grpc.insecure_channel(stack.gateway_address) as channel:
+    with grpc.insecure_channel(stack.admin_address) as channel:  # membership is on the admin port
         gateway_pb2_grpc.MembershipServiceStub(channel).RemoveExpertServer(
             gateway_pb2.RemoveExpertServerRequest(address=stack.expert_addresses[-1]), timeout=120)
     after = scrape(stack.metrics_ports[stack.gateway_address])
