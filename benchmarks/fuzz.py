@@ -152,12 +152,13 @@ def mutated(valid: st.SearchStrategy) -> st.SearchStrategy:
     return build()
 
 
-def targets(gateway: str, expert: str, predictor: str) -> list[tuple[str, str, pbd.MethodDescriptor]]:
-    """(address, method path, method) of every RPC of every service."""
+def targets(gateway: str, expert: str, predictor: str, admin: str) -> list[tuple[str, str, pbd.MethodDescriptor]]:
+    """(address, method path, method) of every RPC of every service (MembershipService on the
+    gateway's admin port: the client port does not serve it)."""
     out = []
     for address, services in ((gateway, [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"],
-                                         gateway_pb2.DESCRIPTOR.services_by_name["MembershipService"],
                                          oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]]),
+                              (admin, [gateway_pb2.DESCRIPTOR.services_by_name["MembershipService"]]),
                               (expert, [expert_pb2.DESCRIPTOR.services_by_name["ExpertService"]]),
                               (predictor, [predictor_pb2.DESCRIPTOR.services_by_name["PredictorService"]])):
         for service in services:
@@ -246,9 +247,10 @@ def run(a) -> dict:
     try:
         wait_ready(proc, spare, 120)
         addresses = [stack.gateway_address, spare, stack.predictor_address]
-        channels = {x: grpc.insecure_channel(x, options=serving.message_options()) for x in addresses}
+        channels = {x: grpc.insecure_channel(x, options=serving.message_options())
+                    for x in [*addresses, stack.admin_address]}
         before = valid_checks(*addresses, channels)
-        methods = targets(*addresses)
+        methods = targets(*addresses, stack.admin_address)
         per_method = max(1, a.cases // len(methods))
         campaign = Campaign(methods, channels)
         t0 = time.monotonic()

@@ -57,7 +57,7 @@ def run(a) -> dict:
         port = serving.pick_free_port()
         newcomer = f"127.0.0.1:{port}"
         t_spawn = time.monotonic()
-        proc = spawn_expert_server(source.path, "127.0.0.1", port, [*expert_args, "--register-with", stack.gateway_address],
+        proc = spawn_expert_server(source.path, "127.0.0.1", port, [*expert_args, "--register-with", stack.admin_address],
                                    log_file=logs)
         stack.processes.append(proc)
         while tokens_of(stack.gateway_address, newcomer) == 0:

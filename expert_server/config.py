@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from expert_server.kernels import KERNELS
+from moe_common.metrics import check_port as check_metrics_port
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tls import PLAINTEXT, TlsConfig
 
@@ -40,13 +41,14 @@ class ExpertServerConfig:
     # Memory for replicas of other servers' experts, in bytes (0 = no replicas).
     replica_memory: int = 0
     tls: TlsConfig = PLAINTEXT  # serving, and fetching replicas from other servers
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port (expert_server/metrics.py); 0 = off
     # --- experts held at start; the gateway may assign others later ---
     # "" = none until assigned; "all"; or "L:E,L:E-E,..." (layer:expert or layer:first-last).
     experts: str = ""
     # Or a shard of the default home placement: (index, count).
     shard: tuple[int, int] | None = None
     # --- membership (gateway/membership.py) ---
-    register_with: str = ""  # gateway host:port to join at start (and leave at shutdown)
+    register_with: str = ""  # the gateway's admin address (--admin-port) to join at start (and leave at shutdown)
     advertise: str = ""  # host:port the gateway should call; default: --host:--port
     # On SIGTERM: NOT_SERVING, then serve on until the gateway moved the home experts
     # away (it is given none), at most this long.
@@ -90,6 +92,8 @@ class ExpertServerConfig:
             raise ValueError(f"--register-with must be host:port, not {self.register_with!r}")
         if self.experts not in ("", "all"):
             parse_expert_list(self.experts)  # fail now, not after loading the model
+        self.tls.check_bind(self.host, "the expert server")
+        check_metrics_port(self.metrics_port)
 
     @property
     def address(self) -> str:

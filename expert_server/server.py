@@ -3,7 +3,7 @@
     moe-expert-server --model tiny --port 50061                 # experts assigned by the gateway
     moe-expert-server --model tiny --port 50061 --shard 0/2     # preload shard 0 of 2 (home placement)
     moe-expert-server --model DIR --experts 0:0-3,1:0-3         # preload these (layer:expert)
-    moe-expert-server --model tiny --port 50063 --register-with 127.0.0.1:50051   # join a running gateway
+    moe-expert-server --model tiny --port 50063 --register-with 127.0.0.1:50052   # join a running gateway (its admin port)
 
 On SIGTERM the server drains: health turns NOT_SERVING, GetInfo says draining, the
 gateway moves its home experts to the other servers (gateway/membership.py), and
@@ -22,8 +22,9 @@ import grpc
 from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
 from expert_server.kernels import KERNELS
+from expert_server.metrics import Exposure
 from expert_server.servicer import ExpertServicer
-from moe_common import model_source, serving, tls
+from moe_common import metrics, model_source, serving, tls, tracing
 from moe_common.placement import experts_of_server, home_placement
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -64,10 +65,12 @@ class ExpertServer:
             [SERVICE_NAME],
             max_workers=config.max_workers,
             tls=config.tls,
-            interceptors=[self.activity],
+            interceptors=[self.activity, tracing.IncomingInterceptor()],
         )
+        self.metrics = None
         try:
             self.store.assign(initial_experts(config, self.store))
+            self.metrics = Exposure(self.store, config.host, config.metrics_port)
         except BaseException:
             self.stop()
             raise
@@ -116,6 +119,8 @@ class ExpertServer:
             log.warning("drain timeout: stopping with %d home experts still assigned", len(self.store.home()))
 
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.server.stop(grace=2).wait()
         self.store.close()
 
@@ -137,7 +142,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
     p.add_argument("--max-workers", type=int, default=16)
-    p.add_argument("--register-with", default="", help="gateway host:port to join at start and leave at shutdown")
+    p.add_argument("--register-with", default="", help="the gateway's admin address (its --admin-port) to join at start and leave at shutdown")
     p.add_argument("--advertise", default="", help="host:port the gateway should call (default: --host:--port)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0,
                    help="on SIGTERM, serve on until the gateway moved our experts away, at most this long")
@@ -149,8 +154,9 @@ def parse_args(argv=None) -> ExpertServerConfig:
                    help="testing: wait this long in every AssignExperts or SetReplicas that loads experts (a slow disk)")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
+    metrics.add_arguments(p)
     a = p.parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     shard = None
     if a.shard:
         index, _, count = a.shard.partition("/")
@@ -179,6 +185,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             simulate_load_delay_s=a.simulate_load_delay_s,
             shared_memory=a.shared_memory,
             tls=tls.from_args(a),
+            metrics_port=a.metrics_port,
         )
     except ValueError as exc:
         p.error(str(exc))

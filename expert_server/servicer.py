@@ -6,8 +6,10 @@ import threading
 import time
 
 from expert_server.experts import ExpertStore
+from expert_server.metrics import METRICS
 from moe_common import shm, tensor_codec
 from moe_common.errors import FailedPrecondition, InvalidArgument, MoEError
+from moe_common.integrity import expert_digest
 from moe_common.serving import message_options
 from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
@@ -22,6 +24,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.segments = shm.SegmentCache() if shared_memory else None
         self.load_delay_s = load_delay_s  # ExpertServerConfig.simulate_load_delay_s
         self.draining = threading.Event()  # set on shutdown (expert_server/server.py)
+        # The gateway's members, as its last AssignExperts named them: the only addresses
+        # SetReplicas may make this server dial (FetchExpert), so a caller cannot point it
+        # at an arbitrary host. Empty until a gateway announces them: no fetches until then.
+        self.members: frozenset[str] = frozenset()
 
     def RunExperts(self, request, context):
         self.store.check_model(request.model_id)
@@ -31,6 +37,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         t1 = time.perf_counter_ns()
         out = self.store.run(request.layer, [(g.expert, g.num_tokens) for g in request.groups], hidden)
         t2 = time.perf_counter_ns()
+        METRICS.run_done(request.layer, request.groups, t2 - t1)
         wire = tensor_codec.wire_dtype_name(request.hidden_states.dtype)
         if shared:
             hidden.copy_(out)  # outputs over the inputs: the caller reads them where it wrote
@@ -65,6 +72,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def AssignExperts(self, request, context):
         self.store.check_model(request.model_id)
         experts = [(r.layer, r.expert) for r in request.experts]
+        if request.members:
+            self.members = frozenset(request.members)
         if self.load_delay_s and not set(experts) <= set(self.store.held()):
             time.sleep(self.load_delay_s)
         loaded, dropped = self.store.assign(experts)
@@ -75,10 +84,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         wanted = [(r.layer, r.expert) for r in request.replicas]
         if request.home_addresses and len(request.home_addresses) != len(wanted):
             raise InvalidArgument(f"{len(request.home_addresses)} home addresses for {len(wanted)} replicas")
-        sources = {k: a for k, a in zip(wanted, request.home_addresses) if a}
+        # Only current members are dialled; a replica named with another source is loaded
+        # from the checkpoint or refused, never fetched from it.
+        members = self.members
+        sources = {k: a for k, a in zip(wanted, request.home_addresses) if a and a in members}
         if self.load_delay_s and not set(wanted) <= set(self.store.held()):
             time.sleep(self.load_delay_s)
+        t0 = time.perf_counter()
         refused, loaded = self.store.set_replicas(wanted, sources, self._fetch)
+        METRICS.replicas_loaded(loaded, time.perf_counter() - t0)
         return expert_pb2.SetReplicasResponse(
             ready=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in self.store.replicas()],
             failed=[expert_pb2.ReplicaFailure(expert=expert_pb2.ExpertRef(layer=k[0], expert=k[1]), reason=why)
@@ -103,6 +117,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         if set(got) != {"wi", "wo"}:
             raise InvalidArgument(f"{address} sent weights {sorted(got)}, expected wi and wo")
         return got["wi"], got["wo"]
+
+    def GetExpertDigests(self, request, context):
+        self.store.check_model(request.model_id)
+        reply = expert_pb2.GetExpertDigestsResponse(dtype=str(self.store.dtype).removeprefix("torch."))
+        for ref in request.experts:
+            wi, wo = self.store.weights_of((ref.layer, ref.expert))  # NOT_FOUND when not held
+            reply.digests.add(expert=ref, sha256=expert_digest(wi, wo))
+        return reply
 
     def GetInfo(self, request, context):
         s = self.store

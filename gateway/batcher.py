@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from gateway import tracing
 from gateway.engine import Engine, RowResult, Sampling
 from moe_common.errors import Cancelled, ResourceExhausted, Unavailable
 
@@ -39,6 +40,7 @@ class Job:
     max_new_tokens: list[int]  # per prompt
     sampling: Sampling
     stream: bool = False  # also report each token as it is generated
+    request_id: str = ""  # the client's or a generated one (moe_common/tracing.py)
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
     # ("token", index, token_id, finish_reason) | ("done", [RowResult], Timings dict) | ("error", exception)
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -177,6 +179,7 @@ class Batcher:
 
     def _run_batch(self, batch: list[Job]) -> None:
         owners = [(job, i) for job in batch for i in range(len(job.prompts))]  # row -> (job, prompt index)
+        tracing.batch_started(batch, len(owners))
         rows = [job.prompts[i] for job, i in owners]
         limits = [job.max_new_tokens[i] for job, i in owners]
         first_row = {}  # job -> its first row

@@ -7,13 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.replication import POLICIES
+from moe_common.auth import is_loopback
+from moe_common.metrics import check_port as check_metrics_port
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tensor_codec import WIRE_DTYPES
 from moe_common.tls import PLAINTEXT, TlsConfig
 
+# How requests are batched: static (gateway/batcher.py: a batch runs HF generate() to its
+# end) or continuous (gateway/scheduler.py: rows join and leave the batch at every step).
+SCHEDULERS = ("static", "continuous")
+
 # How hidden states reach expert servers (gateway/transport.py): shared memory where a
 # server can map this gateway's memory and bytes elsewhere, always shared memory, or bytes.
 TRANSPORTS = ("auto", "shm", "grpc")
+# Room beyond the prompts on the client port (parameters, names, metadata of a request).
+CLIENT_MESSAGE_MARGIN = 1 << 20
 
 
 @dataclass
@@ -37,6 +45,8 @@ class GatewayConfig:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_prompts_per_request: int = 64
     max_queued_prompts: int = 1024  # beyond it new requests get RESOURCE_EXHAUSTED
+    scheduler: str = "static"  # static | continuous (SCHEDULERS)
+    max_batch_tokens: int = 4096  # continuous: prompt tokens per admission step (the oldest prompt always fits)
     # --- limits ---
     max_input_tokens: int = 512
     max_new_tokens_limit: int = 512
@@ -63,6 +73,19 @@ class GatewayConfig:
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
     startup_timeout_s: float = 600.0  # waiting for expert servers to be SERVING and load their experts
     tls: TlsConfig = PLAINTEXT  # the client-facing port and the channels to expert servers and predictor
+    # --- security (moe_common/auth.py; README "Security") ---
+    # The admin port serves MembershipService (and a full GetStatus): whatever changes the
+    # deployment. It is a cluster-plane server: loopback by default, the cluster token
+    # and peer allow-list of `tls` apply. Port 0: any free one (logged).
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 0
+    api_keys_file: Path | None = None  # client port: one key per line, reloaded on SIGHUP; None = open
+    api_key_rate_per_s: float = 0.0  # per key; 0 = no limit
+    api_key_max_concurrent: int = 0  # requests in flight per key; 0 = no limit
+    # GetStatus on the client port: "full", or "public" without the internal addresses of
+    # expert servers and predictor; "auto" = full when the client port is on loopback.
+    client_status: str = "auto"
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port (gateway/metrics.py); 0 = off
 
     def __post_init__(self):
         if not self.expert_servers and not self.expert_discovery:
@@ -83,6 +106,10 @@ class GatewayConfig:
             raise ValueError("--max-batch-size must be >= 1")
         if self.max_prompts_per_request < 1 or self.max_queued_prompts < self.max_prompts_per_request:
             raise ValueError("need 1 <= --max-prompts-per-request <= --max-queued-prompts")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
+        if self.max_batch_tokens < 1:
+            raise ValueError("--max-batch-tokens must be >= 1")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
         if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
@@ -95,6 +122,7 @@ class GatewayConfig:
             raise ValueError("--replication predictive needs --predictor")
         if self.replica_group_cost < 0:
             raise ValueError("--replica-group-cost must be >= 0")
+        check_metrics_port(self.metrics_port)
         if self.redundancy < 1:
             raise ValueError("--redundancy must be >= 1")
         if self.replication_window < 1:
@@ -105,7 +133,34 @@ class GatewayConfig:
             raise ValueError("--max-input-tokens must be >= 1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port {self.port} is out of range")
+        if not 0 <= self.admin_port < 65536:
+            raise ValueError(f"--admin-port {self.admin_port} is out of range")
+        if self.admin_port and self.admin_port == self.port and self.admin_host == self.host:
+            raise ValueError("--admin-port must differ from --port: clients must not reach the control plane")
+        if self.client_status not in ("auto", "full", "public"):
+            raise ValueError("--client-status must be auto, full or public")
+        if self.api_key_rate_per_s < 0 or self.api_key_max_concurrent < 0:
+            raise ValueError("--api-key-rate-per-s and --api-key-max-concurrent must be >= 0 (0: no limit)")
+        self.tls.check_bind(self.admin_host, "the gateway's admin port")
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def admin_address(self) -> str:
+        return f"{self.admin_host}:{self.admin_port}"
+
+    @property
+    def public_status(self) -> bool:
+        """Whether the client port's GetStatus leaves out internal addresses."""
+        return self.client_status == "public" or (self.client_status == "auto" and not is_loopback(self.host))
+
+    @property
+    def client_max_message_bytes(self) -> int:
+        """The client port's message limit: the largest legal request or reply, not 1 GiB.
+        A prompt or generation of n tokens is at most n int64s as ids (OIP INT64, 8 bytes)
+        or about n * 32 bytes of UTF-8 text (a sentencepiece token is a short piece of at
+        most a few 4-byte characters); twice that covers both forms and protobuf framing."""
+        tokens = max(self.max_input_tokens, self.max_new_tokens_limit)
+        return self.max_prompts_per_request * tokens * 64 + CLIENT_MESSAGE_MARGIN

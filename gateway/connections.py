@@ -15,7 +15,8 @@ from typing import Iterator
 
 import grpc
 
-from moe_common import shm
+from gateway.metrics import METRICS
+from moe_common import shm, tracing
 from moe_common.errors import FailedPrecondition, MoEError, Unavailable
 from moe_common.serving import message_options
 from moe_common.tls import PLAINTEXT, TlsConfig
@@ -56,6 +57,10 @@ def call_result(address: str, call):
             raise SharedMemoryUnreachable(f"{where}: {details}") from None
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             raise FailedPrecondition(f"{where}: {details}") from None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # Not a bug of ours: the deployment's credentials disagree (--cluster-token-file, --allowed-peers).
+            raise FailedPrecondition(f"{where} refused the gateway's cluster credentials ({code.name}: {details}): "
+                                     "check --cluster-token-file and --allowed-peers on both") from None
         raise ExpertServerError(f"{where} failed: {code.name}: {details}") from None
 
 
@@ -79,7 +84,9 @@ class Connections:
         with self._lock:
             if address not in self._stubs:
                 self._channels[address] = self._open(address)
-                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(self._channels[address])
+                # Request ids in the metadata of each call, and RunExperts timed per server.
+                traced = tracing.intercept(self._channels[address], on_done=METRICS.rpc_timer(address))
+                self._stubs[address] = expert_pb2_grpc.ExpertServiceStub(traced)
             return self._stubs[address]
 
     @contextlib.contextmanager

@@ -22,6 +22,7 @@ from torch import nn
 
 from gateway.connections import Connections, ExpertsMissing, SharedMemoryUnreachable, call_result
 from gateway.dispatch_stats import DispatchStats, LayerCall
+from gateway.metrics import METRICS
 from gateway.replication import assign_layer, choose_stand_ins
 from gateway.transport import Transport
 from gateway.views import ServerView, Views
@@ -124,20 +125,23 @@ class ExpertClients:
         """Tell a server to hold exactly these home experts (it loads the missing ones)."""
         self.assign_many({address: experts}, timeout_s)
 
-    def assign_many(self, experts: dict[str, object], timeout_s: float) -> int:
+    def assign_many(self, experts: dict[str, object], timeout_s: float, members: list[str] | None = None) -> int:
         """AssignExperts on several servers at once (address -> its (layer, expert) keys);
         waits for all, then raises the first failure. Returns how many experts were loaded
-        (the others were held already: a call is idempotent)."""
-        loaded, errors = self.assign_each(experts, timeout_s)
+        (the others were held already: a call is idempotent). members: the membership to
+        announce (the only addresses servers fetch replicas from); default the current one."""
+        loaded, errors = self.assign_each(experts, timeout_s, members)
         if errors:
             raise next(iter(errors.values()))
         return loaded
 
-    def assign_each(self, experts: dict[str, object], timeout_s: float) -> tuple[int, dict[str, MoEError]]:
+    def assign_each(self, experts: dict[str, object], timeout_s: float,
+                    members: list[str] | None = None) -> tuple[int, dict[str, MoEError]]:
         """AssignExperts on several servers at once; returns (experts loaded, failures by address)."""
+        members = list(self.view.addresses if members is None else members)
         calls = [(address, self.stub(address).AssignExperts.future(expert_pb2.AssignExpertsRequest(
                      experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in sorted(keys)],
-                     model_id=self.model_id), timeout=timeout_s))
+                     model_id=self.model_id, members=members), timeout=timeout_s))
                  for address, keys in experts.items()]
         loaded, errors = 0, {}
         for address, call in calls:
@@ -517,4 +521,5 @@ class RemoteExperts(nn.Module):
                 scaled = outputs[expert] * routing_weights[top_x, 0, None]
                 final.index_add_(0, top_x, scaled.to(hidden_states.dtype))
         self.clients.add_dispatch_time(time.perf_counter_ns() - t0)
+        METRICS.layer_done(self.layer, counts, time.perf_counter_ns() - t0)
         return final

@@ -137,3 +137,17 @@ class DispatchStats:
             for name in fresh.__dataclass_fields__:
                 if name != "_lock":
                     setattr(self, name, getattr(fresh, name))
+
+
+@dataclass
+class DecodeLayerCalls:
+    """Sparse-layer calls of the decoder and the tokens they routed: their ratio is the
+    batch expert servers see per decode step. Counted by a forward hook on the decoder's
+    RemoteExperts (Engine), on the one thread that runs the model."""
+
+    calls: int = 0
+    tokens: int = 0
+
+    def hook(self, module, args, output) -> None:
+        self.calls += 1
+        self.tokens += int(args[1].sum())  # selected_experts [N, 1, E]: one-hot per routed token

@@ -20,6 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from gateway.config import GatewayConfig
 from gateway.dispatch import ExpertClients
+from gateway.dispatch_stats import DecodeLayerCalls
 from gateway.forecasts import PassObserver
 from gateway.membership import resolve
 from gateway.replicas import ReplicaManager
@@ -143,6 +144,9 @@ class Engine:
         self.clients.group_cost = config.replica_group_cost
         for module in remote_experts(self.model):
             module.clients = self.clients
+        self.decode_calls = DecodeLayerCalls()  # GetStatus expert_path.decode_layer_calls / decode_tokens
+        for module in remote_experts(self.model.decoder):
+            module.register_forward_hook(self.decode_calls.hook)
         self.forward_ns = 0  # wall time of generate_batch, summed (GetStatus expert_path.forward_ns)
         self.observer: PassObserver | None = None
         self.replicas: ReplicaManager | None = None

@@ -21,6 +21,8 @@ import grpc
 import numpy as np
 import torch
 
+from gateway.metrics import METRICS
+from moe_common import tracing
 from moe_common.serving import message_options
 from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_common.traces import DECODER, ENCODER, Pass, RoutingRecorder, TraceInfo, TraceWriter
@@ -50,7 +52,8 @@ class PassObserver:
         self.counters = ForecastCounters()
         self.address = predictor_address
         self.channel = tls.channel(predictor_address, options=message_options()) if predictor_address else None
-        self.stub = predictor_pb2_grpc.PredictorServiceStub(self.channel) if self.channel else None
+        self.stub = (predictor_pb2_grpc.PredictorServiceStub(tracing.intercept(self.channel, METRICS.predictor_timer))
+                     if self.channel else None)
         self.last_forecast: dict[int, np.ndarray] = {}  # layer -> expected load [E] of the latest pass
         self._pending = None
         self._decoder_tokens: torch.Tensor | None = None  # [B, t] decoder tokens of the current batch
@@ -90,6 +93,7 @@ class PassObserver:
         if self.stub is None:
             return
         self._collect_forecast()
+        METRICS.forecast_checked(self.last_forecast, self.info.layers_of(p.kind), loads)
         request = pb.ReportLoadsRequest(model_id=self.info.model_id, layers=[
             pb.LayerLoad(layer=layer, load=loads[j].tolist()) for j, layer in enumerate(self.info.layers_of(p.kind))])
         self.stub.ReportLoads.future(request, timeout=self.timeout_s * 10).add_done_callback(self._on_report_done)

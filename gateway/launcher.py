@@ -4,7 +4,7 @@
     moe-serve --config deploy/local/stack.yaml          # the same flags as a YAML file
 
 While it runs, `kill -USR1 <pid>` adds an expert server (it joins the gateway with
---register-with) and `kill -USR2 <pid>` removes the newest one (it drains: the
+--register-with at the gateway's admin address, printed at start) and `kill -USR2 <pid>` removes the newest one (it drains: the
 gateway moves its experts away before it exits); requests keep being served.
 
 Starts N expert servers and the gateway on loopback, waits until each answers
@@ -44,6 +44,8 @@ class Stack:
     expert_addresses: list[str]
     predictor_address: str = ""
     processes: list[subprocess.Popen] = field(default_factory=list)
+    admin_address: str = ""  # the gateway's control plane (MembershipService): --register-with goes here
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # service address -> its /metrics port (--metrics-port)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in self.processes:
@@ -97,6 +99,10 @@ def spawn_predictor(model_path: Path, host: str, port: int, checkpoint: Path | N
                    "--port", str(port), *extra, *(serve_args or [])], log_file)
 
 
+def metrics_args(port: int) -> list[str]:
+    return ["--metrics-port", str(port)] if port else []
+
+
 def wait_ready(proc: subprocess.Popen, address: str, timeout_s: float = 600.0, tls: TlsConfig = PLAINTEXT) -> None:
     serving.wait_for_serving(address, timeout_s, is_alive=lambda: proc.poll() is None, tls=tls)
 
@@ -105,25 +111,38 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 cache_dir: Path = model_source.DEFAULT_CACHE_DIR, gateway_args: list[str] | None = None,
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
                 predictor: bool = True, predictor_checkpoint: Path | None = None,
-                tls: TlsConfig = PLAINTEXT) -> Stack:
+                tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None,
+                metrics_port: int = 0, predictor_args: list[str] | None = None) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
-    until all are SERVING. port 0 = any free one."""
+    until all are SERVING. port 0 (and admin_port 0) = any free one. The gateway's admin
+    port binds loopback (it changes the deployment; clients never need it); expert servers
+    and the predictor bind internal_host (default: host). metrics_port BASE > 0: /metrics
+    of the gateway on BASE, the predictor on BASE+1 and expert server i on BASE+2+i."""
     if num_expert_servers < 1:
         raise ValueError("--expert-servers must be >= 1")
     # Resolve (and build, for presets) once here, so the children do not race to build it.
     source = model_source.resolve(model, cache_dir)
-    expert_ports = [serving.pick_free_port(host) for _ in range(num_expert_servers)]
+    inner = internal_host or host
+    expert_ports = [serving.pick_free_port(inner) for _ in range(num_expert_servers)]
     port = port or serving.pick_free_port(host)
-    stack = Stack(f"{host}:{port}", [f"{host}:{p}" for p in expert_ports])
+    admin_port = admin_port or serving.pick_free_port("127.0.0.1")
+    stack = Stack(f"{host}:{port}", [f"{inner}:{p}" for p in expert_ports], admin_address=f"127.0.0.1:{admin_port}")
+    if metrics_port:
+        stack.metrics_ports[stack.gateway_address] = metrics_port
+        stack.metrics_ports.update({a: metrics_port + 2 + i for i, a in enumerate(stack.expert_addresses)})
     try:
-        for p in expert_ports:
-            stack.processes.append(spawn_expert_server(source.path, host, p, [*(expert_args or []), *tls.args()], log_file))
-        gateway_args = [*(gateway_args or []), *tls.args()]
+        for p, address in zip(expert_ports, stack.expert_addresses):
+            stack.processes.append(spawn_expert_server(source.path, inner, p, [
+                *(expert_args or []), *tls.args(), *metrics_args(stack.metrics_ports.get(address, 0))], log_file))
+        gateway_args = ["--admin-port", str(admin_port), *(gateway_args or []), *tls.args(), *metrics_args(metrics_port)]
         if predictor:
-            predictor_port = serving.pick_free_port(host)
-            stack.predictor_address = f"{host}:{predictor_port}"
-            stack.processes.append(spawn_predictor(source.path, host, predictor_port, predictor_checkpoint,
-                                                   log_file=log_file, serve_args=tls.args()))
+            predictor_port = serving.pick_free_port(inner)
+            stack.predictor_address = f"{inner}:{predictor_port}"
+            if metrics_port:
+                stack.metrics_ports[stack.predictor_address] = metrics_port + 1
+            stack.processes.append(spawn_predictor(source.path, inner, predictor_port, predictor_checkpoint,
+                                                   args=predictor_args, log_file=log_file, serve_args=[
+                                                       *tls.args(), *metrics_args(metrics_port + 1 if metrics_port else 0)]))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
             wait_ready(proc, address, timeout_s, tls)
@@ -135,14 +154,16 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
     return stack
 
 
-def _demo(address: str, tls: TlsConfig) -> None:
-    """One Generate call, printed: what a first client sees."""
+def _demo(address: str, tls: TlsConfig, api_keys_file: Path | None = None) -> None:
+    """One Generate call, printed: what a first client sees (with the first API key, if any)."""
+    from moe_common.auth import read_secret_lines
     from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
     prompt = "Experts, assemble!"
+    metadata = [("authorization", f"Bearer {read_secret_lines(api_keys_file)[0]}")] if api_keys_file else None
     with tls.channel(address) as channel:
         reply = gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
-            prompts=[prompt], parameters=gateway_pb2.GenerationParameters(max_new_tokens=16)))
+            prompts=[prompt], parameters=gateway_pb2.GenerationParameters(max_new_tokens=16)), metadata=metadata)
     g = reply.generations[0]
     print(f"demo request: {prompt!r} -> token ids {list(g.token_ids)} text {g.text!r} "
           f"({reply.timings.total_ns / 1e6:.0f} ms; a random-init preset writes gibberish)", flush=True)
@@ -155,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
     p.add_argument("--expert-servers", type=int, default=2, help="number of expert server processes at start")
     p.add_argument("--port", type=int, default=50051, help="gateway port")
-    p.add_argument("--host", default="127.0.0.1", help="address every process binds (loopback by default)")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="gateway admin port on 127.0.0.1 (membership; 0 = any free one, printed)")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="client API keys, one per line (the gateway reloads them on SIGHUP)")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway's client port binds (loopback by default)")
+    p.add_argument("--internal-host", default="127.0.0.1",
+                   help="address expert servers and the predictor bind (loopback: only the gateway reaches them; "
+                        "beyond it they need --cluster-token-file, mutual TLS or --insecure)")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
     p.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
@@ -169,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden states between gateway and expert servers: shared memory where possible (auto)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
+                   help="gateway batching: static batches, or continuous (rows join and leave at every step)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
     p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"])
     p.add_argument("--replica-group-cost", type=float, default=0.0,
@@ -187,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-backoff-s", type=float, default=1.0,
                    help="wait before restarting a crashed child; doubles with each recent restart (at most 30 s)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="BASE: Prometheus /metrics of the gateway on BASE, the predictor on BASE+1 and expert "
+                        "server i on BASE+2+i (0 = off)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="every process's log lines: text, or one JSON object per line")
     tls.add_arguments(p)
     return p
 
@@ -215,6 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--model is required (as a flag or in --config)")
     if a.expert_servers < 1:
         p.error("--expert-servers must be >= 1")
+    if a.metrics_port and not 0 < a.metrics_port <= 65535 - 2 - a.expert_servers:
+        p.error(f"--metrics-port BASE needs BASE..BASE+{1 + a.expert_servers} within 1..65535")
     try:
         a.restart_policy = RestartPolicy(a.restart_backoff_s, max(a.restart_backoff_s, 30.0), a.restart_limit,
                                          a.restart_window_s)
@@ -229,15 +267,18 @@ def supervise(stack: Stack, a: argparse.Namespace, model_path: Path, expert_args
     except the gateway."""
     sup = Supervisor(stack, a.restart_policy)
     # A restarted expert server registers: if it was evicted meanwhile it joins again.
-    args = [*expert_args, "--register-with", stack.gateway_address, *tls_config.args()]
+    args = [*expert_args, "--register-with", stack.admin_address, *tls_config.args()]
     for proc, address in zip(stack.processes, stack.expert_addresses):
         host, port = address.rsplit(":", 1)
         sup.watch("expert server", address, proc,
-                  lambda host=host, port=int(port): spawn_expert_server(model_path, host, port, args))
+                  lambda host=host, port=int(port), mp=stack.metrics_ports.get(address, 0):
+                  spawn_expert_server(model_path, host, port, [*args, *metrics_args(mp)]))
     if stack.predictor_address:
         host, port = stack.predictor_address.rsplit(":", 1)
+        predictor_metrics = metrics_args(stack.metrics_ports.get(stack.predictor_address, 0))
         sup.watch("predictor", stack.predictor_address, stack.processes[len(stack.expert_addresses)],
-                  lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint, serve_args=tls_config.args()))
+                  lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint,
+                                          args=["--log-format", a.log_format], serve_args=[*tls_config.args(), *predictor_metrics]))
     sup.watch("gateway", stack.gateway_address, stack.processes[-1], None)
     return sup
 
@@ -246,7 +287,10 @@ def add_expert_server(sup: Supervisor, model_path: Path, host: str, expert_args:
     """SIGUSR1: one more expert server, which joins the gateway once loaded."""
     port = serving.pick_free_port(host)
     address = f"{host}:{port}"
-    args = [*expert_args, "--register-with", sup.stack.gateway_address, *tls_config.args()]
+    args = [*expert_args, "--register-with", sup.stack.admin_address, *tls_config.args()]
+    if sup.stack.metrics_ports:  # the next port after every one handed out so far
+        sup.stack.metrics_ports[address] = max(sup.stack.metrics_ports.values()) + 1
+        args += metrics_args(sup.stack.metrics_ports[address])
     proc = spawn_expert_server(model_path, host, port, args)
     sup.watch("expert server", address, proc, lambda: spawn_expert_server(model_path, host, port, args))
     log.info("adding expert server %s (pid %d); it joins the gateway once loaded", address, proc.pid)
@@ -266,7 +310,7 @@ def remove_expert_server(sup: Supervisor) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     try:
         tls_config = tls.from_args(a)
     except ValueError as exc:
@@ -282,6 +326,7 @@ def main(argv=None) -> int:
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
     expert_args = ["--device", a.device, "--expert-kernel", a.expert_kernel, "--log-level", a.log_level,
+                   "--log-format", a.log_format,
                    "--threads", str(threads),
                    "--replica-memory", str(a.replica_memory)]
     try:
@@ -289,12 +334,16 @@ def main(argv=None) -> int:
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
             gateway_args=["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
                           "--transport", a.transport, "--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
-                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level,
+                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level, "--log-format", a.log_format,
                           "--replication", a.replication, "--replica-policy", a.replica_policy,
                           "--replica-group-cost", str(a.replica_group_cost),
-                          "--redundancy", str(a.redundancy)],
+                          "--redundancy", str(a.redundancy),
+                          "--scheduler", a.scheduler, "--max-batch-tokens", str(a.max_batch_tokens),
+                          *(["--api-keys-file", str(a.api_keys_file)] if a.api_keys_file else [])],
             expert_args=expert_args,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
+            admin_port=a.admin_port, internal_host=a.internal_host,
+            metrics_port=a.metrics_port, predictor_args=["--log-format", a.log_format],
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
@@ -309,16 +358,19 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGUSR2, lambda *_: requests.append("remove"))
     with stack:
         print(f"gateway listening on {stack.gateway_address}", flush=True)
+        print(f"gateway admin (membership, not for clients) on {stack.admin_address}", flush=True)
         print(f"expert servers: {', '.join(stack.expert_addresses)}", flush=True)
         if stack.predictor_address:
             print(f"predictor: {stack.predictor_address}", flush=True)
+        for address, mp in stack.metrics_ports.items():
+            print(f"metrics of {address}: http://{a.host}:{mp}/metrics", flush=True)
         print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
         if a.demo:
-            _demo(stack.gateway_address, tls_config)
+            _demo(stack.gateway_address, tls_config, a.api_keys_file)
         while not stop.wait(0.2):
             while requests:
                 if requests.pop(0) == "add":
-                    add_expert_server(supervisor, model_path, a.host, expert_args, tls_config)
+                    add_expert_server(supervisor, model_path, a.internal_host, expert_args, tls_config)
                 else:
                     remove_expert_server(supervisor)
             if not supervisor.poll():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -46,15 +47,21 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.connections import call_result
 from gateway.dispatch import ExpertClients
+from gateway.metrics import METRICS
 from gateway.views import ServerView
 from moe_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, MoEError, NotFound, Unavailable
+from moe_common.integrity import CheckpointDigests
+from moe_protos.moe.expert.v1 import expert_pb2
 from moe_common.placement import moved_experts, rebalance_home
 from moe_common.serving import wait_for_serving
 
 log = logging.getLogger(__name__)
 CHANGES_KEPT = 32  # GetStatus reports this many recent changes
 JOIN_RETRY_S = 10.0  # a discovered address that failed to join is tried again after this long
+ANNOUNCE_TIMEOUT_S = 5.0  # deadline of telling an unchanged member the new member list
+START_DIGEST_SAMPLE = 8  # home experts per server whose digests are checked when the gateway starts
 
 
 @dataclass
@@ -107,6 +114,8 @@ class Membership:
         self._unreachable_since: dict[str, float] = {}  # member -> when it first missed a health check
         self._join_failed_at: dict[str, float] = {}  # discovered addresses that could not join, when
         self._last_warning: dict[str, str] = {}  # address -> last "not removing" reason logged
+        # Expert digests of the gateway's own checkpoint: a joining server must hold these weights.
+        self.digests = CheckpointDigests(engine.source.path, engine.layers)
 
     # ---- changes ----
 
@@ -170,8 +179,11 @@ class Membership:
                 new = self.clients.make_view(addresses, home, slots)
                 after = {a: set(new.experts_of(s)) for s, a in enumerate(new.addresses)}
                 # 1. load: old and new home sets (a server still serves the old placement until the swap).
-                self.clients.assign_many({a: before.get(a, set()) | after[a] for a in addresses
-                                          if not after[a] <= before.get(a, set())}, timeout)
+                # Each call also names the new members: the only addresses a server fetches replicas from.
+                gaining = {a: before.get(a, set()) | after[a] for a in addresses if not after[a] <= before.get(a, set())}
+                self.clients.assign_many(gaining, timeout, members=addresses)
+                for address in joining:  # a rogue server is refused before it serves a token
+                    self.check_digests(address, after[address])
             except BaseException:
                 self.clients.retain_members()  # close the channels opened for joiners
                 raise
@@ -190,6 +202,12 @@ class Membership:
             self.clients.assign_many({a: after[a] for a in addresses if before.get(a, set()) - after[a]}, timeout)
         except MoEError as exc:
             log.warning("membership: dropping moved experts failed: %s", exc)
+        # Servers that neither gained nor lost learn the new members too (their expert set is
+        # unchanged, so the call is instant); best effort with a short deadline, so a member
+        # that hangs cannot hold up the change: it keeps the old list and fetches less.
+        quiet = {a: after[a] for a in addresses if a not in gaining and not before.get(a, set()) - after[a]}
+        for address, exc in self.clients.assign_each(quiet, ANNOUNCE_TIMEOUT_S)[1].items():
+            log.info("membership: %s did not take the new member list: %s", address, exc)
         for address in leaving:
             if graceful:
                 try:  # hold nothing: a server waiting to shut down may exit now
@@ -201,9 +219,41 @@ class Membership:
         change = Change(addresses, moved, t_load - t0, t_drain - t_load, time.monotonic() - t0)
         self.changes.append(change)
         self.changes_total += 1
+        METRICS.membership_changed("join" if joining else "leave" if graceful else "evict")
         log.info("membership: now %d expert servers (%s); load %.2f s, drain %.2f s, total %.2f s",
                  len(addresses), ", ".join(addresses), change.load_s, change.drain_s, change.total_s)
         return change
+
+    def check_digests(self, address: str, experts) -> None:
+        """FAILED_PRECONDITION unless the server at `address` holds exactly the checkpoint's
+        weights for `experts` (digests it computes from what it loaded; moe_common/integrity.py)."""
+        experts = sorted(experts)
+        if not experts:
+            return
+        with self.clients.connections.stub_for_call(address) as stub:
+            reply = call_result(address, stub.GetExpertDigests.future(expert_pb2.GetExpertDigestsRequest(
+                experts=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in experts],
+                model_id=self.clients.model_id), timeout=self.config.join_timeout_s))
+        got = {(d.expert.layer, d.expert.expert): d.sha256 for d in reply.digests}
+        if reply.dtype not in ("float32", "float16", "bfloat16"):
+            raise FailedPrecondition(f"expert server {address} reports weights in dtype {reply.dtype!r}")
+        bad = [k for k in experts if got.get(k) != self.digests.digest(k, reply.dtype)]
+        if bad:
+            raise FailedPrecondition(
+                f"expert server {address} holds expert weights that differ from the gateway's checkpoint "
+                f"({len(bad)} of {len(experts)} checked, e.g. expert {bad[0][1]} of sparse layer {bad[0][0]}): "
+                "refused")
+        log.info("membership: %s holds the checkpoint's weights (%d experts checked)", address, len(experts))
+
+    def check_members_sample(self, per_server: int = START_DIGEST_SAMPLE, seed: int | None = None) -> None:
+        """At start: digests of a random sample of each member's home experts (reading and
+        hashing every expert of a big checkpoint would delay the start by minutes); a server
+        that fails is named in the FAILED_PRECONDITION and the gateway does not start."""
+        rng = random.Random(seed)
+        view = self.clients.view
+        for s, address in enumerate(view.addresses):
+            experts = sorted(view.experts_of(s))
+            self.check_digests(address, rng.sample(experts, min(per_server, len(experts))))
 
     @contextlib.contextmanager
     def _keeping_alive(self, addresses: list[str]):

@@ -3,31 +3,39 @@
     moe-gateway --model tiny --expert-servers 127.0.0.1:50061,127.0.0.1:50062 --port 50051
 
 Serves moe.gateway.v1.GatewayService, inference.GRPCInferenceService (Open
-Inference Protocol v2), grpc.health.v1.Health and server reflection. Health is
-NOT_SERVING until the model is loaded and every expert server holds its experts.
+Inference Protocol v2), grpc.health.v1.Health and server reflection on the client
+port. Health is NOT_SERVING until the model is loaded and every expert server holds
+its experts. What changes the deployment (MembershipService) is served only on the
+admin port (--admin-port, loopback by default), which also answers a full GetStatus.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 from gateway.batcher import Batcher
 from gateway.config import GatewayConfig
 from gateway.engine import Engine
 from gateway.membership import Membership
+from gateway.metrics import Exposure, server_interceptors
+from gateway.scheduler import ContinuousScheduler
 from gateway.servicer import Counters, GatewayServicer, InferenceServicer, MembershipServicer
-from moe_common import model_source, serving, tls
+from moe_common import auth, metrics, model_source, serving, tls
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = [
+SERVICE_NAMES = [  # the client port
     gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
     oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+]
+ADMIN_SERVICE_NAMES = [
     gateway_pb2.DESCRIPTOR.services_by_name["MembershipService"].full_name,
+    gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
 ]
 
 
@@ -36,33 +44,74 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig):
         self.config = config
+        # Read first: a missing key file fails the start before the model loads.
+        self.api_keys = (auth.ApiKeys(config.api_keys_file, config.api_key_rate_per_s, config.api_key_max_concurrent)
+                         if config.api_keys_file is not None else None)
         self.engine = Engine(config)
-        self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
+        if config.scheduler == "continuous":
+            self.batcher = ContinuousScheduler(self.engine, config.max_batch_size, config.max_batch_tokens,
+                                               config.max_queued_prompts)
+        else:
+            self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
         self.membership = Membership(self.engine)
         counters = Counters()
+        self.admin_server = None
+        self.metrics = None
         self.server, self.port, health = serving.create_server(
             config.address,
             [
-                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-                    GatewayServicer(self.engine, self.batcher, counters, self.membership), s),
-                lambda s: gateway_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.membership), s),
+                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(
+                    self.engine, self.batcher, counters, self.membership, public=config.public_status), s),
                 lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.engine, self.batcher, counters), s),
             ],
             SERVICE_NAMES,
             max_workers=config.max_workers,
+            max_message_bytes=config.client_max_message_bytes,
             tls=config.tls,
+            # Outermost first: request counts and ids (gateway/metrics.py), then API keys, so
+            # refused calls are counted too.
+            interceptors=[*server_interceptors(),
+                          *([auth.ApiKeyInterceptor(self.api_keys)] if self.api_keys is not None else [])],
+            internal=False,
         )
+        try:
+            # The control plane: cluster credentials (token, peer allow-list) apply here.
+            self.admin_server, self.admin_port, admin_health = serving.create_server(
+                config.admin_address,
+                [
+                    lambda s: gateway_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.membership), s),
+                    lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+                        GatewayServicer(self.engine, self.batcher, counters, self.membership), s),
+                ],
+                ADMIN_SERVICE_NAMES,
+                max_workers=8,
+                tls=config.tls,
+            )
+        except BaseException:
+            self.stop()
+            raise
         # Bound and answering health (NOT_SERVING) while expert servers load their experts.
         try:
             self.engine.connect()
+            self.membership.check_members_sample()  # servers given at start hold the checkpoint's experts too
         except BaseException:
             self.stop()
             raise
         self.membership.start()
+        self.metrics = Exposure(self)
+        serving.set_serving(admin_health, ADMIN_SERVICE_NAMES)
         serving.set_serving(health, SERVICE_NAMES)
 
+    def reload_api_keys(self) -> None:
+        if self.api_keys is not None:
+            self.api_keys.reload()
+
     def stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop()
         self.membership.stop()
+        if self.admin_server is not None:
+            self.admin_server.stop(grace=2)
         self.server.stop(grace=2).wait()
         self.batcher.stop()
         self.engine.close()
@@ -83,8 +132,24 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--model-name", default="switch", help="name clients use for the model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--admin-host", default="127.0.0.1",
+                   help="address of the admin port (MembershipService, full GetStatus); loopback by default")
+    p.add_argument("--admin-port", type=int, default=0,
+                   help="port of the control plane (0 = any free one, logged); never give clients this port")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="client API keys, one per line (reloaded on SIGHUP); clients send "
+                        "'authorization: Bearer KEY'; without it the client port is open")
+    p.add_argument("--api-key-rate-per-s", type=float, default=0.0, help="requests per second per key (0 = no limit)")
+    p.add_argument("--api-key-max-concurrent", type=int, default=0, help="requests in flight per key (0 = no limit)")
+    p.add_argument("--client-status", default="auto", choices=["auto", "full", "public"],
+                   help="GetStatus on the client port: public leaves out internal addresses; auto = full on loopback")
     p.add_argument("--max-batch-size", type=int, default=8, help="prompts per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
+                   help="static: a batch runs to its end; continuous: requests join and leave the running batch "
+                        "at every decoding step")
+    p.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="continuous scheduler: prompt tokens per admission step")
     p.add_argument("--max-prompts-per-request", type=int, default=64)
     p.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
@@ -122,8 +187,9 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
     p.add_argument("--log-level", default="INFO")
     tls.add_arguments(p)
+    metrics.add_arguments(p)
     a = p.parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     try:
         return GatewayConfig(
             model=a.model,
@@ -138,6 +204,8 @@ def parse_args(argv=None) -> GatewayConfig:
             port=a.port,
             max_batch_size=a.max_batch_size,
             max_wait_ms=a.max_wait_ms,
+            scheduler=a.scheduler,
+            max_batch_tokens=a.max_batch_tokens,
             max_prompts_per_request=a.max_prompts_per_request,
             max_queued_prompts=a.max_queued_prompts,
             max_workers=a.max_workers,
@@ -160,6 +228,13 @@ def parse_args(argv=None) -> GatewayConfig:
             replication_min_gain=a.replication_min_gain,
             redundancy=a.redundancy,
             tls=tls.from_args(a),
+            admin_host=a.admin_host,
+            admin_port=a.admin_port,
+            api_keys_file=a.api_keys_file,
+            api_key_rate_per_s=a.api_key_rate_per_s,
+            api_key_max_concurrent=a.api_key_max_concurrent,
+            client_status=a.client_status,
+            metrics_port=a.metrics_port,
         )
     except ValueError as exc:
         p.error(str(exc))
@@ -169,8 +244,13 @@ def main(argv=None) -> int:
     serving.die_with_parent()
     config = parse_args(argv)
     gateway = Gateway(config)
+    signal.signal(signal.SIGHUP, lambda *_: gateway.reload_api_keys())
     log.info("gateway on %s:%d serving model %r (%s) with %d expert servers",
              config.host, gateway.port, config.model_name, gateway.engine.source.spec, len(gateway.engine.clients.addresses))
+    log.info("admin port (membership) on %s:%d; API keys %s", config.admin_host, gateway.admin_port,
+             f"from {config.api_keys_file}" if config.api_keys_file else "off (the client port is open)")
+    if gateway.metrics.port:
+        log.info("gateway metrics on http://%s:%d/metrics", config.host, gateway.metrics.port)
     serving.wait_for_termination()
     log.info("shutting down")
     gateway.stop()

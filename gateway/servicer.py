@@ -12,6 +12,8 @@ import numpy as np
 
 from gateway.batcher import Batcher, Job
 from gateway.engine import Engine, Sampling
+from gateway.metrics import METRICS
+from moe_common import tracing
 from moe_common.errors import Cancelled, InvalidArgument, NotFound
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -45,6 +47,7 @@ def _sampling_from_pb(p: gateway_pb2.GenerationParameters) -> Sampling:
 def submit(batcher: Batcher, job: Job, context) -> None:
     """Queue a job for as long as its RPC lives: when the RPC ends (cancelled, deadline
     passed) the job is cancelled and its handler thread released."""
+    job.request_id = tracing.current_request_id()  # set by the server's tracing interceptor
     if not context.add_callback(lambda: batcher.cancel(job)):
         # The RPC already ended (its deadline passed while it waited for a handler thread).
         raise Cancelled("the request ended before it was queued (cancelled, or its deadline passed)")
@@ -52,11 +55,14 @@ def submit(batcher: Batcher, job: Job, context) -> None:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters, membership=None):
+    def __init__(self, engine: Engine, batcher: Batcher, counters: Counters, membership=None, public: bool = False):
         self.engine = engine
         self.batcher = batcher
         self.counters = counters
         self.membership = membership
+        # GetStatus without internal addresses (expert servers, predictor): what the
+        # client port answers when clients are not the operators (GatewayConfig.public_status).
+        self.public = public
 
     def _job(self, request: gateway_pb2.GenerateRequest, stream: bool) -> Job:
         e = self.engine
@@ -72,6 +78,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             job = self._job(request, stream=False)
             submit(self.batcher, job, context)
             results, timings = job.wait()
+            METRICS.request_finished(job.prompts, results, timings)
             reply = gateway_pb2.GenerateResponse(timings=gateway_pb2.Timings(**timings))
             for prompt, r in zip(job.prompts, results):
                 reply.generations.add(
@@ -97,6 +104,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     )
                 elif kind == "done":
                     results, timings = rest
+                    METRICS.request_finished(job.prompts, results, timings)
                     # Prompts with max_new_tokens 0 produced no token: close them explicitly.
                     for index, r in enumerate(results):
                         if not r.token_ids:
@@ -151,10 +159,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             rpc_wall_ns=st.rpc_wall_ns, compute_max_ns=st.server_compute_ns,
             compute_mean_ns=int(st.server_compute_mean_ns), gateway_codec_ns=st.gateway_codec_ns,
             server_codec_ns=st.server_codec_ns, load_mean_sum=st.sum_mean_load, load_max_sum=st.sum_max_load,
-            suspects=st.suspects, stand_in_loads=st.stand_in_loads, bytes_shared=st.bytes_shared))
+            suspects=st.suspects, stand_in_loads=st.stand_in_loads, bytes_shared=st.bytes_shared,
+            decode_layer_calls=e.decode_calls.calls, decode_tokens=e.decode_calls.tokens))
         if self.membership is not None:
             reply.membership_changes.extend(change_message(c) for c in list(self.membership.changes))
             reply.membership_changes_total = self.membership.changes_total
+        if self.public:
+            for status in reply.servers:
+                status.ClearField("address")
+            reply.predictor.ClearField("address")
+            for change in reply.membership_changes:
+                del change.servers[:]
+            reply.ClearField("model_source")  # a path on the gateway's host
         return reply
 
 
@@ -342,8 +358,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
         job = Job(prompts=prompts, max_new_tokens=limits, sampling=sampling)
         submit(self.batcher, job, context)
-        results, _ = job.wait()
-        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION, id=request.id)
+        results, timings = job.wait()
+        METRICS.request_finished(job.prompts, results, timings)
+        reply = oip.ModelInferResponse(model_name=request.model_name, model_version=MODEL_VERSION,
+                                       id=request.id or tracing.current_request_id())
         for name in wanted:
             if name == "text_output":
                 texts = [e.decode(r.token_ids).encode("utf-8") for r in results]

@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve nothing: record the routing with the single-process model and print the GPU projection "
                         "(needs --gpu-costs and --gateway-costs)")
     g.add_argument("--no-one-server", action="store_true", help="skip the one-expert-server run")
+    g = p.add_argument_group("open loop (moe_bench/open_loop.py): with --arrival-rate, compare the gateway's "
+                             "schedulers instead of the closed-loop run; --batch-size is the gateway's --max-batch-size")
+    g.add_argument("--arrival-rate", type=float, default=None, help="requests per second, Poisson arrivals")
+    g.add_argument("--new-tokens-range", default="4,64", help="A,B: new tokens per request, uniform in A..B")
+    g.add_argument("--open-loop-requests", type=int, default=40, help="requests sent in the open loop")
+    g.add_argument("--schedulers", default="static,continuous", help="gateway --scheduler values; the first is the baseline")
+    g.add_argument("--unloaded-requests", type=int, default=3, help="requests sent one at a time for the unloaded latency")
+    g.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
+    g.add_argument("--no-reference", action="store_true", help="skip checking outputs against HF alone")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--work-dir", type=Path, default=None, help="traces and the trained forecaster (default: a temp dir)")
     p.add_argument("--log-level", default="INFO")
@@ -592,6 +601,8 @@ def gpu_projection(a, source, info, trace_dir, forecaster, w, *, batches=None, s
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.arrival_rate is not None:
+        return run_open_loop(a)
     result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
     if result.get("kind") == "projection":  # --simulate-only
         from moe_bench import projection
@@ -630,6 +641,22 @@ def main(argv=None) -> int:
     exact_path = sv.get("expert_kernel", "exact") == "exact" and sv.get("wire_dtype", "float32") == "float32"
     ok = all(r["identical_to_reference"] for rows in result["measured"].values() for r in rows.values())
     return 0 if ok or not exact_path else 1
+
+
+def run_open_loop(a) -> int:
+    """The open-loop scheduler comparison (moe_bench/open_loop.py): print, and write --json."""
+    from moe_bench import open_loop
+
+    source = model_source.resolve(a.model, a.cache_dir)
+    result = open_loop.run(a, source, documents(a.corpus))
+    result["machine"] = machine()
+    result["command"] = shlex.join(["moe-bench", *sys.argv[1:]])
+    print(open_loop.markdown(result), flush=True)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+    same = [f.get("identical_to_reference") for f in result["schedulers"].values()]
+    return 0 if all(s is None or s == result["workload"]["requests"] for s in same) else 1
 
 
 def _jsonable(x):

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moe_common import tracing
 from moe_common.errors import ErrorMappingInterceptor
 from moe_common.tls import PLAINTEXT, TlsConfig
 
@@ -53,15 +54,19 @@ def create_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: TlsConfig = PLAINTEXT,
     interceptors: Iterable[grpc.ServerInterceptor] = (),
+    internal: bool = True,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Build and start a server on `address` ("host:port", port 0 = any free one).
 
     Adds grpc.health.v1.Health (every service NOT_SERVING until the caller says
-    otherwise) and server reflection. Returns (server, bound port, health servicer).
+    otherwise) and server reflection. internal: a cluster-plane server, which enforces
+    the cluster token and peer allow-list of `tls` (moe_common/auth.py); the gateway's
+    client port is not one. Returns (server, bound port, health servicer).
     """
+    cluster = tls.interceptors() if internal else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[*interceptors, ErrorMappingInterceptor()],
+        interceptors=[*cluster, *interceptors, ErrorMappingInterceptor()],
         # Without so_reuseport=0 a second server binds a port already in use and the two
         # silently split the traffic (e.g. a stack started twice on one port).
         options=[*message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
@@ -130,8 +135,10 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """One line per record, text or JSON (--log-format), with the request ids of the
+    call being handled (moe_common/tracing.py)."""
+    tracing.configure(level, fmt)
 
 
 # Set by gateway/launcher.py on the processes it starts: the pid they must not outlive.

@@ -138,16 +138,28 @@ def cmd_serve(a) -> int:
     name = predictor_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
     try:
         tls_config = tls.from_args(a)
+        tls_config.check_bind(a.host, "the predictor")
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    from moe_common import metrics, tracing
+    from predictor_service.metrics import METRICS
+
+    try:
+        metrics.check_port(a.metrics_port)
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
         return 2
     server, port, health = serving.create_server(
         f"{a.host}:{a.port}",
         [lambda s: predictor_pb2_grpc.add_PredictorServiceServicer_to_server(PredictorServicer(predictor), s)],
-        [name], tls=tls_config)
+        [name], tls=tls_config, interceptors=[METRICS.interceptor, tracing.IncomingInterceptor()])
+    metrics_server = metrics.serve(METRICS.registry, a.host, a.metrics_port)
     serving.set_serving(health, [name])
     log.info("predictor on %s:%d for model %s: %s", a.host, port, info.model_id, predictor.note)
     serving.wait_for_termination()
+    if metrics_server is not None:
+        metrics_server.stop()
     server.stop(grace=1).wait()
     return 0
 
@@ -156,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-predictor", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text lines, or one JSON object per line (with request_id and batch_id fields)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("corpus", help="write the default text (the Python standard library's docstrings)")
@@ -211,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.3)
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=50071)
+    c.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = off); HOST is --host")
     tls.add_arguments(c)
     c.set_defaults(fn=cmd_serve)
     return p
@@ -219,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     serving.die_with_parent()
     a = build_parser().parse_args(argv)
-    serving.configure_logging(a.log_level)
+    serving.configure_logging(a.log_level, a.log_format)
     return a.fn(a)
 
 

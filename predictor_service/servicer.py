@@ -10,6 +10,7 @@ from moe_common.errors import InvalidArgument
 from moe_common.traces import DECODER, ENCODER
 from moe_protos.moe.predictor.v1 import predictor_pb2 as pb
 from moe_protos.moe.predictor.v1 import predictor_pb2_grpc
+from predictor_service.metrics import METRICS
 from predictor_service.predictor import Predictor
 
 KIND_FROM_PB = {pb.PASS_KIND_ENCODER: ENCODER, pb.PASS_KIND_DECODER: DECODER}
@@ -33,6 +34,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServiceServicer):
         for layer, load, hot in out:
             reply.layers.add(layer=layer, load=load.tolist(), hot_experts=hot)
         reply.forecast_ns = time.perf_counter_ns() - t0
+        METRICS.forecast.observe(reply.forecast_ns / 1e9)
         return reply
 
     def ReportLoads(self, request, context):

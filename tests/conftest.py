@@ -100,11 +100,20 @@ def restart_expert_server(source, address: str, log_dir, args=None, tries: int =
     raise AssertionError("unreachable")
 
 
+ADMIN: dict[str, str] = {}  # gateway address -> its admin address (--admin-port), for gateway()
+
+
+def admin_address(gw: str) -> str:
+    """The admin (MembershipService) address of a gateway started by gateway()."""
+    return ADMIN[gw]
+
+
 @contextlib.contextmanager
 def gateway(source, addresses, args=None):
-    """Start a gateway over `addresses`; yield its address."""
-    port = pick_free_port(HOST)
-    proc = spawn_gateway(source.path, HOST, port, addresses, args)
+    """Start a gateway over `addresses`; yield its client address (admin_address() gives the other)."""
+    port, admin_port = pick_free_port(HOST), pick_free_port(HOST)
+    proc = spawn_gateway(source.path, HOST, port, addresses, ["--admin-port", str(admin_port), *(args or [])])
+    ADMIN[f"{HOST}:{port}"] = f"{HOST}:{admin_port}"
     try:
         wait_ready(proc, f"{HOST}:{port}", 120)
         yield f"{HOST}:{port}"

@@ -7,6 +7,7 @@ compose file's health checks and dependencies are wired; the health-check comman
 works against a real server."""
 
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_names_labels_and_ports_agree():
         args = container["args"]
         port = int(args[args.index("--port") + 1])
         assert args[args.index("--host") + 1] == "0.0.0.0"  # reachable from other pods
-        assert [p["containerPort"] for p in container["ports"]] == [port]
+        assert [p["containerPort"] for p in container["ports"] if p["name"] != "metrics"] == [port]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == port, (name, probe)
         ports[name] = port
@@ -121,6 +122,8 @@ def test_every_command_parses():
         parse(program, args)
     compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
     for service in compose["services"].values():
+        if "profiles" in service:
+            continue  # not ours: the monitoring profile's Prometheus
         program, *args = service["command"]
         parse(program, args)
     dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
@@ -140,7 +143,7 @@ def parse(program: str, args: list[str]):
 
 def test_compose_waits_on_health():
     compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
-    services = compose["services"]
+    services = {name: s for name, s in compose["services"].items() if "profiles" not in s}
     for name, service in services.items():
         test = service["healthcheck"]["test"]
         assert test[:4] == ["CMD", "python", "-m", "moe_common.healthcheck"], name
@@ -157,6 +160,47 @@ def test_compose_waits_on_health():
     assert gateway["ports"] == ["127.0.0.1:50051:50051"]
 
 
+def test_every_service_is_scraped():
+    """Kubernetes: the pod annotations name the port given as --metrics-port, which the pod
+    spec lists. Compose: the monitoring profile's Prometheus scrapes every service there."""
+    for d in base_resources():
+        if d["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = d["spec"]["template"]
+        container = pod["spec"]["containers"][0]
+        program, *args = container["args"]
+        port = parse(program, args).metrics_port
+        assert port > 0, d["metadata"]["name"]
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(port)
+        assert {"name": "metrics", "containerPort": port} in container["ports"]
+    compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["profiles"] == compose["services"]["grafana"]["profiles"] == ["monitoring"]
+    # Grafana's provisioned data source is that Prometheus; its dashboard is ours.
+    grafana = ROOT / "deploy" / "grafana"
+    source = yaml.safe_load((grafana / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert any(m.startswith("../grafana/moe-dashboard.json:") for m in mounts)
+    assert all((ROOT / "deploy" / "docker" / m.split(":")[0]).exists() for m in mounts + prometheus["volumes"])
+    config = yaml.safe_load((ROOT / "deploy" / "docker" / "prometheus.yml").read_text())
+    targets = set()
+    for job in config["scrape_configs"]:
+        targets |= {t for c in job.get("static_configs", []) for t in c["targets"]}
+        targets |= {f"{n}:{c['port']}" for c in job.get("dns_sd_configs", []) for n in c["names"]}
+    for name, service in compose["services"].items():
+        if "profiles" in service:
+            continue
+        program, *args = service["command"]
+        assert f"{name}:{parse(program, args).metrics_port}" in targets, name
+    promtool = shutil.which("promtool")  # comes with the prometheus package .ci/run installs
+    if promtool:
+        done = subprocess.run([promtool, "check", "config", str(ROOT / "deploy" / "docker" / "prometheus.yml")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_healthcheck_command(tiny):
     check = [sys.executable, "-m", "moe_common.healthcheck"]
     with expert_servers(tiny, 1) as (addresses, _):
@@ -169,3 +213,44 @@ def test_healthcheck_command(tiny):
 @pytest.mark.parametrize("script", ["local/run.sh", "quickstart.sh"])
 def test_shell_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(ROOT / "deploy" / script)]).returncode == 0
+
+
+def test_admin_port_stays_off_services_and_only_the_gateway_reaches_expert_servers():
+    """README "Security": the admin port is on loopback and in no Service or published
+    port; internal services require the cluster token; NetworkPolicies let only the
+    gateway (and peer expert servers, for FetchExpert) reach expert servers."""
+    resources = base_resources()
+    workloads = {d["metadata"]["name"]: d for d in resources if d["kind"] in ("Deployment", "StatefulSet")}
+    gw_args = workloads["moe-gateway"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    gateway = gateway_args(gw_args[1:])
+    assert gateway.admin_host == "127.0.0.1" and gateway.admin_port
+    assert gateway.public_status and gateway.api_keys_file is not None
+    service_ports = {p["targetPort"] for d in resources if d["kind"] == "Service" for p in d["spec"]["ports"]}
+    assert gateway.admin_port not in service_ports
+    for name, w in workloads.items():
+        program, *args = w["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert parse(program, args).cluster_token_file if program == "moe-predictor" else "--cluster-token-file" in args
+    policies = {d["metadata"]["name"]: d["spec"] for d in resources if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"moe-expert", "moe-predictor", "moe-gateway"}
+
+    def sources(spec, port):
+        return sorted(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                      for rule in spec["ingress"] if [p["port"] for p in rule["ports"]] == [port]
+                      for peer in rule.get("from", []))
+
+    assert sources(policies["moe-expert"], 50061) == ["moe-expert", "moe-gateway"]
+    assert sources(policies["moe-predictor"], 50071) == ["moe-gateway"]
+    for spec in policies.values():  # /metrics: Prometheus only
+        assert sources(spec, 9400) == ["prometheus"]
+    assert sorted(p["port"] for rule in policies["moe-gateway"]["ingress"] for p in rule["ports"]) == sorted([gateway.port, 9400])
+    assert "from" not in policies["moe-gateway"]["ingress"][0]  # the client port: from anywhere
+
+    compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        if "monitoring" in service.get("profiles", []):
+            continue  # Prometheus and Grafana: they serve no model
+        assert "--cluster-token-file" in service["command"] and service["secrets"] == ["cluster_token"], name
+        assert "ports" not in service or name == "gateway"
+    compose_gateway = gateway_args(compose["services"]["gateway"]["command"][1:])
+    assert compose_gateway.admin_host == "127.0.0.1"
+    assert all(f":{compose_gateway.admin_port}" not in p for p in compose["services"]["gateway"]["ports"])

@@ -269,8 +269,9 @@ def test_join_during_gateway_startup_is_kept(tiny, reference):
     with expert_servers(tiny, 1) as (joining, _):
         first_port = pick_free_port(HOST)
         first = f"{HOST}:{first_port}"
-        port = pick_free_port(HOST)
-        gw_proc = spawn_gateway(tiny.path, HOST, port, [first])  # its first server is not up yet
+        port, admin_port = pick_free_port(HOST), pick_free_port(HOST)
+        # Its first server is not up yet. Joins go to the admin port (the client port has no MembershipService).
+        gw_proc = spawn_gateway(tiny.path, HOST, port, [first], ["--admin-port", str(admin_port)])
         gw = f"{HOST}:{port}"
         first_proc = None
         try:
@@ -284,7 +285,7 @@ def test_join_during_gateway_startup_is_kept(tiny, reference):
                 except grpc.RpcError:
                     assert gw_proc.poll() is None and time.monotonic() < deadline
                     time.sleep(0.1)
-            joined = gateway_pb2_grpc.MembershipServiceStub(ch).AddExpertServer.future(
+            joined = gateway_pb2_grpc.MembershipServiceStub(channel(f"{HOST}:{admin_port}")).AddExpertServer.future(
                 gateway_pb2.AddExpertServerRequest(address=joining[0]), timeout=300)
             first_proc = spawn_expert_server(tiny.path, HOST, first_port)
             wait_ready(first_proc, first, 120)

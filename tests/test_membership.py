@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import HOST, channel, expert_servers, gateway, generated_ids
+from conftest import HOST, admin_address, channel, expert_servers, gateway, generated_ids
 from gateway.launcher import spawn_gateway
 from gateway.membership import resolve
 from moe_common.placement import home_placement, moved_experts, rebalance_home
@@ -89,8 +89,9 @@ def test_join_and_leave_under_load(tmp_path, tiny):
     assert proc.returncode == 0
 
 
-def _stub(address):
-    return gateway_pb2_grpc.MembershipServiceStub(channel(address))
+def _stub(gw):
+    """MembershipService of a gateway: on its admin port, never the client port."""
+    return gateway_pb2_grpc.MembershipServiceStub(channel(admin_address(gw)))
 
 
 def test_membership_errors_and_discovery_at_start(tiny):

@@ -1,6 +1,8 @@
 """Calls the gateway with the stock tritonclient[grpc] client and prints what came back as JSON.
 
-Run as its own process by tests/test_gateway_api.py:  python tritonclient_probe.py HOST:PORT
+Run as its own process (tritonclient's generated protos clash with ours in one process):
+    python tritonclient_probe.py HOST:PORT              tests/test_gateway_api.py
+    python tritonclient_probe.py HOST:PORT --key KEY    tests/test_security.py: API keys in headers=
 """
 
 import json
@@ -49,5 +51,30 @@ def main(address: str) -> None:
     print(json.dumps(out))
 
 
+def with_key(address: str, key: str) -> None:
+    """A wrong key and the right one, in headers=, for a readiness check and an inference."""
+    client = tc.InferenceServerClient(address)
+    out = {}
+    try:
+        client.is_server_ready(headers={"authorization": "Bearer nope"})
+        out["wrong_key_ready"] = "OK"
+    except tc.InferenceServerException as exc:
+        out["wrong_key_ready"] = str(exc.status())
+    out["ready"] = client.is_server_ready(headers={"authorization": f"Bearer {key}"})
+    text = tc.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"keys please"], dtype=object))
+    try:
+        client.infer("switch", [text])
+        out["no_key_infer"] = "OK"
+    except tc.InferenceServerException as exc:
+        out["no_key_infer"] = str(exc.status())
+    result = client.infer("switch", [text], headers={"authorization": f"Bearer {key}"})
+    out["text_output_shape"] = list(result.as_numpy("text_output").shape)
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if "--key" in sys.argv:
+        with_key(sys.argv[1], sys.argv[sys.argv.index("--key") + 1])
+    else:
+        main(sys.argv[1])

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%moe_protos/moe/expert/v1/expert.proto\x12\rmoe.expert.v1\";\n\x19\x41ttachSharedMemoryRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\">\n\x1a\x41ttachSharedMemoryResponse\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x0cSharedRegion\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"P\n\x12\x46\x65tchExpertRequest\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"C\n\x0c\x45xpertWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06weight\x18\x02 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.moe.expert.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"1\n\x0b\x45xpertGroup\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"\xbb\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.moe.expert.v1.ExpertGroup\x12,\n\rhidden_states\x18\x03 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12+\n\x06shared\x18\x05 \x01(\x0b\x32\x1b.moe.expert.v1.SharedRegion\"z\n\x12RunExpertsResponse\x12&\n\x07outputs\x18\x01 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x10\n\x08\x63odec_ns\x18\x03 \x01(\x03\x12\x16\n\x0eoutputs_shared\x18\x04 \x01(\x08\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"S\n\x14\x41ssignExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"N\n\x15\x41ssignExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xc7\x02\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x19\n\x11num_sparse_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12)\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x16\n\x0ereplica_memory\x18\n \x01(\x03\x12\x15\n\rreplica_slots\x18\x0b \x01(\r\x12*\n\x08replicas\x18\x0c \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08\x64raining\x18\r \x01(\x08\"j\n\x12SetReplicasRequest\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0ehome_addresses\x18\x03 \x03(\t\"J\n\x0eReplicaFailure\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x13SetReplicasResponse\x12\'\n\x05ready\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12-\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32\x1d.moe.expert.v1.ReplicaFailure\x12\x15\n\rreplica_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_loaded\x18\x04 \x01(\x03*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\x9a\x04\n\rExpertService\x12Q\n\nRunExperts\x12 .moe.expert.v1.RunExpertsRequest\x1a!.moe.expert.v1.RunExpertsResponse\x12Z\n\rAssignExperts\x12#.moe.expert.v1.AssignExpertsRequest\x1a$.moe.expert.v1.AssignExpertsResponse\x12H\n\x07GetInfo\x12\x1d.moe.expert.v1.GetInfoRequest\x1a\x1e.moe.expert.v1.GetInfoResponse\x12T\n\x0bSetReplicas\x12!.moe.expert.v1.SetReplicasRequest\x1a\".moe.expert.v1.SetReplicasResponse\x12O\n\x0b\x46\x65tchExpert\x12!.moe.expert.v1.FetchExpertRequest\x1a\x1b.moe.expert.v1.ExpertWeight0\x01\x12i\n\x12\x41ttachSharedMemory\x12(.moe.expert.v1.AttachSharedMemoryRequest\x1a).moe.expert.v1.AttachSharedMemoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%moe_protos/moe/expert/v1/expert.proto\x12\rmoe.expert.v1\";\n\x19\x41ttachSharedMemoryRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\">\n\x1a\x41ttachSharedMemoryResponse\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x0cSharedRegion\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"P\n\x12\x46\x65tchExpertRequest\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"C\n\x0c\x45xpertWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06weight\x18\x02 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.moe.expert.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"1\n\x0b\x45xpertGroup\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\r\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"\xbb\x01\n\x11RunExpertsRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.moe.expert.v1.ExpertGroup\x12,\n\rhidden_states\x18\x03 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12+\n\x06shared\x18\x05 \x01(\x0b\x32\x1b.moe.expert.v1.SharedRegion\"z\n\x12RunExpertsResponse\x12&\n\x07outputs\x18\x01 \x01(\x0b\x32\x15.moe.expert.v1.Tensor\x12\x12\n\ncompute_ns\x18\x02 \x01(\x03\x12\x10\n\x08\x63odec_ns\x18\x03 \x01(\x03\x12\x16\n\x0eoutputs_shared\x18\x04 \x01(\x08\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"d\n\x14\x41ssignExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0f\n\x07members\x18\x03 \x03(\t\"V\n\x17GetExpertDigestsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\"H\n\x0c\x45xpertDigest\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"W\n\x18GetExpertDigestsResponse\x12,\n\x07\x64igests\x18\x01 \x03(\x0b\x32\x1b.moe.expert.v1.ExpertDigest\x12\r\n\x05\x64type\x18\x02 \x01(\t\"N\n\x15\x41ssignExpertsResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xc7\x02\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x0f\n\x07\x64_model\x18\x03 \x01(\r\x12\x19\n\x11num_sparse_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12)\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x16\n\x0ereplica_memory\x18\n \x01(\x03\x12\x15\n\rreplica_slots\x18\x0b \x01(\r\x12*\n\x08replicas\x18\x0c \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08\x64raining\x18\r \x01(\x08\"j\n\x12SetReplicasRequest\x12*\n\x08replicas\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x16\n\x0ehome_addresses\x18\x03 \x03(\t\"J\n\x0eReplicaFailure\x12(\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x13SetReplicasResponse\x12\'\n\x05ready\x18\x01 \x03(\x0b\x32\x18.moe.expert.v1.ExpertRef\x12-\n\x06\x66\x61iled\x18\x02 \x03(\x0b\x32\x1d.moe.expert.v1.ReplicaFailure\x12\x15\n\rreplica_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x62ytes_loaded\x18\x04 \x01(\x03*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xff\x04\n\rExpertService\x12Q\n\nRunExperts\x12 .moe.expert.v1.RunExpertsRequest\x1a!.moe.expert.v1.RunExpertsResponse\x12Z\n\rAssignExperts\x12#.moe.expert.v1.AssignExpertsRequest\x1a$.moe.expert.v1.AssignExpertsResponse\x12H\n\x07GetInfo\x12\x1d.moe.expert.v1.GetInfoRequest\x1a\x1e.moe.expert.v1.GetInfoResponse\x12T\n\x0bSetReplicas\x12!.moe.expert.v1.SetReplicasRequest\x1a\".moe.expert.v1.SetReplicasResponse\x12O\n\x0b\x46\x65tchExpert\x12!.moe.expert.v1.FetchExpertRequest\x1a\x1b.moe.expert.v1.ExpertWeight0\x01\x12i\n\x12\x41ttachSharedMemory\x12(.moe.expert.v1.AttachSharedMemoryRequest\x1a).moe.expert.v1.AttachSharedMemoryResponse\x12\x63\n\x10GetExpertDigests\x12&.moe.expert.v1.GetExpertDigestsRequest\x1a\'.moe.expert.v1.GetExpertDigestsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_protos.moe.expert.v1.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1720
-  _globals['_DTYPE']._serialized_end=1808
+  _globals['_DTYPE']._serialized_start=1988
+  _globals['_DTYPE']._serialized_end=2076
   _globals['_ATTACHSHAREDMEMORYREQUEST']._serialized_start=56
   _globals['_ATTACHSHAREDMEMORYREQUEST']._serialized_end=115
   _globals['_ATTACHSHAREDMEMORYRESPONSE']._serialized_start=117
@@ -54,19 +54,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPERTREF']._serialized_start=822
   _globals['_EXPERTREF']._serialized_end=864
   _globals['_ASSIGNEXPERTSREQUEST']._serialized_start=866
-  _globals['_ASSIGNEXPERTSREQUEST']._serialized_end=949
-  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_start=951
-  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_end=1029
-  _globals['_GETINFOREQUEST']._serialized_start=1031
-  _globals['_GETINFOREQUEST']._serialized_end=1047
-  _globals['_GETINFORESPONSE']._serialized_start=1050
-  _globals['_GETINFORESPONSE']._serialized_end=1377
-  _globals['_SETREPLICASREQUEST']._serialized_start=1379
-  _globals['_SETREPLICASREQUEST']._serialized_end=1485
-  _globals['_REPLICAFAILURE']._serialized_start=1487
-  _globals['_REPLICAFAILURE']._serialized_end=1561
-  _globals['_SETREPLICASRESPONSE']._serialized_start=1564
-  _globals['_SETREPLICASRESPONSE']._serialized_end=1718
-  _globals['_EXPERTSERVICE']._serialized_start=1811
-  _globals['_EXPERTSERVICE']._serialized_end=2349
+  _globals['_ASSIGNEXPERTSREQUEST']._serialized_end=966
+  _globals['_GETEXPERTDIGESTSREQUEST']._serialized_start=968
+  _globals['_GETEXPERTDIGESTSREQUEST']._serialized_end=1054
+  _globals['_EXPERTDIGEST']._serialized_start=1056
+  _globals['_EXPERTDIGEST']._serialized_end=1128
+  _globals['_GETEXPERTDIGESTSRESPONSE']._serialized_start=1130
+  _globals['_GETEXPERTDIGESTSRESPONSE']._serialized_end=1217
+  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_start=1219
+  _globals['_ASSIGNEXPERTSRESPONSE']._serialized_end=1297
+  _globals['_GETINFOREQUEST']._serialized_start=1299
+  _globals['_GETINFOREQUEST']._serialized_end=1315
+  _globals['_GETINFORESPONSE']._serialized_start=1318
+  _globals['_GETINFORESPONSE']._serialized_end=1645
+  _globals['_SETREPLICASREQUEST']._serialized_start=1647
+  _globals['_SETREPLICASREQUEST']._serialized_end=1753
+  _globals['_REPLICAFAILURE']._serialized_start=1755
+  _globals['_REPLICAFAILURE']._serialized_end=1829
+  _globals['_SETREPLICASRESPONSE']._serialized_start=1832
+  _globals['_SETREPLICASRESPONSE']._serialized_end=1986
+  _globals['_EXPERTSERVICE']._serialized_start=2079
+  _globals['_EXPERTSERVICE']._serialized_end=2718
 # @@protoc_insertion_point(module_scope)

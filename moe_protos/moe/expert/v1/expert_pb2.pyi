@@ -111,12 +111,38 @@ class ExpertRef(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class AssignExpertsRequest(_message.Message):
+    __slots__ = ("experts", "model_id", "members")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
+    model_id: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model_id: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetExpertDigestsRequest(_message.Message):
     __slots__ = ("experts", "model_id")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     model_id: str
     def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class ExpertDigest(_message.Message):
+    __slots__ = ("expert", "sha256")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    expert: ExpertRef
+    sha256: bytes
+    def __init__(self, expert: _Optional[_Union[ExpertRef, _Mapping]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class GetExpertDigestsResponse(_message.Message):
+    __slots__ = ("digests", "dtype")
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedCompositeFieldContainer[ExpertDigest]
+    dtype: str
+    def __init__(self, digests: _Optional[_Iterable[_Union[ExpertDigest, _Mapping]]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class AssignExpertsResponse(_message.Message):
     __slots__ = ("loaded", "dropped", "weight_bytes")

@@ -65,6 +65,11 @@ class ExpertServiceStub:
                 request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryRequest.SerializeToString,
                 response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.GetExpertDigests = channel.unary_unary(
+                '/moe.expert.v1.ExpertService/GetExpertDigests',
+                request_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetExpertDigestsRequest.SerializeToString,
+                response_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetExpertDigestsResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -129,6 +134,15 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExpertDigests(self, request, context):
+        """SHA-256 digests of experts this server holds, computed from the weights it actually
+        loaded (moe_common/integrity.py). A joining server is asked for them: a server whose
+        weights differ from the gateway's checkpoint is refused. NOT_FOUND for an expert not held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.AttachSharedMemory,
                     request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryRequest.FromString,
                     response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryResponse.SerializeToString,
+            ),
+            'GetExpertDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpertDigests,
+                    request_deserializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetExpertDigestsRequest.FromString,
+                    response_serializer=moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetExpertDigestsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,6 +345,33 @@ class ExpertService:
             '/moe.expert.v1.ExpertService/AttachSharedMemory',
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryRequest.SerializeToString,
             moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.AttachSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExpertDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.expert.v1.ExpertService/GetExpertDigests',
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetExpertDigestsRequest.SerializeToString,
+            moe__protos_dot_moe_dot_expert_dot_v1_dot_expert__pb2.GetExpertDigestsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -137,7 +137,7 @@ class ExpertServerStatus(_message.Message):
     def __init__(self, address: _Optional[str] = ..., healthy: _Optional[bool] = ..., num_home_experts: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., tokens: _Optional[int] = ..., compute_ns: _Optional[int] = ..., suspect: _Optional[bool] = ...) -> None: ...
 
 class ExpertPathStats(_message.Message):
-    __slots__ = ("layer_calls", "rpcs", "tokens", "bytes_sent", "bytes_received", "forward_ns", "dispatch_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "gateway_codec_ns", "server_codec_ns", "load_mean_sum", "load_max_sum", "suspects", "stand_in_loads", "bytes_shared")
+    __slots__ = ("layer_calls", "rpcs", "tokens", "bytes_sent", "bytes_received", "forward_ns", "dispatch_ns", "rpc_wall_ns", "compute_max_ns", "compute_mean_ns", "gateway_codec_ns", "server_codec_ns", "load_mean_sum", "load_max_sum", "suspects", "stand_in_loads", "bytes_shared", "decode_layer_calls", "decode_tokens")
     LAYER_CALLS_FIELD_NUMBER: _ClassVar[int]
     RPCS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,8 @@ class ExpertPathStats(_message.Message):
     SUSPECTS_FIELD_NUMBER: _ClassVar[int]
     STAND_IN_LOADS_FIELD_NUMBER: _ClassVar[int]
     BYTES_SHARED_FIELD_NUMBER: _ClassVar[int]
+    DECODE_LAYER_CALLS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     layer_calls: int
     rpcs: int
     tokens: int
@@ -172,7 +174,9 @@ class ExpertPathStats(_message.Message):
     suspects: int
     stand_in_loads: int
     bytes_shared: int
-    def __init__(self, layer_calls: _Optional[int] = ..., rpcs: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., forward_ns: _Optional[int] = ..., dispatch_ns: _Optional[int] = ..., rpc_wall_ns: _Optional[int] = ..., compute_max_ns: _Optional[int] = ..., compute_mean_ns: _Optional[int] = ..., gateway_codec_ns: _Optional[int] = ..., server_codec_ns: _Optional[int] = ..., load_mean_sum: _Optional[float] = ..., load_max_sum: _Optional[float] = ..., suspects: _Optional[int] = ..., stand_in_loads: _Optional[int] = ..., bytes_shared: _Optional[int] = ...) -> None: ...
+    decode_layer_calls: int
+    decode_tokens: int
+    def __init__(self, layer_calls: _Optional[int] = ..., rpcs: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., forward_ns: _Optional[int] = ..., dispatch_ns: _Optional[int] = ..., rpc_wall_ns: _Optional[int] = ..., compute_max_ns: _Optional[int] = ..., compute_mean_ns: _Optional[int] = ..., gateway_codec_ns: _Optional[int] = ..., server_codec_ns: _Optional[int] = ..., load_mean_sum: _Optional[float] = ..., load_max_sum: _Optional[float] = ..., suspects: _Optional[int] = ..., stand_in_loads: _Optional[int] = ..., bytes_shared: _Optional[int] = ..., decode_layer_calls: _Optional[int] = ..., decode_tokens: _Optional[int] = ...) -> None: ...
 
 class LayerPlacement(_message.Message):
     __slots__ = ("layer", "name", "home_server")

@@ -1,0 +1,358 @@
+"""Continuous batching: iteration-level scheduling of the gateway's decode loop.
+
+Glossary: a *row* is one prompt of a request; the *running set* is the rows decoding
+now, one slot each in the decoder caches (gateway/decode_cache.py); *admission* runs the
+encoder for waiting rows and gives them slots; a *step* runs the decoder once for every
+running row and picks each row's next token with its own decoding parameters; a row
+*retires* when it made its EOS or its max_new_tokens, or its client went away.
+
+``RowDecoder`` is the model side (encoder pass at admission, one decoder step over the
+running rows) and runs on any HF SwitchTransformersForConditionalGeneration: the
+gateway's (RemoteExperts in the sparse layers) or the single-process reference.
+``pick_tokens`` applies HF's own logits warpers row by row. ``ContinuousScheduler`` owns
+the running set and serves the Batcher's interface (submit / cancel / stop, Job events),
+so the servicers run on either.
+
+Exactness against HF's generate() of the request alone: greedy rows take the argmax of
+the float32 logits, as HF does; sampling rows apply HF's TemperatureLogitsWarper,
+TopKLogitsWarper and TopPLogitsWarper in HF's order (gateway/engine.Sampling's fields;
+the presets' generation configs add no other processor) and draw with
+``torch.multinomial`` from the row's own generator. A seeded row's generator is seeded
+with the request's seed, which is the stream HF draws from after
+``torch.manual_seed(seed)``: its tokens equal HF alone with that seed whatever else
+shares the step (each prompt of a seeded request gets that seed).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import MoEModelOutput
+
+from gateway.batcher import Job
+from gateway.decode_cache import RowCaches
+from gateway.engine import Engine, RowResult, Sampling
+from moe_common.batching import pad_right
+from moe_common.errors import ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class RowDecoder:
+    """Admission and decode steps of a running set over an HF Switch Transformer."""
+
+    def __init__(self, model, pad_token_id: int, rows: int = 8):
+        cfg = model.config
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.start_token_id = cfg.decoder_start_token_id
+        self.d_model = cfg.d_model
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.cross = [block.layer[1].EncDecAttention for block in model.decoder.block]
+        self.caches = RowCaches(len(self.cross), cfg.num_heads, cfg.d_kv, self.dtype, self.device, rows=rows)
+        self.gather_ns = 0  # building each step's cache views and masks, summed
+        self.steps = 0
+        self.step_rows = 0  # rows over all steps: tokens each decoder sparse layer got per step, summed
+
+    @torch.inference_mode()
+    def admit(self, prompts: list[list[int]]) -> list[int]:
+        """Run the encoder over new rows (right-padded, as HF's tokenizer pads) and give
+        each a slot holding its cross-attention keys and values. Returns their slots."""
+        input_ids, mask = (t.to(self.device) for t in pad_right(prompts, self.pad_token_id))
+        hidden = self.model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [N, S, d]
+        n, s = input_ids.shape
+        keys, values = [], []
+        for attn in self.cross:  # HF's own projections, as its cross-attention makes them on the first step
+            keys.append(attn.k(hidden).view(n, s, attn.n_heads, attn.key_value_proj_dim).transpose(1, 2))  # [N, H, S, d_kv]
+            values.append(attn.v(hidden).view(n, s, attn.n_heads, attn.key_value_proj_dim).transpose(1, 2))
+        return [self.caches.add([k[i, :, :len(p)] for k in keys], [v[i, :, :len(p)] for v in values])
+                for i, p in enumerate(prompts)]
+
+    @torch.inference_mode()  # buffers grown during a step are inference tensors
+    def remove(self, slot: int) -> int | None:
+        """Retire the row in `slot`; returns the slot of the row that moved into it, if any."""
+        return self.caches.remove(slot)
+
+    @torch.inference_mode()
+    def step(self, last_tokens: list[int]) -> torch.Tensor:
+        """One decoder pass: last_tokens[slot] is the token each live row feeds (the
+        decoder start token on its first step). Returns next-token logits [B, vocab], float32."""
+        t0 = time.perf_counter_ns()
+        cache, self_mask, enc_mask, src = self.caches.step_inputs()
+        rows = self.caches.rows
+        # Cross-attention reads its keys and values from the cache (is_updated); HF only
+        # needs the encoder output's shape, so a zero-stride tensor stands in for it.
+        encoder = torch.zeros((), dtype=self.dtype, device=self.device).expand(rows, src, self.d_model)
+        ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+        self.gather_ns += time.perf_counter_ns() - t0
+        out = self.model(encoder_outputs=MoEModelOutput(last_hidden_state=encoder), attention_mask=enc_mask,
+                         decoder_input_ids=ids, decoder_attention_mask=self_mask, cache=cache, use_cache=True)
+        self.caches.advance()
+        self.steps += 1
+        self.step_rows += rows
+        return out.logits[:, -1].to(dtype=torch.float32)  # as HF's generate() casts them
+
+
+def _warpers(s: Sampling) -> list:
+    """HF's sampling warpers for these parameters, in the order generate() applies them."""
+    out = []
+    if s.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(s.temperature))
+    if s.top_k != 0:
+        out.append(TopKLogitsWarper(top_k=s.top_k, min_tokens_to_keep=1))
+    if s.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=s.top_p, min_tokens_to_keep=1))
+    return out
+
+
+def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """A sampling row's own random stream: seeded, it is the stream torch.manual_seed(seed) gives."""
+    if not sampling.do_sample:
+        return None
+    gen = torch.Generator(device=device)
+    if sampling.seed is not None:
+        gen.manual_seed(sampling.seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> list[int]:
+    """Next token per row: logits [B, vocab] float32; samplings[b] and generators[b] of row b."""
+    greedy = logits.argmax(-1).tolist()  # HF's greedy search: argmax of the float32 logits
+    out = []
+    for b, s in enumerate(samplings):
+        if not s.do_sample:
+            out.append(greedy[b])
+            continue
+        scores = logits[b: b + 1]  # [1, vocab]: the shape HF draws from for one row
+        for warper in _warpers(s):
+            scores = warper(None, scores)
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        out.append(int(torch.multinomial(probs, num_samples=1, generator=generators[b])[0, 0]))
+    return out
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    index: int  # prompt index within the job
+    prompt: list[int]
+    limit: int  # max_new_tokens
+    generator: torch.Generator | None = None
+    last: int = 0  # the token it feeds next step
+    slot: int = -1
+
+
+@dataclass(eq=False)
+class _JobState:
+    results: list[RowResult]
+    open_rows: int
+    admitted_ns: int = 0
+    first_token_ns: int = 0
+    batch_size: int = 0
+    finished: bool = False
+
+
+class ContinuousScheduler:
+    """The decode loop that owns the running set (module docstring). Same interface as
+    gateway/batcher.Batcher: submit(job), cancel(job), stop().
+
+    Every iteration: retire rows whose client went away; admit waiting rows in arrival
+    order (FIFO, never skipping the oldest) while slots are free (max_batch_size) and the
+    admission's prompt tokens stay within max_batch_tokens (the oldest row is admitted
+    even alone over it); run one step. An arrival therefore waits no decode step when a
+    slot is free, and otherwise only until as many rows ahead of it have retired.
+    """
+
+    def __init__(self, engine: Engine, max_batch_size: int, max_batch_tokens: int, max_queued_prompts: int = 1024):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queued_prompts = max_queued_prompts
+        self.decoder = RowDecoder(engine.model, engine.pad_token_id, rows=max_batch_size)
+        self.eos = engine.eos_token_id
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._running: list[_Row] = []  # by slot
+        self._jobs: dict[int, _JobState] = {}  # id(job) -> state, while unfinished
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._worker = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._worker.start()
+
+    # ---- the Batcher interface ----
+
+    def submit(self, job: Job) -> Job:
+        with self._cv:
+            if job.cancelled.is_set():
+                return job
+            if self._stopped:
+                raise Unavailable("the gateway is shutting down")
+            if len(self._waiting) + len(job.prompts) > self.max_queued_prompts:
+                raise ResourceExhausted(f"{len(self._waiting)} prompts are already waiting "
+                                        f"(limit {self.max_queued_prompts}); retry later")
+            state = _JobState([RowResult([], "length") for _ in job.prompts],
+                              open_rows=sum(1 for limit in job.max_new_tokens if limit > 0))
+            if state.open_rows == 0:  # nothing to generate
+                job.events.put(("done", state.results, dict(queue_ns=0, first_token_ns=0,
+                                total_ns=time.perf_counter_ns() - job.arrival_ns, batch_size=0)))
+                return job
+            self._jobs[id(job)] = state
+            device = self.decoder.device
+            for i, (prompt, limit) in enumerate(zip(job.prompts, job.max_new_tokens)):
+                if limit > 0:
+                    self._waiting.append(_Row(job, i, prompt, limit, make_generator(job.sampling, device),
+                                              last=self.decoder.start_token_id))
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        with self._cv:
+            self._waiting = collections.deque(r for r in self._waiting if r.job is not job)
+            self._jobs.pop(id(job), None)  # running rows retire at the next step
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._worker.join(timeout=10)
+
+    @property
+    def stats(self) -> dict:
+        """Decode-step figures: steps, rows over all steps, cache gather time."""
+        d = self.decoder
+        return dict(steps=d.steps, step_rows=d.step_rows, gather_ns=d.gather_ns,
+                    compactions=d.caches.compactions, grows=d.caches.grows)
+
+    # ---- the loop ----
+
+    def _take(self) -> list[_Row] | None:
+        """Wait for work; the rows to admit now (maybe none), or None when stopped."""
+        with self._cv:
+            while not self._waiting and not self._running and not self._stopped:
+                self._cv.wait()
+            if self._stopped:
+                err = Unavailable("the gateway is shutting down")
+                for job in {id(r.job): r.job for r in [*self._waiting, *self._running]}.values():
+                    job.events.put(("error", err))
+                self._waiting.clear()
+                return None
+            admit, tokens = [], 0
+            while self._waiting and len(self._running) + len(admit) < self.max_batch_size:
+                row = self._waiting[0]
+                if admit and tokens + len(row.prompt) > self.max_batch_tokens:
+                    break
+                admit.append(self._waiting.popleft())
+                tokens += len(row.prompt)
+            return admit
+
+    def _run(self) -> None:
+        while True:
+            admit = self._take()
+            if admit is None:
+                return
+            try:
+                for row in [r for r in self._running if r.job.cancelled.is_set()]:
+                    self._retire(row)
+                admit = [r for r in admit if not r.job.cancelled.is_set()]
+                if admit:
+                    self._admit(admit)
+                if self._running:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a bug here must not leave every handler waiting forever
+                log.exception("the decode loop failed; failing its jobs and starting over with empty caches")
+                for job in {id(r.job): r.job for r in [*admit, *self._running]}.values():
+                    if self._jobs.pop(id(job), None) is not None:
+                        job.events.put(("error", exc))
+                self._running = []
+                self.decoder = RowDecoder(self.engine.model, self.engine.pad_token_id, rows=self.max_batch_size)
+
+    def _admit(self, rows: list[_Row]) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            slots = self.decoder.admit([r.prompt for r in rows])
+        except Exception as exc:  # noqa: BLE001 - the admitted jobs get the error; the running set goes on
+            log.warning("admitting %d prompts failed: %s", len(rows), exc)
+            self._fail({id(r.job): r.job for r in rows}.values(), exc)
+            return
+        finally:
+            self.engine.forward_ns += time.perf_counter_ns() - t0
+        for row, slot in zip(rows, slots):
+            assert slot == len(self._running)
+            row.slot = slot
+            self._running.append(row)
+        batch = len(self._running)
+        for row in rows:
+            state = self._jobs.get(id(row.job))
+            if state is not None and not state.admitted_ns:
+                state.admitted_ns, state.batch_size = t0, batch
+
+    def _step(self) -> None:
+        rows = self._running
+        t0 = time.perf_counter_ns()
+        try:
+            logits = self.decoder.step([r.last for r in rows])
+            tokens = pick_tokens(logits, [r.job.sampling for r in rows], [r.generator for r in rows])
+        except Exception as exc:  # noqa: BLE001 - every running job gets the error; the loop goes on
+            log.warning("decode step of %d rows failed: %s", len(rows), exc)
+            self._fail({id(r.job): r.job for r in rows}.values(), exc)
+            return
+        finally:
+            self.engine.forward_ns += time.perf_counter_ns() - t0
+        now = time.perf_counter_ns()
+        done, finished = [], []
+        for row, token in zip(rows, tokens):
+            state = self._jobs.get(id(row.job))
+            if state is None:  # its job failed or was cancelled
+                done.append(row)
+                continue
+            result = state.results[row.index]
+            result.token_ids.append(token)
+            state.first_token_ns = state.first_token_ns or now
+            row.last = token
+            reason = "eos" if token == self.eos else "length" if len(result.token_ids) >= row.limit else None
+            if row.job.stream:
+                row.job.events.put(("token", row.index, token, reason))
+            if reason is not None:
+                result.finish_reason = reason
+                done.append(row)
+                state.open_rows -= 1
+                if state.open_rows == 0:
+                    finished.append((row.job, state))
+        for row in sorted(done, key=lambda r: -r.slot):  # highest slot first: moves never touch a retiring row
+            self._retire(row)
+        for job, state in finished:  # after retiring: whoever hears "done" sees the slots free
+            self._finish(job, state, now)
+
+    def _retire(self, row: _Row) -> None:
+        moved = self.decoder.remove(row.slot)
+        last = self._running.pop()
+        if moved is not None:
+            self._running[row.slot] = last
+            last.slot = row.slot
+
+    def _finish(self, job: Job, state: _JobState, now: int) -> None:
+        self._jobs.pop(id(job), None)
+        timings = dict(queue_ns=state.admitted_ns - job.arrival_ns, first_token_ns=state.first_token_ns - state.admitted_ns,
+                       total_ns=now - job.arrival_ns, batch_size=state.batch_size)
+        job.events.put(("done", state.results, timings))
+
+    def _fail(self, jobs, exc: Exception) -> None:
+        """Fail these jobs: their error is sent and all their rows leave."""
+        failed = {id(j) for j in jobs}
+        for job in jobs:
+            if self._jobs.pop(id(job), None) is not None:
+                job.events.put(("error", exc))
+        for row in sorted([r for r in self._running if id(r.job) in failed], key=lambda r: -r.slot):
+            self._retire(row)
+        with self._cv:
+            self._waiting = collections.deque(r for r in self._waiting if id(r.job) not in failed)
