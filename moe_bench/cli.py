@@ -604,35 +604,16 @@ def main(argv=None) -> int:
     if a.arrival_rate is not None:
         return run_open_loop(a)
     result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
-    if result.get("kind") == "projection":  # --simulate-only
-        from moe_bench import projection
-
-        p = result["projection"]
-        text = "\n".join([f"GPU projection of {result['model']} ({result['num_experts']} experts x "
-                          f"{result['num_sparse_layers']} sparse layers), routing skew {p['routing_skew']:.1f}x; "
-                          f"{p['gateway_source']}.", ""] + projection.markdown(p)) + "\n"
-        if a.plots:
-            path = projection.plot(p, a.plots / "projection.png")
-            text += f"\n![projection]({os.path.relpath(path.resolve(), (a.markdown or Path('x')).resolve().parent)})\n"
-        print(text, flush=True)
-        if a.json:
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
-        if a.markdown:
-            a.markdown.write_text(text)
-        return 0
-    plots = {}
-    if a.plots:
-        files = report.plot(result, a.plots)
-        base = a.readme.parent.resolve() if a.readme else Path.cwd()
-        plots = {name: os.path.relpath(path.resolve(), base) for name, path in files.items()}
-    text = report.markdown(result, plots)
+    projection_only = result.get("kind") == "projection"  # --simulate-only
+    text = projection_text(a, result) if projection_only else report_text(a, result)
     print(text, flush=True)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
     if a.markdown:
         a.markdown.write_text(text)
+    if projection_only:
+        return 0
     if a.readme:
         report.update_readme(a.readme, text)
     # An exact serving path must reproduce the single-process model; one that rounds
@@ -641,6 +622,30 @@ def main(argv=None) -> int:
     exact_path = sv.get("expert_kernel", "exact") == "exact" and sv.get("wire_dtype", "float32") == "float32"
     ok = all(r["identical_to_reference"] for rows in result["measured"].values() for r in rows.values())
     return 0 if ok or not exact_path else 1
+
+
+def report_text(a, result: dict) -> str:
+    """The Markdown report of a measured run, with --plots written and linked."""
+    plots = {}
+    if a.plots:
+        files = report.plot(result, a.plots)
+        base = a.readme.parent.resolve() if a.readme else Path.cwd()
+        plots = {name: os.path.relpath(path.resolve(), base) for name, path in files.items()}
+    return report.markdown(result, plots)
+
+
+def projection_text(a, result: dict) -> str:
+    """The Markdown of a --simulate-only run, with --plots written and linked."""
+    from moe_bench import projection
+
+    p = result["projection"]
+    text = "\n".join([f"GPU projection of {result['model']} ({result['num_experts']} experts x "
+                      f"{result['num_sparse_layers']} sparse layers), routing skew {p['routing_skew']:.1f}x; "
+                      f"{p['gateway_source']}.", ""] + projection.markdown(p)) + "\n"
+    if a.plots:
+        path = projection.plot(p, a.plots / "projection.png")
+        text += f"\n![projection]({os.path.relpath(path.resolve(), (a.markdown or Path('x')).resolve().parent)})\n"
+    return text
 
 
 def run_open_loop(a) -> int:
