@@ -29,7 +29,7 @@ The planner models the same policy, so replicas go where the dispatcher can use 
 Times are (tokens + groups x group_cost) / speed, with speed in tokens per unit time
 (1.0 = the reference server) and group_cost the fixed cost of one expert group in
 tokens' worth: 0 by default; on a launch-bound GPU one group costs as much as ~190
-tokens (shared/gpu/h200-expert-costs.json), so splitting an expert over k holders
+tokens (benchmarks/results/h200/h200-expert-costs.json), so splitting an expert over k holders
 costs k - 1 more groups, and split only splits where that still pays.
 
 *Redundancy* K keeps every logical expert on K servers: its home and K-1 *standby*
