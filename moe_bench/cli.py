@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-costs", type=Path, default=None,
                    help="JSON of expert costs measured on a GPU (benchmarks/gpu_costs.py) for the projection")
     g.add_argument("--gateway-costs", type=Path, default=None,
-                   help="JSON of the single-process model's GPU timings (shared/gpu/hf_anchors.py): with --gpu-costs, "
+                   help="JSON of the single-process model's GPU timings (benchmarks/hf_anchors.py): with --gpu-costs, "
                         "also project end-to-end on that GPU (moe_bench/projection.py)")
     g.add_argument("--layer-overhead-ms", type=float, default=0.0,
                    help="transport time per sparse-layer call in the GPU projection (0: an ideal data plane)")

@@ -1,10 +1,10 @@
 """Projection to a GPU cluster: the simulator (moe_bench/simulator.py) driven by costs
 measured on a GPU instead of this machine's.
 
-Inputs (both written on an NVIDIA H200 by the project's own scripts, shared/gpu/):
+Inputs (both written on an NVIDIA H200 by the project's own scripts; copies in benchmarks/results/h200/):
   expert costs   `benchmarks/gpu_costs.py`: group_s (fixed cost of one expert group),
                  token_s (per routed token), replica_load_s; `--gpu-costs FILE`.
-  gateway costs  `hf_anchors.py`: the single-process HF model's generate() seconds for
+  gateway costs  `benchmarks/hf_anchors.py`: the single-process HF model's generate() seconds for
                  B x 128 prompts and the share of it inside the experts modules;
                  `--gateway-costs FILE`. Everything but the experts (attention, norms,
                  routers, LM head) is what a gateway on that GPU runs, so the non-expert
