@@ -26,7 +26,7 @@ from gateway.metrics import METRICS
 from gateway.replication import assign_layer, choose_stand_ins
 from gateway.transport import Transport
 from gateway.views import ServerView, Views
-from moe_common import tensor_codec
+from moe_common import tensor_codec, tracing
 from moe_common.errors import MoEError, Unavailable
 from moe_common.tls import PLAINTEXT, TlsConfig
 from moe_protos.moe.expert.v1 import expert_pb2
@@ -67,7 +67,8 @@ class ExpertClients:
         return self.connections.stub(address)
 
     def make_view(self, addresses: list[str], home: list[list[int]], slots: list[int]) -> ServerView:
-        return ServerView(list(addresses), [self.stub(a) for a in addresses], home, list(slots))
+        return ServerView(list(addresses), [self.stub(a) for a in addresses], home, list(slots),
+                          run_stubs=[self.connections.plain_stub(a) for a in addresses])
 
     @property
     def view(self) -> ServerView:
@@ -312,7 +313,8 @@ class ExpertClients:
         """One RunExperts call per server, all at once; outputs go into `parts`, failures
         into `errors`. Returns the servers that failed (now suspect) and those that lost
         experts (restarted)."""
-        calls, payloads = {}, {}
+        calls, payloads, sent = {}, {}, {}
+        metadata = tracing.outgoing_metadata()  # the batch's request ids (gateway/tracing.py)
         try:
             for server, items in by_server.items():
                 t0 = time.perf_counter_ns()
@@ -328,13 +330,18 @@ class ExpertClients:
                 acc.bytes_sent += len(payload.tensor.data)
                 acc.bytes_shared += payload.nbytes if payload.region is not None else 0
                 acc.gateway_codec_ns += time.perf_counter_ns() - t0
+                sent[server] = time.perf_counter()
                 if len(calls) < len(by_server) - 1:
                     # Sent at once: this server computes while the next request is packed.
-                    calls[server] = view.stubs[server].RunExperts.future(request, timeout=self.timeout_s)
+                    calls[server] = call = view.run_stubs[server].RunExperts.future(
+                        request, timeout=self.timeout_s, metadata=metadata)
+                    call.add_done_callback(lambda _, a=address, t0=sent[server]: METRICS.observe_rpc(
+                        a, time.perf_counter() - t0))
                 else:
                     # The last one is called blocking on this thread: a future starts a
                     # channel spin thread when its channel was idle, ~0.1-0.2 ms a call.
-                    calls[server] = _Blocking(view.stubs[server].RunExperts, request, self.timeout_s)
+                    calls[server] = _Blocking(view.run_stubs[server].RunExperts, request, self.timeout_s, metadata)
+                    METRICS.observe_rpc(address, time.perf_counter() - sent[server])
             acc.rpcs += len(calls)
             failed, missing = [], []
             for server, call in calls.items():
@@ -420,9 +427,9 @@ class ExpertClients:
 class _Blocking:
     """A unary call made blocking, shaped like the future call_result() reads."""
 
-    def __init__(self, method, request, timeout_s: float):
+    def __init__(self, method, request, timeout_s: float, metadata=()):
         try:
-            self._reply, self._error = method(request, timeout=timeout_s), None
+            self._reply, self._error = method(request, timeout=timeout_s, metadata=metadata), None
         except grpc.RpcError as err:
             self._reply, self._error = None, err
 

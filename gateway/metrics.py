@@ -109,11 +109,15 @@ class GatewayMetrics:
         """on_done(method, seconds) for the channel to expert server `address` (moe_common.tracing.intercept)."""
         def on_done(method: str, seconds: float) -> None:
             if method.endswith("/RunExperts"):
-                child = self._rpc_children.get(address)
-                if child is None:
-                    child = self._rpc_children[address] = self.expert_rpc.labels(address)
-                child.observe(seconds)
+                self.observe_rpc(address, seconds)
         return on_done
+
+    def observe_rpc(self, address: str, seconds: float) -> None:
+        """One RunExperts call to expert server `address` took `seconds`."""
+        child = self._rpc_children.get(address)
+        if child is None:
+            child = self._rpc_children[address] = self.expert_rpc.labels(address)
+        child.observe(seconds)
 
     def predictor_timer(self, method: str, seconds: float) -> None:
         """on_done for the channel to the predictor."""

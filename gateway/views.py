@@ -31,6 +31,7 @@ class ServerView:
     stubs: list
     home: list[list[int]]
     slots: list[int]  # replica slots of each server
+    run_stubs: list = field(default_factory=list)  # stubs[s] without the tracing interceptor (RunExperts)
     ready: list[set] = field(default_factory=list)  # ready[s]: {(layer, expert)} confirmed loaded on s
     planned: set = field(default_factory=set)  # {(layer, expert, server)} the current plan wants
     replica_sequence: list[int] = field(default_factory=list)  # a reply counts only if it answers the newest call

@@ -51,6 +51,15 @@ def current_request_id() -> str:
     return _current.get()[0]
 
 
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """The current ids as call metadata, for a hot path that passes metadata= itself
+    instead of going through a channel wrapped by `intercept` (~35 us a call)."""
+    rid, bid = _current.get()
+    if not rid:
+        return ()
+    return ((REQUEST_ID_KEY, rid), (BATCH_ID_KEY, bid)) if bid else ((REQUEST_ID_KEY, rid),)
+
+
 def set_current(request_id: str, batch_id: str = "") -> contextvars.Token:
     return _current.set((request_id, batch_id))
 
