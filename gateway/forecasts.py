@@ -76,13 +76,17 @@ class PassObserver:
             tokens = self._decoder_tokens = torch.cat([self._decoder_tokens, input_ids], dim=1)
         else:
             tokens = self._decoder_tokens = input_ids
-        if self.stub is not None:
+        planned_ahead = False
+        if kind == ENCODER and self.replicas is not None:
+            # Never waits: planning runs on its worker thread.
+            planned_ahead = self.replicas.batch_started(input_ids)
+        # A batch planned ahead had these very tokens forecast while the previous batch
+        # ran: the predictor holds that forecast for this pass's load report already.
+        if self.stub is not None and not planned_ahead:
             b, s = tokens.shape
             request = pb.ForecastRequest(model_id=self.info.model_id, kind=_KIND[kind], batch_size=b, seq_len=s,
                                          token_ids=tokens.reshape(-1).tolist())
             self._pending = self.stub.Forecast.future(request, timeout=self.timeout_s)
-        if kind == ENCODER and self.replicas is not None:
-            self.replicas.batch_started(input_ids)  # never waits: planning runs on its worker thread
 
     def _on_pass(self, p: Pass) -> None:
         if self.writer is not None:
@@ -116,9 +120,9 @@ class PassObserver:
 
     def _collect_forecast(self) -> None:
         pending, self._pending = self._pending, None
+        self.last_forecast = {}  # none for a pass that asked for none (planned ahead)
         if pending is None:
             return
-        self.last_forecast = {}
         if not pending.done():
             pending.cancel()
             self._count("late", None)

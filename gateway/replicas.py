@@ -111,11 +111,12 @@ class ReplicaManager:
         for j, layer in enumerate(self.info.layers_of(p.kind)):
             self._current[layer] += loads[j]
 
-    def batch_started(self, input_ids: torch.Tensor) -> None:
+    def batch_started(self, input_ids: torch.Tensor) -> bool:
         """A batch starts its encoder pass over input_ids [B, S] (the batcher's thread, on
         the request path): close the previous batch's loads and hand this batch's plan to
         the worker, unless `upcoming` already planned these very prompts while the
-        previous batch ran. Never waits: not for a forecast, nor for planning."""
+        previous batch ran. Never waits: not for a forecast, nor for planning. Returns
+        whether these prompts were planned ahead."""
         t0 = time.perf_counter_ns()
         with self._lock:
             if self.batches > 0:
@@ -132,6 +133,7 @@ class ReplicaManager:
         if not planned_ahead:
             self.worker.submit(lambda: self._plan_for(batch, history, None))
         self.request_path_ns += time.perf_counter_ns() - t0
+        return planned_ahead
 
     def upcoming(self, input_ids: torch.Tensor) -> None:
         """The requests queued to run next are known: input_ids [B, S] of that batch (on
