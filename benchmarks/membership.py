@@ -73,7 +73,8 @@ def run(a) -> dict:
         leaving_proc.send_signal(signal.SIGTERM)
         leaving_proc.wait(timeout=120)
         out["leave_exit_code"] = leaving_proc.returncode
-        out["leave_time_to_exit_s"] = time.monotonic() - t_term
+        t_left = time.monotonic()
+        out["leave_time_to_exit_s"] = t_left - t_term
         print(f"left: {leaving} exited with code {leaving_proc.returncode} "
               f"{out['leave_time_to_exit_s']:.2f} s after SIGTERM", flush=True)
         time.sleep(a.hold_s)
@@ -89,6 +90,9 @@ def run(a) -> dict:
     differing = [r for r in results if not r[4] and r[3] != reference[r[2]]]
     out.update(
         requests=len(results), failed=len(failed), differing=len(differing),
+        # Requests in flight while the server joined, and while the other one drained.
+        requests_during_join=sum(1 for r in results if r[0] < t_spawn + out["join_time_to_traffic_s"] and r[1] > t_spawn),
+        requests_during_leave=sum(1 for r in results if r[0] < t_left and r[1] > t_term),
         identical_to_reference=not differing and bool(results),
         failures=sorted({r[4] for r in failed})[:5],
         servers_after=[s.address for s in final.servers],

@@ -79,7 +79,8 @@ def test_join_and_leave_under_load(tmp_path, tiny):
         capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["requests"] > 20
+    # Requests were in flight across both changes (how many in all depends on the machine's speed).
+    assert result["requests_during_join"] > 0 and result["requests_during_leave"] > 0, result
     assert result["failed"] == 0, result["failures"]
     assert result["identical_to_reference"]
     assert result["leave_exit_code"] == 0
