@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gateway.supervisor import RestartPolicy, Supervisor
 from moe_common import model_source, serving, tls
+from moe_common.cli_help import HelpFormatter
 from moe_common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger("moe-serve")
@@ -170,7 +171,8 @@ def _demo(address: str, tls: TlsConfig, api_keys_file: Path | None = None) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", type=Path, default=None,
                    help="YAML file of these options (keys as the flags, without --); flags given here win")
     p.add_argument("--model", help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--internal-host", default="127.0.0.1",
                    help="address expert servers and the predictor bind (loopback: only the gateway reaches them; "
                         "beyond it they need --cluster-token-file, mutual TLS or --insecure)")
-    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR,
+                   help="where presets are built and hub checkpoints are kept")
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
     p.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
                    help="expert servers' FFN kernel: exact (bit-identical to HF) or grouped (grouped GEMM, not bit-exact)")
@@ -192,16 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per expert server (default: the machine's cores split between the servers)")
     p.add_argument("--gateway-device", default=None,
                    help="where the gateway runs attention, norms and routers (default: cuda when --device is cuda)")
-    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of hidden states sent to expert servers (only float32 is exact)")
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
                    help="hidden states between gateway and expert servers: shared memory where possible (auto)")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-batch-size", type=int, default=8, help="gateway: prompts per batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="gateway: how long a request waits for others to batch with")
     p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
                    help="gateway batching: static batches, or continuous (rows join and leave at every step)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
-    p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
-    p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"])
+    p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
+                   help="how replicas of hot experts are planned (needs --replica-memory; predictive uses the predictor)")
+    p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"],
+                   help="whole: bit-identical outputs; split: also split one expert's tokens (float tolerance); auto: per layer call")
     p.add_argument("--replica-group-cost", type=float, default=0.0,
                    help="fixed cost of one expert group in tokens' worth (gateway --replica-group-cost)")
     p.add_argument("--replica-memory", default="0", help="replica memory per expert server, e.g. 2GB")
@@ -214,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-limit", type=int, default=5,
                    help="restarts of one crashed expert server or predictor within --restart-window-s; "
                         "one more crash stops the stack")
-    p.add_argument("--restart-window-s", type=float, default=600.0)
+    p.add_argument("--restart-window-s", type=float, default=600.0, help="the window --restart-limit counts restarts in")
     p.add_argument("--restart-backoff-s", type=float, default=1.0,
                    help="wait before restarting a crashed child; doubles with each recent restart (at most 30 s)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR; passed to every process")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="BASE: Prometheus /metrics of the gateway on BASE, the predictor on BASE+1 and expert "
                         "server i on BASE+2+i (0 = off)")

@@ -41,6 +41,7 @@ import numpy as np
 from moe_bench import report, simulator
 from moe_bench.workload import Monolithic, Workload, drive, make_requests, summarize
 from moe_common import model_source
+from moe_common.cli_help import HelpFormatter
 
 log = logging.getLogger("moe-bench")
 MODES = ("off", "reactive", "window", "predictive")
@@ -48,7 +49,8 @@ HOST = "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="base-e32-l4", help="checkpoint directory, hub id or preset")
     p.add_argument("--expert-servers", default="2",
                    help="expert servers: N, or N,M,... (the first makes the main table; all validate the simulator)")
@@ -63,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure nothing: make the report, plots and README section from an earlier --json file")
     g = p.add_argument_group("workload")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per request (one request = one batch)")
-    g.add_argument("--prompt-tokens", type=int, default=128)
-    g.add_argument("--new-tokens", type=int, default=8)
+    g.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt (documents are cut to it)")
+    g.add_argument("--new-tokens", type=int, default=8, help="tokens generated per prompt")
     g.add_argument("--clients", type=int, default=2, help="concurrent closed-loop clients")
     g.add_argument("--requests", type=int, default=12, help="measured requests per configuration")
     g.add_argument("--warmup", type=int, default=2, help="requests before measuring, in every round")
@@ -109,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unloaded-requests", type=int, default=3, help="requests sent one at a time for the unloaded latency")
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
     g.add_argument("--no-reference", action="store_true", help="skip checking outputs against HF alone")
-    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR,
+                   help="where presets are built and hub checkpoints are kept")
     p.add_argument("--work-dir", type=Path, default=None, help="traces and the trained forecaster (default: a temp dir)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
 
