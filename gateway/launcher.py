@@ -113,7 +113,8 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
                 predictor: bool = True, predictor_checkpoint: Path | None = None,
                 tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None,
-                metrics_port: int = 0, predictor_args: list[str] | None = None) -> Stack:
+                metrics_port: int = 0, predictor_args: list[str] | None = None,
+                predictor_serve_args: list[str] | None = None) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
     until all are SERVING. port 0 (and admin_port 0) = any free one. The gateway's admin
     port binds loopback (it changes the deployment; clients never need it); expert servers
@@ -143,6 +144,7 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 stack.metrics_ports[stack.predictor_address] = metrics_port + 1
             stack.processes.append(spawn_predictor(source.path, inner, predictor_port, predictor_checkpoint,
                                                    args=predictor_args, log_file=log_file, serve_args=[
+                                                       *(predictor_serve_args or []),
                                                        *tls.args(), *metrics_args(metrics_port + 1 if metrics_port else 0)]))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
@@ -229,8 +231,97 @@ def build_parser() -> argparse.ArgumentParser:
                         "server i on BASE+2+i (0 = off)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="every process's log lines: text, or one JSON object per line")
+    g = p.add_argument_group("gateway (passed through to moe-gateway)")
+    g.add_argument("--model-name", default="switch", help="name clients use for the model")
+    g.add_argument("--max-input-tokens", type=int, default=512, help="longer prompts: INVALID_ARGUMENT")
+    g.add_argument("--max-new-tokens-limit", type=int, default=512, help="largest max_new_tokens a request may ask for")
+    g.add_argument("--default-max-new-tokens", type=int, default=32, help="max_new_tokens of a request that sets none")
+    g.add_argument("--max-prompts-per-request", type=int, default=64, help="more prompts in one request: INVALID_ARGUMENT")
+    g.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
+    g.add_argument("--gateway-max-workers", type=int, default=64, help="gateway gRPC handler threads (its --max-workers)")
+    g.add_argument("--gateway-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the gateway's model, its --dtype (only float32 reproduces a float32 checkpoint exactly)")
+    g.add_argument("--startup-timeout-s", type=float, default=600.0, help="gateway: waiting for expert servers to load")
+    g.add_argument("--expert-timeout-s", type=float, default=60.0, help="deadline of one call to an expert server")
+    g.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
+    g.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
+    g.add_argument("--replication-min-gain", type=float, default=0.02,
+                   help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
+    g.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
+    g.add_argument("--membership-interval-s", type=float, default=1.0, help="period of the gateway's health watch")
+    g.add_argument("--evict-after-s", type=float, default=10.0,
+                   help="move an unreachable expert server's experts to the others after this long")
+    g.add_argument("--join-timeout-s", type=float, default=10.0, help="how long a joining expert server may take to be SERVING")
+    g.add_argument("--api-key-rate-per-s", type=float, default=0.0, help="requests per second per key (0 = no limit)")
+    g.add_argument("--api-key-max-concurrent", type=int, default=0, help="requests in flight per key (0 = no limit)")
+    g.add_argument("--client-status", default="auto", choices=["auto", "full", "public"],
+                   help="GetStatus on the client port: public leaves out internal addresses; auto = full on loopback")
+    g = p.add_argument_group("expert servers (passed through to moe-expert-server)")
+    g.add_argument("--expert-dtype", default="float32", help="compute dtype of expert weights (their --dtype)")
+    g.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"],
+                   help="run the experts of one call one after another, or on a thread pool")
+    g.add_argument("--expert-max-workers", type=int, default=16, help="expert server gRPC handler threads (their --max-workers)")
+    g.add_argument("--drain-timeout-s", type=float, default=60.0,
+                   help="a removed expert server serves on until the gateway moved its experts away, at most this long")
+    g.add_argument("--drain-quiet-s", type=float, default=2.5,
+                   help="...or until no call (health checks included) arrived for this long")
+    g.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="expert servers refuse hidden states in shared memory (the gateway then sends bytes)")
+    g.add_argument("--simulate-load-delay-s", type=float, default=0.0,
+                   help="testing: expert servers wait this long in every call that loads experts (a slow disk)")
+    g = p.add_argument_group("predictor (passed through to moe-predictor serve)")
+    g.add_argument("--predictor-method", choices=["sru", "last", "window", "ema"], default=None,
+                   help="forecast method (default: sru with --predictor-checkpoint, window without)")
+    g.add_argument("--predictor-window", type=int, default=16, help="window method: passes averaged")
+    g.add_argument("--predictor-alpha", type=float, default=0.3, help="ema method: weight of the newest pass")
     tls.add_arguments(p)
     return p
+
+
+# moe-serve flag -> the child's flag, for each kind of child. Flags named here are forwarded
+# as given (tests/test_launcher_flags.py checks that every child flag is here or excluded).
+GATEWAY_FLAGS = {f: f for f in [
+    "--transport", "--wire-dtype", "--max-batch-size", "--max-wait-ms", "--log-level", "--log-format", "--replication",
+    "--replica-policy", "--replica-group-cost", "--redundancy", "--scheduler", "--max-batch-tokens", "--api-keys-file",
+    "--model-name", "--max-input-tokens", "--max-new-tokens-limit", "--default-max-new-tokens",
+    "--max-prompts-per-request", "--max-queued-prompts", "--startup-timeout-s", "--expert-timeout-s",
+    "--predictor-timeout-ms", "--replication-window", "--replication-min-gain", "--record-traces",
+    "--membership-interval-s", "--evict-after-s", "--join-timeout-s", "--api-key-rate-per-s",
+    "--api-key-max-concurrent", "--client-status"]} | {"--gateway-max-workers": "--max-workers", "--gateway-dtype": "--dtype"}
+EXPERT_FLAGS = {f: f for f in [
+    "--device", "--expert-kernel", "--log-level", "--log-format", "--replica-memory", "--group-executor",
+    "--drain-timeout-s", "--drain-quiet-s", "--no-shared-memory", "--simulate-load-delay-s"]} | {
+    "--expert-dtype": "--dtype", "--expert-max-workers": "--max-workers"}
+PREDICTOR_SERVE_FLAGS = {"--predictor-method": "--method", "--predictor-window": "--window", "--predictor-alpha": "--alpha"}
+
+
+def forward(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The child's argument list for the moe-serve flags in `flags` (moe-serve flag -> child flag):
+    values as given, switches when set, flags whose value is None left out."""
+    actions = build_parser()._option_string_actions
+    out: list[str] = []
+    for ours, theirs in flags.items():
+        action = actions[ours]
+        value = getattr(a, action.dest)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            out += [theirs] if value != action.default else []
+        elif value is not None:
+            out += [theirs, str(value)]
+    return out
+
+
+def gateway_argv(a: argparse.Namespace) -> list[str]:
+    return ["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
+            *forward(a, GATEWAY_FLAGS)]
+
+
+def expert_argv(a: argparse.Namespace, threads: int) -> list[str]:
+    return ["--threads", str(threads), *forward(a, EXPERT_FLAGS)]
+
+
+def predictor_argv(a: argparse.Namespace) -> list[str]:
+    """The predictor's flags before its `serve` subcommand."""
+    return ["--log-level", a.log_level, "--log-format", a.log_format]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -284,7 +375,8 @@ def supervise(stack: Stack, a: argparse.Namespace, model_path: Path, expert_args
         predictor_metrics = metrics_args(stack.metrics_ports.get(stack.predictor_address, 0))
         sup.watch("predictor", stack.predictor_address, stack.processes[len(stack.expert_addresses)],
                   lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint,
-                                          args=["--log-format", a.log_format], serve_args=[*tls_config.args(), *predictor_metrics]))
+                                          args=predictor_argv(a), serve_args=[*forward(a, PREDICTOR_SERVE_FLAGS),
+                                                                              *tls_config.args(), *predictor_metrics]))
     sup.watch("gateway", stack.gateway_address, stack.processes[-1], None)
     return sup
 
@@ -331,31 +423,22 @@ def main(argv=None) -> int:
     # (benchmarks/forward_throughput.py --expert-threads measures the difference).
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
-    expert_args = ["--device", a.device, "--expert-kernel", a.expert_kernel, "--log-level", a.log_level,
-                   "--log-format", a.log_format,
-                   "--threads", str(threads),
-                   "--replica-memory", str(a.replica_memory)]
+    experts = expert_argv(a, threads)
     try:
         stack = start_stack(
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
-            gateway_args=["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
-                          "--transport", a.transport, "--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
-                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level, "--log-format", a.log_format,
-                          "--replication", a.replication, "--replica-policy", a.replica_policy,
-                          "--replica-group-cost", str(a.replica_group_cost),
-                          "--redundancy", str(a.redundancy),
-                          "--scheduler", a.scheduler, "--max-batch-tokens", str(a.max_batch_tokens),
-                          *(["--api-keys-file", str(a.api_keys_file)] if a.api_keys_file else [])],
-            expert_args=expert_args,
+            gateway_args=gateway_argv(a),
+            expert_args=experts,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
             admin_port=a.admin_port, internal_host=a.internal_host,
-            metrics_port=a.metrics_port, predictor_args=["--log-format", a.log_format],
+            metrics_port=a.metrics_port, predictor_args=predictor_argv(a),
+            predictor_serve_args=forward(a, PREDICTOR_SERVE_FLAGS),
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
         return 130
     model_path = model_source.resolve(a.model, a.cache_dir).path
-    supervisor = supervise(stack, a, model_path, expert_args, tls_config)
+    supervisor = supervise(stack, a, model_path, experts, tls_config)
     stop = threading.Event()
     requests: list[str] = []  # "add" / "remove", handled by the loop below rather than in the handler
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -376,7 +459,7 @@ def main(argv=None) -> int:
         while not stop.wait(0.2):
             while requests:
                 if requests.pop(0) == "add":
-                    add_expert_server(supervisor, model_path, a.internal_host, expert_args, tls_config)
+                    add_expert_server(supervisor, model_path, a.internal_host, experts, tls_config)
                 else:
                     remove_expert_server(supervisor)
             if not supervisor.poll():
