@@ -453,7 +453,8 @@ def main(argv=None) -> int:
             print(f"predictor: {stack.predictor_address}", flush=True)
         for address, mp in stack.metrics_ports.items():
             print(f"metrics of {address}: http://{a.host}:{mp}/metrics", flush=True)
-        print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
+        print(f"moe-serve pid {os.getpid()}: Ctrl-C stops every process; kill -USR1 adds an expert server, "
+              "kill -USR2 removes one", flush=True)
         if a.demo:
             _demo(stack.gateway_address, tls_config, a.api_keys_file)
         while not stop.wait(0.2):
