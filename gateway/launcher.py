@@ -172,6 +172,34 @@ def _demo(address: str, tls: TlsConfig, api_keys_file: Path | None = None) -> No
           f"({reply.timings.total_ns / 1e6:.0f} ms; a random-init preset writes gibberish)", flush=True)
 
 
+# Replica memory per expert server when replication is on and --replica-memory was not
+# given: room for about 13 switch-base experts (18.9 MB each in float32), and for every
+# expert of the tiny and base-e32-l4 presets' hot layers on a laptop.
+DEFAULT_REPLICA_MEMORY = "256MB"
+
+
+def implied_defaults(a: argparse.Namespace, given: set[str]) -> list[str]:
+    """Fill in what other flags imply, for options not in `given` (the dests set on the
+    command line or in --config): a forecaster checkpoint is there to drive predictive
+    replication, and replication needs memory for replicas. Returns what was implied, to log."""
+    implied = []
+    if a.predictor_checkpoint is not None and not a.no_predictor and "replication" not in given:
+        a.replication = "predictive"
+        implied.append("--replication predictive (implied by --predictor-checkpoint)")
+    if a.replication != "off" and "replica_memory" not in given:
+        a.replica_memory = DEFAULT_REPLICA_MEMORY
+        implied.append(f"--replica-memory {DEFAULT_REPLICA_MEMORY} (replication {a.replication} needs room for replicas)")
+    return implied
+
+
+def _given(argv, config_values: dict) -> set[str]:
+    """The dests set on the command line or in the --config file."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv))) | set(config_values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
@@ -207,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gateway batching: static batches, or continuous (rows join and leave at every step)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
-                   help="how replicas of hot experts are planned (needs --replica-memory; predictive uses the predictor)")
+                   help="how replicas of hot experts are planned; unless given, predictive with --predictor-checkpoint")
     p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"],
                    help="whole: bit-identical outputs; split: also split one expert's tokens (float tolerance); auto: per layer call")
     p.add_argument("--replica-group-cost", type=float, default=0.0,
                    help="fixed cost of one expert group in tokens' worth (gateway --replica-group-cost)")
-    p.add_argument("--replica-memory", default="0", help="replica memory per expert server, e.g. 2GB")
+    p.add_argument("--replica-memory", default="0",
+                   help=f"replica memory per expert server, e.g. 2GB; unless given, {DEFAULT_REPLICA_MEMORY} "
+                        "when --replication is not off")
     p.add_argument("--redundancy", type=int, default=1,
                    help="servers holding each logical expert (standby replicas need --replica-memory)")
     p.add_argument("--predictor-checkpoint", type=Path, default=None,
@@ -328,6 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Flags, with defaults from --config's YAML file when given."""
     p = build_parser()
     a = p.parse_args(argv)
+    values: dict = {}
     if a.config is not None:
         import yaml
 
@@ -346,6 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a = p.parse_args(argv)
     if not a.model:
         p.error("--model is required (as a flag or in --config)")
+    a.implied = implied_defaults(a, _given(argv, values))
     if a.expert_servers < 1:
         p.error("--expert-servers must be >= 1")
     if a.metrics_port and not 0 < a.metrics_port <= 65535 - 2 - a.expert_servers:
@@ -409,6 +441,8 @@ def remove_expert_server(sup: Supervisor) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     serving.configure_logging(a.log_level, a.log_format)
+    for what in a.implied:
+        log.info("using %s; give the flag to choose otherwise", what)
     try:
         tls_config = tls.from_args(a)
     except ValueError as exc:

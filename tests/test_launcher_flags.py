@@ -139,3 +139,35 @@ def test_the_readme_examples_parse():
     assert gateway_parser().parse_args(["--model", "tiny", *launcher.gateway_argv(a)]).max_input_tokens == 1024
     argv = launcher.gateway_argv(a)
     assert argv[argv.index("--record-traces") + 1] == "traces"
+
+
+# ---- what --predictor-checkpoint and --replication imply (issue 15, item 2) ----
+
+def test_a_checkpoint_implies_predictive_replication_with_replica_memory():
+    a = launcher.parse_args(["--model", "tiny", "--predictor-checkpoint", "f.pt"])
+    assert (a.replication, a.replica_memory) == ("predictive", launcher.DEFAULT_REPLICA_MEMORY)
+    assert a.implied == ["--replication predictive (implied by --predictor-checkpoint)",
+                         f"--replica-memory {launcher.DEFAULT_REPLICA_MEMORY} (replication predictive needs room for replicas)"]
+    gateway = gateway_parser().parse_args(["--model", "tiny", *launcher.gateway_argv(a)])
+    expert = expert_parser().parse_args(["--model", "tiny", *launcher.expert_argv(a, 1)])
+    assert (gateway.replication, expert.replica_memory) == ("predictive", launcher.DEFAULT_REPLICA_MEMORY)
+
+
+def test_what_the_user_sets_wins_over_what_is_implied(tmp_path):
+    a = launcher.parse_args(["--model", "tiny", "--predictor-checkpoint", "f.pt", "--replication", "off"])
+    assert (a.replication, a.replica_memory, a.implied) == ("off", "0", [])
+    a = launcher.parse_args(["--model", "tiny", "--predictor-checkpoint", "f.pt", "--replica-memory", "1GB"])
+    assert (a.replication, a.replica_memory) == ("predictive", "1GB")
+    a = launcher.parse_args(["--model", "tiny", "--replication", "window"])
+    assert (a.replication, a.replica_memory) == ("window", launcher.DEFAULT_REPLICA_MEMORY)
+    config = tmp_path / "stack.yaml"
+    config.write_text("model: tiny\npredictor-checkpoint: f.pt\nreplication: reactive\nreplica-memory: 0\n")
+    a = launcher.parse_args(["--config", str(config)])
+    assert (a.replication, a.replica_memory, a.implied) == ("reactive", 0, [])
+
+
+def test_without_a_checkpoint_nothing_is_implied():
+    a = launcher.parse_args(["--model", "tiny"])
+    assert (a.replication, a.replica_memory, a.implied) == ("off", "0", [])
+    a = launcher.parse_args(["--model", "tiny", "--predictor-checkpoint", "f.pt", "--no-predictor"])
+    assert (a.replication, a.implied) == ("off", [])
