@@ -240,7 +240,13 @@ def main(argv=None) -> int:
     serving.die_with_parent()
     a = build_parser().parse_args(argv)
     serving.configure_logging(a.log_level, a.log_format)
-    return a.fn(a)
+    from predictor_service.sru_kernel import SruKernelUnavailable
+
+    try:
+        return a.fn(a)
+    except SruKernelUnavailable as exc:
+        print(f"moe-predictor {a.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
