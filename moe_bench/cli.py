@@ -42,6 +42,7 @@ from moe_bench import report, simulator
 from moe_bench.workload import Monolithic, Workload, drive, make_requests, summarize
 from moe_common import model_source
 from moe_common.cli_help import HelpFormatter
+from moe_common.corpus import add_corpus_arguments
 
 log = logging.getLogger("moe-bench")
 MODES = ("off", "reactive", "window", "predictive")
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-servers", default="2",
                    help="expert servers: N, or N,M,... (the first makes the main table; all validate the simulator)")
     p.add_argument("--corpus", type=Path, default=None,
-                   help="text file, one document per line (default: the standard library's docstrings)")
+                   help="text file: paragraphs are documents, see --corpus-format (default: the standard library's "
+                        "docstrings)")
+    add_corpus_arguments(p)
     p.add_argument("--modes", default=",".join(MODES), help="replication modes to run, comma-separated")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
@@ -129,12 +132,12 @@ def machine() -> dict:
                 description=f"{platform.machine()} Linux, {cores} cores, {mem:.0f} GiB, {gpu}, torch {torch.__version__}")
 
 
-def documents(corpus: Path | None) -> list[str]:
-    if corpus is None:
-        from moe_common.corpus import stdlib_documents
+def documents(a) -> list[str]:
+    from moe_common.corpus import read_documents, stdlib_documents
 
+    if a.corpus is None:
         return stdlib_documents()
-    return [line.strip() for line in corpus.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return read_documents(a.corpus, a.corpus_format, a.corpus_doc_chars)
 
 
 def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
@@ -394,7 +397,7 @@ def run(a) -> dict:
     source = model_source.resolve(a.model, a.cache_dir)
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="moe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    docs = documents(a.corpus)
+    docs = documents(a)
     if len(docs) <= a.train_docs:
         raise SystemExit(f"the corpus has {len(docs)} documents; --train-docs {a.train_docs} leaves none to benchmark")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -656,7 +659,7 @@ def run_open_loop(a) -> int:
     from moe_bench import open_loop
 
     source = model_source.resolve(a.model, a.cache_dir)
-    result = open_loop.run(a, source, documents(a.corpus))
+    result = open_loop.run(a, source, documents(a))
     result["machine"] = machine()
     result["command"] = shlex.join(["moe-bench", *sys.argv[1:]])
     print(open_loop.markdown(result), flush=True)

@@ -18,13 +18,16 @@ from pathlib import Path
 
 from moe_common import model_source, serving, tls
 from moe_common.cli_help import HelpFormatter
+from moe_common.corpus import add_corpus_arguments
 
 log = logging.getLogger("moe-predictor")
 
 
-def _documents(path: Path, skip: int, limit: int | None) -> list[str]:
-    docs = [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    return docs[skip: skip + limit if limit is not None else None]
+def _documents(a) -> list[str]:
+    from moe_common.corpus import read_documents
+
+    docs = read_documents(a.corpus, a.corpus_format, a.corpus_doc_chars)
+    return docs[a.skip_docs: a.skip_docs + a.max_docs if a.max_docs is not None else None]
 
 
 def cmd_corpus(a) -> int:
@@ -38,7 +41,7 @@ def cmd_corpus(a) -> int:
 def cmd_collect(a) -> int:
     from predictor_service.collect import collect
 
-    docs = _documents(a.corpus, a.skip_docs, a.max_docs)
+    docs = _documents(a)
     if not docs:
         print(f"{a.corpus} holds no text (after --skip-docs/--max-docs)", file=sys.stderr)
         return 2
@@ -179,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("collect", formatter_class=HelpFormatter, help="record routing traces by running the model over a text file")
     c.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
-    c.add_argument("--corpus", required=True, type=Path, help="text file: one document per line, long ones chunked")
+    c.add_argument("--corpus", required=True, type=Path,
+                   help="text file: paragraphs are documents (see --corpus-format); long ones are chunked")
+    add_corpus_arguments(c)
     c.add_argument("--out", required=True, type=Path, help="directory the traces are written into")
     c.add_argument("--batch-size", type=int, default=8, help="documents per recorded pass")
     c.add_argument("--max-length", type=int, default=128, help="tokens per chunk")

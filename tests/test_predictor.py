@@ -154,7 +154,7 @@ def tiny_checkpoint(tiny, tmp_path_factory):
     from moe_common.corpus import stdlib_documents
 
     d = tmp_path_factory.mktemp("predictor")
-    (d / "text.txt").write_text("\n".join(stdlib_documents()[:120]) + "\n")
+    (d / "text.txt").write_text("\n\n".join(stdlib_documents()[:120]) + "\n")  # one paragraph per document
     cli = [sys.executable, "-m", "predictor_service"]
     run = dict(capture_output=True, text=True, timeout=600)
     for args in (["collect", "--model", str(tiny.path), "--corpus", str(d / "text.txt"), "--out", str(d / "train"),
