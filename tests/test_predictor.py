@@ -182,6 +182,19 @@ def test_cli_collect_train_eval(tiny_checkpoint, tiny):
     assert len(report["methods"]["sru"]["top1_agreement"]) == 4
 
 
+def test_cli_eval_text_puts_encoder_figures_first(tiny_checkpoint):
+    d = tiny_checkpoint
+    run = [sys.executable, "-m", "predictor_service", "eval", "--traces", str(d / "held"), "--checkpoint", str(d / "f.pt")]
+    report = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=300).stdout)
+    lines = subprocess.run(run, capture_output=True, text=True, timeout=300).stdout.splitlines()
+    assert lines[1].split() == ["method", "enc", "l1", "enc", "hot", "dec", "l1", "dec", "hot", "all", "l1", "p50", "ms",
+                                "p99", "ms"]
+    for line in lines[2:]:
+        name, enc_l1, enc_hot, *_ = line.split()
+        m = report["methods"][name]["encoder"]
+        assert (float(enc_l1), float(enc_hot)) == (round(m["load_l1"], 3), round(m["hot_recall"], 3))
+
+
 def test_gateway_records_the_same_traces_as_the_model(tiny, three_expert_servers, tmp_path):
     from predictor_service.collect import collect
 
