@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_bench import report, simulator
+from moe_bench import noise, report, simulator
 from moe_bench.workload import Monolithic, Workload, drive, make_requests, summarize
 from moe_common import model_source
 from moe_common.cli_help import HelpFormatter
@@ -140,6 +140,10 @@ def documents(a) -> list[str]:
     return read_documents(a.corpus, a.corpus_format, a.corpus_doc_chars)
 
 
+def _servers(n: int) -> str:
+    return f"{n} expert server{'s' if n != 1 else ''}"
+
+
 def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
     """Record routing on the training documents and train the forecaster on it."""
     from moe_common.traces import load_manifest, read_passes
@@ -147,6 +151,7 @@ def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
     from predictor_service.collect import collect
 
     traces = work / "train-traces"
+    t0 = time.monotonic()
     log.info("no --predictor-checkpoint: recording routing on documents 0..%d and training the forecaster", len(docs) - 1)
     collect(source.spec, docs, traces, batch_size=a.batch_size, max_length=a.prompt_tokens, new_tokens=a.new_tokens,
             cache_dir=a.cache_dir)
@@ -157,7 +162,8 @@ def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
     model, rep = forecaster.train(info, list(read_passes(traces)), info.vocab_size, init_embeddings=init)
     path = work / "forecaster.pt"
     forecaster.save(path, model, info, rep)
-    log.info("forecaster trained in %.0f s", rep["train_seconds"])
+    log.info("forecaster ready in %.0f s: routing recorded on %d documents, then %.0f s of training",
+             time.monotonic() - t0, len(docs), rep["train_seconds"])
     return path
 
 
@@ -442,7 +448,7 @@ def run(a) -> dict:
                     log.info("one forward pass against the single-process model: %s", result_logits)
                 for r in range(rounds):
                     for mode in (run_modes if r % 2 == 0 else run_modes[::-1]):
-                        log.info("%d expert servers, mode %s, round %d/%d", n, mode, r + 1, rounds)
+                        log.info("%s, mode %s, round %d/%d", _servers(n), mode, r + 1, rounds)
                         raw.setdefault(n, {}).setdefault(mode, []).append(
                             serve_round(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", warm, share[r], w))
             finally:
@@ -462,8 +468,20 @@ def run(a) -> dict:
             r = mode_figures(rnds, reference)
             r["vs_monolithic"] = r["tokens_per_s"]["total"] / monolithic["tokens_per_s"]["total"]
             measured.setdefault(n, {})[mode] = r
-            log.info("%d servers, %s: %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s", n, mode,
+            log.info("%s, %s: %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s", _servers(n), mode,
                      r["tokens_per_s"]["total"], r["vs_monolithic"], r["balancedness"], r["identical_to_reference"])
+
+    # Rounds that disagree beyond the single-process model's own round-to-round spread.
+    round_rates = {f"{n}/{mode}": [summarize(rnd["records"], rnd["wall"])["tokens_per_s"]["total"] for rnd in rnds]
+                   for n, rows in raw.items() for mode, rnds in rows.items()}
+    baseline_rates = [summarize(recs, wall)["tokens_per_s"]["total"] for recs, wall in mono_runs]
+    flagged = noise.noisy(round_rates, baseline_rates)
+    baseline_spread = noise.spread(baseline_rates)
+    for name, sp in flagged.items():
+        n, mode = name.split("/")
+        log.warning("%s, mode %s: its rounds differ by %.0f%%, more than the single-process model's (%s, this run's "
+                    "noise): its figures are uncertain by that much", _servers(int(n)), mode, 100 * sp,
+                    f"{100 * baseline_spread:.0f}%" if baseline_spread is not None else "one round")
 
     result: dict = dict(
         command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
@@ -474,6 +492,7 @@ def run(a) -> dict:
                      **result_logits),
         forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
         monolithic=monolithic, modes=measured[counts[0]],
+        noise=dict(baseline_spread=baseline_spread, round_rates=round_rates, flagged=flagged),
     )
     if 1 in measured and counts[0] != 1:
         result["one_server"] = measured[1]["off"]
