@@ -25,6 +25,7 @@ from expert_server.kernels import KERNELS
 from expert_server.metrics import Exposure
 from expert_server.servicer import ExpertServicer
 from moe_common import metrics, model_source, serving, tls, tracing
+from moe_common.cli_help import HelpFormatter
 from moe_common.placement import experts_of_server, home_placement
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -125,15 +126,17 @@ class ExpertServer:
         self.store.close()
 
 
-def parse_args(argv=None) -> ExpertServerConfig:
-    p = argparse.ArgumentParser(prog="moe-expert-server", description="Serve expert FFNs of a Switch Transformer over gRPC.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-expert-server", formatter_class=HelpFormatter,
+                                description="Serve expert FFNs of a Switch Transformer over gRPC.")
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR, help="where presets are built")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0 = any free port, printed at start)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype of expert weights")
-    p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"])
+    p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"],
+                   help="run the experts of one call one after another, or on a thread pool")
     p.add_argument("--expert-kernel", default="exact", choices=list(KERNELS),
                    help="exact: HF's ops per expert, bit-identical to HF (default); grouped: one grouped GEMM "
                         "per projection over the layer's stacked experts (for CUDA, in bf16 there; not bit-exact)")
@@ -141,7 +144,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
     p.add_argument("--replica-memory", default="0", help="memory for replicas of other servers' experts, e.g. 2GB")
     p.add_argument("--experts", default="", help='experts to load at start: "all" or "L:E,L:E-E,..."')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: load this shard of the default home placement")
-    p.add_argument("--max-workers", type=int, default=16)
+    p.add_argument("--max-workers", type=int, default=16, help="gRPC handler threads")
     p.add_argument("--register-with", default="", help="the gateway's admin address (its --admin-port) to join at start and leave at shutdown")
     p.add_argument("--advertise", default="", help="host:port the gateway should call (default: --host:--port)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0,
@@ -152,9 +155,14 @@ def parse_args(argv=None) -> ExpertServerConfig:
                    help="refuse hidden states in shared memory from a gateway on this host (it then sends bytes)")
     p.add_argument("--simulate-load-delay-s", type=float, default=0.0,
                    help="testing: wait this long in every AssignExperts or SetReplicas that loads experts (a slow disk)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     tls.add_arguments(p)
     metrics.add_arguments(p)
+    return p
+
+
+def parse_args(argv=None) -> ExpertServerConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level, a.log_format)
     shard = None

@@ -170,6 +170,8 @@ class Engine:
         # Idempotent: a restarted gateway adopts servers that hold their experts already.
         log.info("expert servers hold their home experts (%.1f s: %d loaded, %d adopted); replica slots %s",
                  time.monotonic() - t0, loaded, held - loaded, self.clients.view.slots)
+        if self.observer is not None:
+            self.observer.warm_up(min(self.config.startup_timeout_s, 60.0))
         if self.config.replication == "off" and self.config.redundancy == 1:
             self.clients.clear_replicas()  # nothing will manage a previous gateway's replicas: free their memory
         # Otherwise the first plan (or the standbys) tells every server its replica set; those

@@ -102,6 +102,24 @@ class PassObserver:
             pb.LayerLoad(layer=layer, load=loads[j].tolist()) for j, layer in enumerate(self.info.layers_of(p.kind))])
         self.stub.ReportLoads.future(request, timeout=self.timeout_s * 10).add_done_callback(self._on_report_done)
 
+    def warm_up(self, timeout_s: float) -> bool:
+        """One forecast before the gateway reports SERVING, with a start-up deadline rather
+        than the per-pass one: a predictor's first forecast is slow (the SRU's first call,
+        lazy channel set-up), and timing it out would count as a failure on every fresh
+        stack. Not counted; True when the predictor answered."""
+        if self.stub is None:
+            return True
+        request = pb.ForecastRequest(model_id=self.info.model_id, kind=pb.PASS_KIND_ENCODER, batch_size=1, seq_len=1,
+                                     token_ids=[0])
+        try:
+            self.stub.Forecast(request, timeout=timeout_s)
+        except grpc.RpcError as err:
+            log.warning("predictor %s did not answer a first forecast within %.0f s (%s: %s); serving anyway: each "
+                        "pass asks it again, and passes without a forecast are counted in GetStatus",
+                        self.address, timeout_s, err.code().name, err.details())
+            return False
+        return True
+
     def forecast_batch(self, input_ids: torch.Tensor) -> dict[int, np.ndarray] | None:
         """The forecast of an encoder pass over input_ids [B, S]: layer -> expected load
         [E], or None when the predictor fails or answers nonsense (counted and logged).
@@ -159,4 +177,5 @@ class PassObserver:
             n = getattr(self.counters, what) + 1
             setattr(self.counters, what, n)
         if error is not None and (n == 1 or n % 100 == 0):
-            log.warning("predictor %s: %s %d time(s), last: %s; serving without forecasts", self.address, what, n, error)
+            log.warning("predictor %s: forecast %s %d time(s), last: %s; those passes ran without a forecast "
+                        "(requests are unaffected) and every later pass asks again", self.address, what, n, error)

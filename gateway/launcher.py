@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gateway.supervisor import RestartPolicy, Supervisor
 from moe_common import model_source, serving, tls
+from moe_common.cli_help import HelpFormatter
 from moe_common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger("moe-serve")
@@ -112,7 +113,8 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 expert_args: list[str] | None = None, log_file=None, timeout_s: float = 600.0,
                 predictor: bool = True, predictor_checkpoint: Path | None = None,
                 tls: TlsConfig = PLAINTEXT, admin_port: int = 0, internal_host: str | None = None,
-                metrics_port: int = 0, predictor_args: list[str] | None = None) -> Stack:
+                metrics_port: int = 0, predictor_args: list[str] | None = None,
+                predictor_serve_args: list[str] | None = None) -> Stack:
     """Start expert servers, the predictor (unless predictor=False) and a gateway, and wait
     until all are SERVING. port 0 (and admin_port 0) = any free one. The gateway's admin
     port binds loopback (it changes the deployment; clients never need it); expert servers
@@ -142,6 +144,7 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
                 stack.metrics_ports[stack.predictor_address] = metrics_port + 1
             stack.processes.append(spawn_predictor(source.path, inner, predictor_port, predictor_checkpoint,
                                                    args=predictor_args, log_file=log_file, serve_args=[
+                                                       *(predictor_serve_args or []),
                                                        *tls.args(), *metrics_args(metrics_port + 1 if metrics_port else 0)]))
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
@@ -169,8 +172,37 @@ def _demo(address: str, tls: TlsConfig, api_keys_file: Path | None = None) -> No
           f"({reply.timings.total_ns / 1e6:.0f} ms; a random-init preset writes gibberish)", flush=True)
 
 
+# Replica memory per expert server when replication is on and --replica-memory was not
+# given: room for about 13 switch-base experts (18.9 MB each in float32), and for every
+# expert of the tiny and base-e32-l4 presets' hot layers on a laptop.
+DEFAULT_REPLICA_MEMORY = "256MB"
+
+
+def implied_defaults(a: argparse.Namespace, given: set[str]) -> list[str]:
+    """Fill in what other flags imply, for options not in `given` (the dests set on the
+    command line or in --config): a forecaster checkpoint is there to drive predictive
+    replication, and replication needs memory for replicas. Returns what was implied, to log."""
+    implied = []
+    if a.predictor_checkpoint is not None and not a.no_predictor and "replication" not in given:
+        a.replication = "predictive"
+        implied.append("--replication predictive (implied by --predictor-checkpoint)")
+    if a.replication != "off" and "replica_memory" not in given:
+        a.replica_memory = DEFAULT_REPLICA_MEMORY
+        implied.append(f"--replica-memory {DEFAULT_REPLICA_MEMORY} (replication {a.replication} needs room for replicas)")
+    return implied
+
+
+def _given(argv, config_values: dict) -> set[str]:
+    """The dests set on the command line or in the --config file."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv))) | set(config_values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", type=Path, default=None,
                    help="YAML file of these options (keys as the flags, without --); flags given here win")
     p.add_argument("--model", help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
@@ -184,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--internal-host", default="127.0.0.1",
                    help="address expert servers and the predictor bind (loopback: only the gateway reaches them; "
                         "beyond it they need --cluster-token-file, mutual TLS or --insecure)")
-    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR,
+                   help="where presets are built and hub checkpoints are kept")
     p.add_argument("--device", default="cpu", help="expert server device: cpu, cuda or cuda:N")
     p.add_argument("--expert-kernel", default="exact", choices=["exact", "grouped"],
                    help="expert servers' FFN kernel: exact (bit-identical to HF) or grouped (grouped GEMM, not bit-exact)")
@@ -192,19 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per expert server (default: the machine's cores split between the servers)")
     p.add_argument("--gateway-device", default=None,
                    help="where the gateway runs attention, norms and routers (default: cuda when --device is cuda)")
-    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of hidden states sent to expert servers (only float32 is exact)")
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
                    help="hidden states between gateway and expert servers: shared memory where possible (auto)")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-batch-size", type=int, default=8, help="gateway: prompts per batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="gateway: how long a request waits for others to batch with")
     p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
                    help="gateway batching: static batches, or continuous (rows join and leave at every step)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
-    p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"])
-    p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"])
+    p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
+                   help="how replicas of hot experts are planned; unless given, predictive with --predictor-checkpoint")
+    p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"],
+                   help="whole: bit-identical outputs; split: also split one expert's tokens (float tolerance); auto: per layer call")
     p.add_argument("--replica-group-cost", type=float, default=0.0,
                    help="fixed cost of one expert group in tokens' worth (gateway --replica-group-cost)")
-    p.add_argument("--replica-memory", default="0", help="replica memory per expert server, e.g. 2GB")
+    p.add_argument("--replica-memory", default="0",
+                   help=f"replica memory per expert server, e.g. 2GB; unless given, {DEFAULT_REPLICA_MEMORY} "
+                        "when --replication is not off")
     p.add_argument("--redundancy", type=int, default=1,
                    help="servers holding each logical expert (standby replicas need --replica-memory)")
     p.add_argument("--predictor-checkpoint", type=Path, default=None,
@@ -214,23 +252,113 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart-limit", type=int, default=5,
                    help="restarts of one crashed expert server or predictor within --restart-window-s; "
                         "one more crash stops the stack")
-    p.add_argument("--restart-window-s", type=float, default=600.0)
+    p.add_argument("--restart-window-s", type=float, default=600.0, help="the window --restart-limit counts restarts in")
     p.add_argument("--restart-backoff-s", type=float, default=1.0,
                    help="wait before restarting a crashed child; doubles with each recent restart (at most 30 s)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR; passed to every process")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="BASE: Prometheus /metrics of the gateway on BASE, the predictor on BASE+1 and expert "
                         "server i on BASE+2+i (0 = off)")
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="every process's log lines: text, or one JSON object per line")
+    g = p.add_argument_group("gateway (passed through to moe-gateway)")
+    g.add_argument("--model-name", default="switch", help="name clients use for the model")
+    g.add_argument("--max-input-tokens", type=int, default=512, help="longer prompts: INVALID_ARGUMENT")
+    g.add_argument("--max-new-tokens-limit", type=int, default=512, help="largest max_new_tokens a request may ask for")
+    g.add_argument("--default-max-new-tokens", type=int, default=32, help="max_new_tokens of a request that sets none")
+    g.add_argument("--max-prompts-per-request", type=int, default=64, help="more prompts in one request: INVALID_ARGUMENT")
+    g.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
+    g.add_argument("--gateway-max-workers", type=int, default=64, help="gateway gRPC handler threads (its --max-workers)")
+    g.add_argument("--gateway-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the gateway's model, its --dtype (only float32 reproduces a float32 checkpoint exactly)")
+    g.add_argument("--startup-timeout-s", type=float, default=600.0, help="gateway: waiting for expert servers to load")
+    g.add_argument("--expert-timeout-s", type=float, default=60.0, help="deadline of one call to an expert server")
+    g.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
+    g.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
+    g.add_argument("--replication-min-gain", type=float, default=0.02,
+                   help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
+    g.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
+    g.add_argument("--membership-interval-s", type=float, default=1.0, help="period of the gateway's health watch")
+    g.add_argument("--evict-after-s", type=float, default=10.0,
+                   help="move an unreachable expert server's experts to the others after this long")
+    g.add_argument("--join-timeout-s", type=float, default=10.0, help="how long a joining expert server may take to be SERVING")
+    g.add_argument("--api-key-rate-per-s", type=float, default=0.0, help="requests per second per key (0 = no limit)")
+    g.add_argument("--api-key-max-concurrent", type=int, default=0, help="requests in flight per key (0 = no limit)")
+    g.add_argument("--client-status", default="auto", choices=["auto", "full", "public"],
+                   help="GetStatus on the client port: public leaves out internal addresses; auto = full on loopback")
+    g = p.add_argument_group("expert servers (passed through to moe-expert-server)")
+    g.add_argument("--expert-dtype", default="float32", help="compute dtype of expert weights (their --dtype)")
+    g.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"],
+                   help="run the experts of one call one after another, or on a thread pool")
+    g.add_argument("--expert-max-workers", type=int, default=16, help="expert server gRPC handler threads (their --max-workers)")
+    g.add_argument("--drain-timeout-s", type=float, default=60.0,
+                   help="a removed expert server serves on until the gateway moved its experts away, at most this long")
+    g.add_argument("--drain-quiet-s", type=float, default=2.5,
+                   help="...or until no call (health checks included) arrived for this long")
+    g.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="expert servers refuse hidden states in shared memory (the gateway then sends bytes)")
+    g.add_argument("--simulate-load-delay-s", type=float, default=0.0,
+                   help="testing: expert servers wait this long in every call that loads experts (a slow disk)")
+    g = p.add_argument_group("predictor (passed through to moe-predictor serve)")
+    g.add_argument("--predictor-method", choices=["sru", "last", "window", "ema"], default=None,
+                   help="forecast method (default: sru with --predictor-checkpoint, window without)")
+    g.add_argument("--predictor-window", type=int, default=16, help="window method: passes averaged")
+    g.add_argument("--predictor-alpha", type=float, default=0.3, help="ema method: weight of the newest pass")
     tls.add_arguments(p)
     return p
+
+
+# moe-serve flag -> the child's flag, for each kind of child. Flags named here are forwarded
+# as given (tests/test_launcher_flags.py checks that every child flag is here or excluded).
+GATEWAY_FLAGS = {f: f for f in [
+    "--transport", "--wire-dtype", "--max-batch-size", "--max-wait-ms", "--log-level", "--log-format", "--replication",
+    "--replica-policy", "--replica-group-cost", "--redundancy", "--scheduler", "--max-batch-tokens", "--api-keys-file",
+    "--model-name", "--max-input-tokens", "--max-new-tokens-limit", "--default-max-new-tokens",
+    "--max-prompts-per-request", "--max-queued-prompts", "--startup-timeout-s", "--expert-timeout-s",
+    "--predictor-timeout-ms", "--replication-window", "--replication-min-gain", "--record-traces",
+    "--membership-interval-s", "--evict-after-s", "--join-timeout-s", "--api-key-rate-per-s",
+    "--api-key-max-concurrent", "--client-status"]} | {"--gateway-max-workers": "--max-workers", "--gateway-dtype": "--dtype"}
+EXPERT_FLAGS = {f: f for f in [
+    "--device", "--expert-kernel", "--log-level", "--log-format", "--replica-memory", "--group-executor",
+    "--drain-timeout-s", "--drain-quiet-s", "--no-shared-memory", "--simulate-load-delay-s"]} | {
+    "--expert-dtype": "--dtype", "--expert-max-workers": "--max-workers"}
+PREDICTOR_SERVE_FLAGS = {"--predictor-method": "--method", "--predictor-window": "--window", "--predictor-alpha": "--alpha"}
+
+
+def forward(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The child's argument list for the moe-serve flags in `flags` (moe-serve flag -> child flag):
+    values as given, switches when set, flags whose value is None left out."""
+    actions = build_parser()._option_string_actions
+    out: list[str] = []
+    for ours, theirs in flags.items():
+        action = actions[ours]
+        value = getattr(a, action.dest)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            out += [theirs] if value != action.default else []
+        elif value is not None:
+            out += [theirs, str(value)]
+    return out
+
+
+def gateway_argv(a: argparse.Namespace) -> list[str]:
+    return ["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
+            *forward(a, GATEWAY_FLAGS)]
+
+
+def expert_argv(a: argparse.Namespace, threads: int) -> list[str]:
+    return ["--threads", str(threads), *forward(a, EXPERT_FLAGS)]
+
+
+def predictor_argv(a: argparse.Namespace) -> list[str]:
+    """The predictor's flags before its `serve` subcommand."""
+    return ["--log-level", a.log_level, "--log-format", a.log_format]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Flags, with defaults from --config's YAML file when given."""
     p = build_parser()
     a = p.parse_args(argv)
+    values: dict = {}
     if a.config is not None:
         import yaml
 
@@ -249,6 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a = p.parse_args(argv)
     if not a.model:
         p.error("--model is required (as a flag or in --config)")
+    a.implied = implied_defaults(a, _given(argv, values))
     if a.expert_servers < 1:
         p.error("--expert-servers must be >= 1")
     if a.metrics_port and not 0 < a.metrics_port <= 65535 - 2 - a.expert_servers:
@@ -278,7 +407,8 @@ def supervise(stack: Stack, a: argparse.Namespace, model_path: Path, expert_args
         predictor_metrics = metrics_args(stack.metrics_ports.get(stack.predictor_address, 0))
         sup.watch("predictor", stack.predictor_address, stack.processes[len(stack.expert_addresses)],
                   lambda: spawn_predictor(model_path, host, int(port), a.predictor_checkpoint,
-                                          args=["--log-format", a.log_format], serve_args=[*tls_config.args(), *predictor_metrics]))
+                                          args=predictor_argv(a), serve_args=[*forward(a, PREDICTOR_SERVE_FLAGS),
+                                                                              *tls_config.args(), *predictor_metrics]))
     sup.watch("gateway", stack.gateway_address, stack.processes[-1], None)
     return sup
 
@@ -311,6 +441,8 @@ def remove_expert_server(sup: Supervisor) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     serving.configure_logging(a.log_level, a.log_format)
+    for what in a.implied:
+        log.info("using %s; give the flag to choose otherwise", what)
     try:
         tls_config = tls.from_args(a)
     except ValueError as exc:
@@ -325,31 +457,22 @@ def main(argv=None) -> int:
     # (benchmarks/forward_throughput.py --expert-threads measures the difference).
     threads = a.expert_threads if a.expert_threads is not None else max(1, (os.cpu_count() or 1) // a.expert_servers)
     log.info("starting %d expert servers (%d threads each) and the gateway for model %s", a.expert_servers, threads, a.model)
-    expert_args = ["--device", a.device, "--expert-kernel", a.expert_kernel, "--log-level", a.log_level,
-                   "--log-format", a.log_format,
-                   "--threads", str(threads),
-                   "--replica-memory", str(a.replica_memory)]
+    experts = expert_argv(a, threads)
     try:
         stack = start_stack(
             a.model, a.expert_servers, a.port, a.host, a.cache_dir,
-            gateway_args=["--device", a.gateway_device or ("cuda" if a.device.startswith("cuda") else "cpu"),
-                          "--transport", a.transport, "--wire-dtype", a.wire_dtype, "--max-batch-size", str(a.max_batch_size),
-                          "--max-wait-ms", str(a.max_wait_ms), "--log-level", a.log_level, "--log-format", a.log_format,
-                          "--replication", a.replication, "--replica-policy", a.replica_policy,
-                          "--replica-group-cost", str(a.replica_group_cost),
-                          "--redundancy", str(a.redundancy),
-                          "--scheduler", a.scheduler, "--max-batch-tokens", str(a.max_batch_tokens),
-                          *(["--api-keys-file", str(a.api_keys_file)] if a.api_keys_file else [])],
-            expert_args=expert_args,
+            gateway_args=gateway_argv(a),
+            expert_args=experts,
             predictor=not a.no_predictor, predictor_checkpoint=a.predictor_checkpoint, tls=tls_config,
             admin_port=a.admin_port, internal_host=a.internal_host,
-            metrics_port=a.metrics_port, predictor_args=["--log-format", a.log_format],
+            metrics_port=a.metrics_port, predictor_args=predictor_argv(a),
+            predictor_serve_args=forward(a, PREDICTOR_SERVE_FLAGS),
         )
     except KeyboardInterrupt:
         log.info("interrupted while starting; every process started was stopped")
         return 130
     model_path = model_source.resolve(a.model, a.cache_dir).path
-    supervisor = supervise(stack, a, model_path, expert_args, tls_config)
+    supervisor = supervise(stack, a, model_path, experts, tls_config)
     stop = threading.Event()
     requests: list[str] = []  # "add" / "remove", handled by the loop below rather than in the handler
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -364,13 +487,14 @@ def main(argv=None) -> int:
             print(f"predictor: {stack.predictor_address}", flush=True)
         for address, mp in stack.metrics_ports.items():
             print(f"metrics of {address}: http://{a.host}:{mp}/metrics", flush=True)
-        print(f"moe-serve pid {os.getpid()}: kill -USR1 adds an expert server, kill -USR2 removes one", flush=True)
+        print(f"moe-serve pid {os.getpid()}: Ctrl-C stops every process; kill -USR1 adds an expert server, "
+              "kill -USR2 removes one", flush=True)
         if a.demo:
             _demo(stack.gateway_address, tls_config, a.api_keys_file)
         while not stop.wait(0.2):
             while requests:
                 if requests.pop(0) == "add":
-                    add_expert_server(supervisor, model_path, a.internal_host, expert_args, tls_config)
+                    add_expert_server(supervisor, model_path, a.internal_host, experts, tls_config)
                 else:
                     remove_expert_server(supervisor)
             if not supervisor.poll():

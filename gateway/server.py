@@ -24,6 +24,7 @@ from gateway.metrics import Exposure, server_interceptors
 from gateway.scheduler import ContinuousScheduler
 from gateway.servicer import Counters, GatewayServicer, InferenceServicer, MembershipServicer
 from moe_common import auth, metrics, model_source, serving, tls
+from moe_common.cli_help import HelpFormatter
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -117,8 +118,9 @@ class Gateway:
         self.engine.close()
 
 
-def parse_args(argv=None) -> GatewayConfig:
-    p = argparse.ArgumentParser(prog="moe-gateway", description="Serve a Switch Transformer whose experts run on expert servers.")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-gateway", formatter_class=HelpFormatter,
+                                description="Serve a Switch Transformer whose experts run on expert servers.")
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, or preset (tiny, base-e<E>[-l<L>])")
     p.add_argument("--expert-servers", default="", help="comma-separated host:port of the expert servers")
     p.add_argument("--expert-discovery", default="",
@@ -128,10 +130,11 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--evict-after-s", type=float, default=10.0,
                    help="move an unreachable expert server's experts to the others after this long")
     p.add_argument("--join-timeout-s", type=float, default=10.0, help="how long a joining expert server may take to be SERVING")
-    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR,
+                   help="where presets are built and hub checkpoints are kept")
     p.add_argument("--model-name", default="switch", help="name clients use for the model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="client port (0 = any free one, logged)")
     p.add_argument("--admin-host", default="127.0.0.1",
                    help="address of the admin port (MembershipService, full GetStatus); loopback by default")
     p.add_argument("--admin-port", type=int, default=0,
@@ -150,13 +153,13 @@ def parse_args(argv=None) -> GatewayConfig:
                         "at every decoding step")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="continuous scheduler: prompt tokens per admission step")
-    p.add_argument("--max-prompts-per-request", type=int, default=64)
+    p.add_argument("--max-prompts-per-request", type=int, default=64, help="more prompts in one request: INVALID_ARGUMENT")
     p.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
     p.add_argument("--startup-timeout-s", type=float, default=600.0, help="waiting for expert servers to load")
-    p.add_argument("--max-input-tokens", type=int, default=512)
-    p.add_argument("--max-new-tokens-limit", type=int, default=512)
-    p.add_argument("--default-max-new-tokens", type=int, default=32)
+    p.add_argument("--max-input-tokens", type=int, default=512, help="longer prompts: INVALID_ARGUMENT")
+    p.add_argument("--max-new-tokens-limit", type=int, default=512, help="largest max_new_tokens a request may ask for")
+    p.add_argument("--default-max-new-tokens", type=int, default=32, help="max_new_tokens of a request that sets none")
     p.add_argument("--device", default="cpu", help="where the gateway runs its model (attention, norms, routers): "
                    "cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -166,7 +169,7 @@ def parse_args(argv=None) -> GatewayConfig:
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
                    help="how hidden states reach expert servers: auto uses shared memory with servers on this "
                         "host and bytes in the message elsewhere; shm requires shared memory; grpc never uses it")
-    p.add_argument("--expert-timeout-s", type=float, default=60.0)
+    p.add_argument("--expert-timeout-s", type=float, default=60.0, help="deadline of one call to an expert server")
     p.add_argument("--predictor", default="", help="host:port of the predictor service (optional)")
     p.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
@@ -185,9 +188,14 @@ def parse_args(argv=None) -> GatewayConfig:
                    help="keep every logical expert on this many servers (home + standby replicas within "
                         "--replica-memory): with 2, a crashed server's experts need no loading")
     p.add_argument("--record-traces", type=Path, default=None, help="record every pass's routing into this directory")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     tls.add_arguments(p)
     metrics.add_arguments(p)
+    return p
+
+
+def parse_args(argv=None) -> GatewayConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     serving.configure_logging(a.log_level, a.log_format)
     try:

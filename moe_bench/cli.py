@@ -38,9 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_bench import report, simulator
+from moe_bench import noise, report, simulator
 from moe_bench.workload import Monolithic, Workload, drive, make_requests, summarize
 from moe_common import model_source
+from moe_common.cli_help import HelpFormatter
+from moe_common.corpus import add_corpus_arguments
 
 log = logging.getLogger("moe-bench")
 MODES = ("off", "reactive", "window", "predictive")
@@ -48,12 +50,15 @@ HOST = "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="moe-bench", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="base-e32-l4", help="checkpoint directory, hub id or preset")
     p.add_argument("--expert-servers", default="2",
                    help="expert servers: N, or N,M,... (the first makes the main table; all validate the simulator)")
     p.add_argument("--corpus", type=Path, default=None,
-                   help="text file, one document per line (default: the standard library's docstrings)")
+                   help="text file: paragraphs are documents, see --corpus-format (default: the standard library's "
+                        "docstrings)")
+    add_corpus_arguments(p)
     p.add_argument("--modes", default=",".join(MODES), help="replication modes to run, comma-separated")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON here")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
@@ -63,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure nothing: make the report, plots and README section from an earlier --json file")
     g = p.add_argument_group("workload")
     g.add_argument("--batch-size", type=int, default=8, help="prompts per request (one request = one batch)")
-    g.add_argument("--prompt-tokens", type=int, default=128)
-    g.add_argument("--new-tokens", type=int, default=8)
+    g.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt (documents are cut to it)")
+    g.add_argument("--new-tokens", type=int, default=8, help="tokens generated per prompt")
     g.add_argument("--clients", type=int, default=2, help="concurrent closed-loop clients")
     g.add_argument("--requests", type=int, default=12, help="measured requests per configuration")
     g.add_argument("--warmup", type=int, default=2, help="requests before measuring, in every round")
@@ -109,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unloaded-requests", type=int, default=3, help="requests sent one at a time for the unloaded latency")
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
     g.add_argument("--no-reference", action="store_true", help="skip checking outputs against HF alone")
-    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
+    p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR,
+                   help="where presets are built and hub checkpoints are kept")
     p.add_argument("--work-dir", type=Path, default=None, help="traces and the trained forecaster (default: a temp dir)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
 
@@ -126,12 +132,16 @@ def machine() -> dict:
                 description=f"{platform.machine()} Linux, {cores} cores, {mem:.0f} GiB, {gpu}, torch {torch.__version__}")
 
 
-def documents(corpus: Path | None) -> list[str]:
-    if corpus is None:
-        from moe_common.corpus import stdlib_documents
+def documents(a) -> list[str]:
+    from moe_common.corpus import read_documents, stdlib_documents
 
+    if a.corpus is None:
         return stdlib_documents()
-    return [line.strip() for line in corpus.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return read_documents(a.corpus, a.corpus_format, a.corpus_doc_chars)
+
+
+def _servers(n: int) -> str:
+    return f"{n} expert server{'s' if n != 1 else ''}"
 
 
 def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
@@ -141,6 +151,7 @@ def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
     from predictor_service.collect import collect
 
     traces = work / "train-traces"
+    t0 = time.monotonic()
     log.info("no --predictor-checkpoint: recording routing on documents 0..%d and training the forecaster", len(docs) - 1)
     collect(source.spec, docs, traces, batch_size=a.batch_size, max_length=a.prompt_tokens, new_tokens=a.new_tokens,
             cache_dir=a.cache_dir)
@@ -151,7 +162,8 @@ def train_forecaster(a, source, docs: list[str], work: Path) -> Path:
     model, rep = forecaster.train(info, list(read_passes(traces)), info.vocab_size, init_embeddings=init)
     path = work / "forecaster.pt"
     forecaster.save(path, model, info, rep)
-    log.info("forecaster trained in %.0f s", rep["train_seconds"])
+    log.info("forecaster ready in %.0f s: routing recorded on %d documents, then %.0f s of training",
+             time.monotonic() - t0, len(docs), rep["train_seconds"])
     return path
 
 
@@ -391,7 +403,7 @@ def run(a) -> dict:
     source = model_source.resolve(a.model, a.cache_dir)
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="moe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    docs = documents(a.corpus)
+    docs = documents(a)
     if len(docs) <= a.train_docs:
         raise SystemExit(f"the corpus has {len(docs)} documents; --train-docs {a.train_docs} leaves none to benchmark")
     tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -436,7 +448,7 @@ def run(a) -> dict:
                     log.info("one forward pass against the single-process model: %s", result_logits)
                 for r in range(rounds):
                     for mode in (run_modes if r % 2 == 0 else run_modes[::-1]):
-                        log.info("%d expert servers, mode %s, round %d/%d", n, mode, r + 1, rounds)
+                        log.info("%s, mode %s, round %d/%d", _servers(n), mode, r + 1, rounds)
                         raw.setdefault(n, {}).setdefault(mode, []).append(
                             serve_round(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", warm, share[r], w))
             finally:
@@ -456,8 +468,20 @@ def run(a) -> dict:
             r = mode_figures(rnds, reference)
             r["vs_monolithic"] = r["tokens_per_s"]["total"] / monolithic["tokens_per_s"]["total"]
             measured.setdefault(n, {})[mode] = r
-            log.info("%d servers, %s: %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s", n, mode,
+            log.info("%s, %s: %.0f tokens/s (%.2fx single-process), balancedness %.3f, identical %s", _servers(n), mode,
                      r["tokens_per_s"]["total"], r["vs_monolithic"], r["balancedness"], r["identical_to_reference"])
+
+    # Rounds that disagree beyond the single-process model's own round-to-round spread.
+    round_rates = {f"{n}/{mode}": [summarize(rnd["records"], rnd["wall"])["tokens_per_s"]["total"] for rnd in rnds]
+                   for n, rows in raw.items() for mode, rnds in rows.items()}
+    baseline_rates = [summarize(recs, wall)["tokens_per_s"]["total"] for recs, wall in mono_runs]
+    flagged = noise.noisy(round_rates, baseline_rates)
+    baseline_spread = noise.spread(baseline_rates)
+    for name, sp in flagged.items():
+        n, mode = name.split("/")
+        log.warning("%s, mode %s: its rounds differ by %.0f%%, more than the single-process model's (%s, this run's "
+                    "noise): its figures are uncertain by that much", _servers(int(n)), mode, 100 * sp,
+                    f"{100 * baseline_spread:.0f}%" if baseline_spread is not None else "one round")
 
     result: dict = dict(
         command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
@@ -468,6 +492,7 @@ def run(a) -> dict:
                      **result_logits),
         forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
         monolithic=monolithic, modes=measured[counts[0]],
+        noise=dict(baseline_spread=baseline_spread, round_rates=round_rates, flagged=flagged),
     )
     if 1 in measured and counts[0] != 1:
         result["one_server"] = measured[1]["off"]
@@ -653,7 +678,7 @@ def run_open_loop(a) -> int:
     from moe_bench import open_loop
 
     source = model_source.resolve(a.model, a.cache_dir)
-    result = open_loop.run(a, source, documents(a.corpus))
+    result = open_loop.run(a, source, documents(a))
     result["machine"] = machine()
     result["command"] = shlex.join(["moe-bench", *sys.argv[1:]])
     print(open_loop.markdown(result), flush=True)

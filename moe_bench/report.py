@@ -12,6 +12,12 @@ def _row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _servers(name: str) -> str:
+    """ "N/mode" -> "N expert server(s), mode M"."""
+    n, mode = name.split("/")
+    return f"{n} expert server{'s' if n != '1' else ''}, mode {mode}"
+
+
 def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     """The report: the run's setup, the measured table, validation, simulation, efficiency."""
     w, m = result["workload"], result["machine"]
@@ -44,6 +50,12 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
             f"{r['balancedness']:.3f}", f"{max(r['busy_share']):.0%}", f"{r['weights_moved_bytes'] / 1e6:.0f}",
             f"{r['prefetch_hit_rate']:.0%}" if name != "off" else "", "yes" if r["identical_to_reference"] else
             f"**no**: {r.get('rows_identical', 0)}/{r.get('rows', 0)} rows"]))
+    if (nz := result.get("noise")) and nz.get("flagged"):
+        base = nz["baseline_spread"]
+        out += ["", "**Noisy**: rounds that differ by more than the single-process model's rounds "
+                    f"({f'{base:.0%}' if base is not None else 'one round'}, this run's noise): "
+                    + ", ".join(f"{_servers(name)} {s:.0%}" for name, s in nz["flagged"].items())
+                    + "; read those figures as uncertain by that much."]
     out += ["", "Where the distributed forward spends its time (share of the gateway's forward time):", "",
             _row(["", "gateway compute", "expert compute", "waiting on slowest server", "transport + serialization"]),
             _row(["---"] * 5)]
@@ -53,8 +65,10 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
                          f"{t['waiting_on_slowest_server']:.0%}", f"{t['transport_and_serialization']:.0%}"]))
     if result.get("one_server"):
         one = result["one_server"]
+        noisy_one = (result.get("noise") or {}).get("flagged", {}).get("1/off")
         out += ["", f"One expert server, mode off: {one['tokens_per_s']['total']:.0f} tokens/s, "
-                    f"**{one['vs_monolithic']:.2f}x** the single-process model."]
+                    f"**{one['vs_monolithic']:.2f}x** the single-process model"
+                    + (f" (noisy: its rounds differ by {noisy_one:.0%})." if noisy_one is not None else ".")]
     e = result["efficiency"]
     out += ["", f"Expert compute efficiency ({e['device']}, {e['threads']} thread(s), one layer's routed batch: "
                 f"{e['tokens']} tokens over {e['experts']} experts, largest group {e['largest_group']}): "

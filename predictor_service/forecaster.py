@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from moe_common.traces import DECODER, ENCODER, Pass, TraceInfo
+from predictor_service.sru_kernel import sru_class
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,7 @@ class ForecasterConfig:
 
 
 def _sru(*args, **kwargs):
-    # Importing sru JIT-compiles its CPU kernel (~30-45 s the first time, then cached).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "CUDA kernels unavailable" on CPU-only machines: harmless
-        from sru import SRU
-    return SRU(*args, **kwargs)
+    return sru_class()(*args, **kwargs)
 
 
 class Forecaster(nn.Module):

@@ -35,7 +35,7 @@ def test_local_launcher_serves_and_stops_every_child(tiny, reference):
         status = get_status(port)
         assert status.predictor.address and status.predictor.forecasts_failed == 0
         assert status.predictor.forecasts_ok + status.predictor.forecasts_late > 0
-        assert status.replication.mode == "window"  # from deploy/local/stack.yaml
+        assert status.replication.mode == "off"  # deploy/local/stack.yaml: moe-serve's defaults, no checkpoint
 
         # SIGUSR1 adds an expert server, which joins; SIGUSR2 removes the newest, which drains.
         proc.send_signal(signal.SIGUSR1)
@@ -85,7 +85,15 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     a = parse_args(["--config", str(config), "--expert-servers", "4"])
     assert (a.model, a.expert_servers, a.replica_memory, a.predictor_checkpoint) == ("tiny", 4, "1GB", None)
     shipped = parse_args(["--config", str(ROOT / "deploy" / "local" / "stack.yaml")])
-    assert shipped.model == "tiny" and shipped.replication == "window"
+    assert shipped.model == "tiny" and shipped.replication == "off"
+    # One set of defaults: the shipped file sets nothing moe-serve does not default to.
+    import yaml
+
+    from gateway.launcher import build_parser
+    defaults = build_parser()
+    for key, value in yaml.safe_load((ROOT / "deploy" / "local" / "stack.yaml").read_text()).items():
+        if key != "model":
+            assert defaults.get_default(key.replace("-", "_")) == value, key
     config.write_text("model: tiny\nexpert-server: 3\n")
     with pytest.raises(SystemExit):
         parse_args(["--config", str(config)])

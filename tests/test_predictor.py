@@ -154,7 +154,7 @@ def tiny_checkpoint(tiny, tmp_path_factory):
     from moe_common.corpus import stdlib_documents
 
     d = tmp_path_factory.mktemp("predictor")
-    (d / "text.txt").write_text("\n".join(stdlib_documents()[:120]) + "\n")
+    (d / "text.txt").write_text("\n\n".join(stdlib_documents()[:120]) + "\n")  # one paragraph per document
     cli = [sys.executable, "-m", "predictor_service"]
     run = dict(capture_output=True, text=True, timeout=600)
     for args in (["collect", "--model", str(tiny.path), "--corpus", str(d / "text.txt"), "--out", str(d / "train"),
@@ -180,6 +180,19 @@ def test_cli_collect_train_eval(tiny_checkpoint, tiny):
         assert {"load_l1", "hot_recall", "forecast_ms_p50", "forecast_ms_p99"} <= set(m)
         assert 0 <= m["load_l1"] <= 2 and 0 <= m["hot_recall"] <= 1
     assert len(report["methods"]["sru"]["top1_agreement"]) == 4
+
+
+def test_cli_eval_text_puts_encoder_figures_first(tiny_checkpoint):
+    d = tiny_checkpoint
+    run = [sys.executable, "-m", "predictor_service", "eval", "--traces", str(d / "held"), "--checkpoint", str(d / "f.pt")]
+    report = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=300).stdout)
+    lines = subprocess.run(run, capture_output=True, text=True, timeout=300).stdout.splitlines()
+    assert lines[1].split() == ["method", "enc", "l1", "enc", "hot", "dec", "l1", "dec", "hot", "all", "l1", "p50", "ms",
+                                "p99", "ms"]
+    for line in lines[2:]:
+        name, enc_l1, enc_hot, *_ = line.split()
+        m = report["methods"][name]["encoder"]
+        assert (float(enc_l1), float(enc_hot)) == (round(m["load_l1"], 3), round(m["hot_recall"], 3))
 
 
 def test_gateway_records_the_same_traces_as_the_model(tiny, three_expert_servers, tmp_path):
