@@ -305,9 +305,10 @@ class _UnrulyPredictor(predictor_pb2_grpc.PredictorServiceServicer):
 
 
 def test_predictive_replication_rides_out_a_slow_malformed_and_dead_predictor(tiny, reference):
-    """Under predictive replication the gateway waits for each batch's forecast: a slow
-    predictor costs at most the deadline, a malformed forecast never reaches the planner,
-    a dead one is an error counted in GetStatus. No request fails, every output is exact."""
+    """Under predictive replication no batch waits for a forecast: a slow predictor's
+    forecasts come too late and are counted (late, or failed at their deadline), a
+    malformed forecast never reaches the planner, a dead one is an error counted in
+    GetStatus. No request fails, every output is exact."""
     import concurrent.futures
 
     from tests.conftest import expert_servers, reference_ids
@@ -332,8 +333,10 @@ def test_predictive_replication_rides_out_a_slow_malformed_and_dead_predictor(ti
                 p = stub.GetStatus(gateway_pb2.GetStatusRequest()).predictor
                 return p.forecasts_ok, p.forecasts_late, p.forecasts_failed
 
-            ok, late, failed = serve_and_count()  # slow: the encoder pass waits 100 ms, then goes on
-            assert ok == 0 and failed >= 1 and late + failed >= 2
+            # Slow: each pass ends before its forecast; which count it lands in (late, or
+            # failed when its 100 ms deadline passed first) depends on the pass's length.
+            ok, late, failed = serve_and_count()
+            assert ok == 0 and late + failed >= 2
             unruly.mode = "malformed"
             ok2, late2, failed2 = serve_and_count()
             assert ok2 == 0 and failed2 > failed, "a malformed forecast must count as failed, not ok"
