@@ -290,7 +290,11 @@ class _UnrulyPredictor(predictor_pb2_grpc.PredictorServiceServicer):
 
     def Forecast(self, request, context):
         if self.mode == "slow":
-            time.sleep(0.5)
+            # Until the caller gave up (its deadline, or it cancelled at the pass's end): a
+            # handler that slept on would hold a worker and delay the next test phase's calls.
+            deadline = time.monotonic() + 0.5
+            while context.is_active() and time.monotonic() < deadline:
+                time.sleep(0.01)
             return pb.ForecastResponse()
         layers = [pb.LayerForecast(layer=0, load=[1.0, 2.0]),
                   pb.LayerForecast(layer=1, load=[float("nan")] * 8),
@@ -316,7 +320,7 @@ def test_predictive_replication_rides_out_a_slow_malformed_and_dead_predictor(ti
     prompts = ["forecast me", "a second prompt, longer than the first one"]
     expected = reference_ids(reference, prompts, 6)
     unruly = _UnrulyPredictor()
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(16))
     predictor_pb2_grpc.add_PredictorServiceServicer_to_server(unruly, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -338,8 +342,12 @@ def test_predictive_replication_rides_out_a_slow_malformed_and_dead_predictor(ti
             ok, late, failed = serve_and_count()
             assert ok == 0 and late + failed >= 2
             unruly.mode = "malformed"
-            ok2, late2, failed2 = serve_and_count()
-            assert ok2 == 0 and failed2 > failed, "a malformed forecast must count as failed, not ok"
+            for _ in range(3):  # a reply that comes after its pass ended counts as late instead
+                ok2, late2, failed2 = serve_and_count()
+                assert ok2 == 0, "a malformed forecast must never count as ok"
+                if failed2 > failed:
+                    break
+            assert failed2 > failed, "a malformed forecast must count as failed"
             server.stop(0)  # dead
             ok3, late3, failed3 = serve_and_count()
             assert ok3 == 0 and failed3 > failed2
