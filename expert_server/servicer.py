@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
 from expert_server.experts import ExpertStore
 from expert_server.metrics import METRICS
-from moe_common import shm, tensor_codec
+from moe_common import hardware, shm, tensor_codec
 from moe_common.errors import FailedPrecondition, InvalidArgument, MoEError
 from moe_common.integrity import expert_digest
 from moe_common.serving import message_options
@@ -28,6 +30,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         # SetReplicas may make this server dial (FetchExpert), so a caller cannot point it
         # at an arbitrary host. Empty until a gateway announces them: no fetches until then.
         self.members: frozenset[str] = frozenset()
+        # Which hardware this server takes turns on with others (GetInfo; the gateway's planner).
+        device = str(store.device)
+        self.compute_domain = hardware.compute_domain(device)
+        self.compute_share = hardware.compute_share(device, torch.get_num_threads())
 
     def RunExperts(self, request, context):
         self.store.check_model(request.model_id)
@@ -142,4 +148,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             replica_slots=s.replica_slots,
             replicas=[expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in s.replicas()],
             draining=self.draining.is_set(),
+            compute_domain=self.compute_domain,
+            compute_share=self.compute_share,
         )

@@ -24,7 +24,7 @@ from gateway.dispatch_stats import DecodeLayerCalls
 from gateway.forecasts import PassObserver
 from gateway.membership import resolve
 from gateway.replicas import ReplicaManager
-from gateway.replication import standby_needed
+from gateway.replication import Sharing, sharing_of, standby_needed
 from gateway.model import load_gateway_model, remote_experts
 from moe_common import model_source
 from moe_common.batching import pad_right
@@ -147,6 +147,7 @@ class Engine:
         self.decode_calls = DecodeLayerCalls()  # GetStatus expert_path.decode_layer_calls / decode_tokens
         for module in remote_experts(self.model.decoder):
             module.register_forward_hook(self.decode_calls.hook)
+        self.compute: dict[str, tuple[str, float]] = {}  # address -> (compute domain, share): check_server
         self.forward_ns = 0  # wall time of generate_batch, summed (GetStatus expert_path.forward_ns)
         self.observer: PassObserver | None = None
         self.replicas: ReplicaManager | None = None
@@ -162,6 +163,10 @@ class Engine:
         for address in servers:
             wait_for_serving(address, self.config.startup_timeout_s, tls=self.config.tls)
         slots = [self.check_server(address) for address in servers]
+        if self.config.replication != "off" and self.sharing(servers) is not None:
+            log.info("expert servers share hardware (compute domain, share: %s): the replica planner counts "
+                     "each host's or GPU's combined work, not only the slowest server",
+                     [self.compute[a] for a in servers])
         home = home_placement(len(self.layers), self.num_experts, len(servers))
         self.clients.swap(self.clients.make_view(servers, home, slots))
         t0 = time.monotonic()
@@ -179,7 +184,8 @@ class Engine:
         if self.config.replication != "off" or self.config.redundancy > 1:
             self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
                                            self.config.replication_window, self.config.replication_min_gain,
-                                           redundancy=self.config.redundancy, forecaster=self.observer.forecast_batch)
+                                           redundancy=self.config.redundancy, forecaster=self.observer.forecast_batch,
+                                           sharing=self.sharing)
             self.observer.replicas = self.replicas
             if self.config.redundancy > 1:
                 view = self.clients.view
@@ -209,7 +215,16 @@ class Engine:
                 f"expert server {address} serves model {info.model_id} ({info.model_source}); "
                 f"the gateway runs {self.source.model_id} ({self.source.spec})"
             )
+        # Which servers take turns on the same hardware: the replica planner's Sharing.
+        self.compute[address] = (info.compute_domain or address, info.compute_share or 1.0)
         return info.replica_slots
+
+    def sharing(self, addresses: list[str]) -> Sharing | None:
+        """How the servers at `addresses` share hardware (gateway.replication.sharing_of);
+        None when no host or GPU is oversubscribed. A server that did not say (an older
+        build) is its own domain."""
+        domains, shares = zip(*(self.compute.get(a, (a, 1.0)) for a in addresses)) if addresses else ((), ())
+        return sharing_of(list(domains), list(shares))
 
     def close(self) -> None:
         if self.replicas is not None:

@@ -37,7 +37,7 @@ import torch
 from gateway.dispatch import ExpertClients
 from gateway.plan_worker import PlanWorker
 from gateway.views import ServerView
-from gateway.replication import plan_replicas, prefetch_stages, standby_needed, standby_replicas
+from gateway.replication import Sharing, plan_replicas, prefetch_stages, standby_needed, standby_replicas
 from moe_common.traces import Pass, TraceInfo
 from moe_protos.moe.expert.v1 import expert_pb2
 
@@ -75,7 +75,8 @@ def planning_loads(mode: str, history: list[np.ndarray], forecast: dict[int, np.
 class ReplicaManager:
     def __init__(self, clients: ExpertClients, info: TraceInfo, mode: str, window: int = 8, min_gain: float = 0.02,
                  planner=plan_replicas, redundancy: int = 1,
-                 forecaster: Callable[[torch.Tensor], dict[int, np.ndarray] | None] | None = None):
+                 forecaster: Callable[[torch.Tensor], dict[int, np.ndarray] | None] | None = None,
+                 sharing: Callable[[list[str]], Sharing | None] | None = None):
         if mode not in MODES:
             raise ValueError(f"replication mode must be one of {MODES}")
         self.clients = clients
@@ -88,6 +89,8 @@ class ReplicaManager:
         # input_ids [B, S] -> layer -> expected load [E], or None (PassObserver.forecast_batch);
         # called on the worker thread only, so its deadline never delays a batch.
         self.forecaster = forecaster
+        # addresses -> how those servers share hardware (Engine.sharing); None: they do not.
+        self.sharing = sharing
         self.worker = PlanWorker()
         self._lock = threading.Lock()  # batches, history and _ahead: the batcher and request threads
         self._ahead: torch.Tensor | None = None  # input_ids [B, S] of queued prompts planned ahead
@@ -173,9 +176,10 @@ class ReplicaManager:
 
     def _plan(self, view: ServerView, loads: np.ndarray, batch: int) -> None:
         t0 = time.perf_counter()
+        sharing = self.sharing(view.addresses) if self.sharing is not None else None
         plan = self.planner(loads.tolist(), view.home, view.slots, policy=self.clients.policy,
                             previous=view.planned, min_gain=self.min_gain, standby=self.standby(view),
-                            group_cost=self.clients.group_cost)
+                            group_cost=self.clients.group_cost, sharing=sharing)
         self.planning_ms.append((time.perf_counter() - t0) * 1e3)
         self.plans += 1
         self.kept_plans += plan.kept_previous

@@ -42,6 +42,12 @@ did); it is not a holder until it answers its health checks again. A logical exp
 whose holders are all suspect gets a *stand-in*: a healthy server that loads it on
 demand and computes it in its place (choose_stand_ins), whole, so outputs stay
 bit-identical.
+
+Servers that share hardware (several expert servers on one host's CPUs, or on one
+GPU) are one *compute domain*: a layer cannot finish before the busiest domain has
+done all its servers' work, whatever the balance between them. `Sharing` adds that
+bound to the planner's layer time, so it does not move weights to balance servers
+that would only take turns on the same cores (4 one-thread servers on a 2-core host).
 """
 
 from __future__ import annotations
@@ -176,6 +182,50 @@ def server_times(chunks: list[list[tuple[int, int]]], num_servers: int, speeds: 
     return [t / speeds[s] for s, t in enumerate(times)]
 
 
+@dataclass(frozen=True)
+class Sharing:
+    """Which servers compete for the same hardware. domain[s]: the compute domain of
+    server s (an index; servers with the same one share a host's CPUs or a GPU);
+    share[s]: the fraction of its domain server s keeps busy when it runs alone (its
+    threads over the host's cores, at most 1; 1 on a GPU, which processes time-share).
+    A server that takes t alone does t x share of its domain's work."""
+
+    domain: list[int]
+    share: list[float]
+
+    def busiest(self, times: list[float]) -> float:
+        """The work of the busiest domain when its servers take `times` alone."""
+        work: dict[int, float] = {}
+        for s, t in enumerate(times):
+            work[self.domain[s]] = work.get(self.domain[s], 0.0) + t * self.share[s]
+        return max(work.values(), default=0.0)
+
+    def span(self, times: list[float]) -> float:
+        """Time of one layer whose servers take `times` alone: the slowest server, or the
+        busiest domain's work, whichever is longer."""
+        return max(max(times, default=0.0), self.busiest(times))
+
+
+def sharing_of(domains: list[str], shares: list[float]) -> Sharing | None:
+    """The Sharing of servers with these compute domains (any string; equal strings
+    share) and shares, or None when no domain is oversubscribed (its shares sum to at
+    most 1): then the slowest server bounds every layer and the planner needs nothing
+    more. Pure."""
+    index: dict[str, int] = {}
+    domain = [index.setdefault(d, len(index)) for d in domains]
+    total = [0.0] * len(index)
+    for d, x in zip(domain, shares):
+        total[d] += x
+    if all(t <= 1.0 + 1e-9 for t in total):
+        return None
+    return Sharing(domain, [min(1.0, max(0.0, x)) for x in shares])
+
+
+def span(times: list[float], sharing: Sharing | None) -> float:
+    """One layer's time from its servers' times alone (Sharing.span; the slowest server without sharing)."""
+    return sharing.span(times) if sharing is not None else max(times, default=0.0)
+
+
 def balancedness(loads: list[list[float]]) -> float:
     """vLLM's definition over layers l and servers r: sum_l mean_r n[l][r] / sum_l max_r n[l][r].
     1.0 is perfect; 1.0 also when nothing was routed."""
@@ -252,25 +302,28 @@ def holders_of(home: list[list[int]], replicas: set[Replica]) -> list[list[list[
 
 
 def layer_time(loads: list[float], holders: list[list[int]], num_servers: int, policy: str,
-               speeds: list[float], group_cost: float = 0.0) -> float:
-    """Forecast time of one layer: its slowest server under the dispatch policy."""
+               speeds: list[float], group_cost: float = 0.0, sharing: Sharing | None = None) -> float:
+    """Forecast time of one layer: its slowest server under the dispatch policy (or its
+    busiest compute domain, with `sharing`)."""
     counts = [max(0, int(round(x))) for x in loads]
-    return max(server_times(assign_layer(counts, holders, num_servers, policy, speeds, group_cost), num_servers,
-                            speeds, group_cost))
+    return span(server_times(assign_layer(counts, holders, num_servers, policy, speeds, group_cost), num_servers,
+                             speeds, group_cost), sharing)
 
 
 def makespan(loads: list[list[float]], home: list[list[int]], replicas: set[Replica], num_servers: int,
-             policy: str = "whole", speeds: list[float] | None = None, group_cost: float = 0.0) -> float:
+             policy: str = "whole", speeds: list[float] | None = None, group_cost: float = 0.0,
+             sharing: Sharing | None = None) -> float:
     speeds = speeds or [1.0] * num_servers
     holders = holders_of(home, replicas)
-    return sum(layer_time(loads[layer], holders[layer], num_servers, policy, speeds, group_cost)
+    return sum(layer_time(loads[layer], holders[layer], num_servers, policy, speeds, group_cost, sharing)
                for layer in range(len(loads)))
 
 
 def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[int], *, policy: str = "whole",
                   speeds: list[float] | None = None, previous: set[Replica] | None = None, min_gain: float = 0.02,
                   candidates_per_layer: int = 4, targets_per_candidate: int = 4,
-                  standby: set[Replica] = frozenset(), group_cost: float = 0.0) -> Plan:
+                  standby: set[Replica] = frozenset(), group_cost: float = 0.0,
+                  sharing: Sharing | None = None) -> Plan:
     """Choose replicas that make the forecast makespan smallest within each server's slots.
 
     Greedy: repeatedly add the single replica with the largest makespan reduction (ties:
@@ -283,6 +336,8 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
     of the no-replica makespan) of the new plan, it is kept, so weights do not churn.
     `standby` replicas (standby_replicas) are in every plan, kept or new, and take their
     slots first; the rest go to hot experts.
+    `sharing` (sharing_of) bounds each layer by its busiest compute domain too: a replica
+    pays only while the slowest server, not the shared hardware, bounds its layer.
     """
     num_servers = len(slots)
     speeds = speeds or [1.0] * num_servers
@@ -293,9 +348,9 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
     free = _free_after(standby, slots)
     if min(free, default=0) < 0:
         raise ValueError("standby replicas exceed a server's slots")
-    baseline = makespan(loads, home, set(), num_servers, policy, speeds, group_cost)
+    baseline = makespan(loads, home, set(), num_servers, policy, speeds, group_cost, sharing)
     holders = holders_of(home, plan)
-    times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds, group_cost)
+    times = [layer_time(loads[layer], holders[layer], num_servers, policy, speeds, group_cost, sharing)
              for layer in range(num_layers)]
 
     def best_for_layer(layer: int) -> tuple[tuple[float, float], Replica | None]:
@@ -306,6 +361,8 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
         per_server = server_times(assign_layer(counts, holders[layer], num_servers, policy, speeds, group_cost),
                                   num_servers, speeds, group_cost)
         slowest = max(range(num_servers), key=lambda s: (per_server[s], -s))
+        # When shared hardware bounds the layer, relieving one server is no progress.
+        plateaus = sharing is None or sharing.busiest(per_server) < per_server[slowest] - 1e-9
         on_slowest = sorted((e for e in range(len(counts)) if slowest in holders[layer][e] and counts[e] > 0),
                             key=lambda e: (-counts[e], e))[:candidates_per_layer]
         # Copies go to the least loaded servers with a free slot: under either policy a
@@ -318,8 +375,8 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
                 trial[e].append(s)
                 after = server_times(assign_layer(counts, trial, num_servers, policy, speeds, group_cost),
                                      num_servers, speeds, group_cost)
-                gain = (times[layer] - max(after), per_server[slowest] - after[slowest])
-                progress = gain[0] > 1e-9 or (gain[0] > -1e-9 and gain[1] > 1e-9)
+                gain = (times[layer] - span(after, sharing), per_server[slowest] - after[slowest])
+                progress = gain[0] > 1e-9 or (plateaus and gain[0] > -1e-9 and gain[1] > 1e-9)
                 if progress and (best is None or gain > best_gain):
                     best_gain, best = gain, (layer, e, s)
         return best_gain, best
@@ -351,7 +408,7 @@ def plan_replicas(loads: list[list[float]], home: list[list[int]], slots: list[i
             if layer < num_layers and e < len(home[layer]) and s != home[layer][e] and used[s] < slots[s]:
                 kept.add(r)
                 used[s] += 1
-        old_span = makespan(loads, home, kept, num_servers, policy, speeds, group_cost)
+        old_span = makespan(loads, home, kept, num_servers, policy, speeds, group_cost, sharing)
         if old_span <= baseline and old_span - new.makespan < min_gain * baseline:
             return Plan(kept, old_span, baseline, kept_previous=True)
     return new

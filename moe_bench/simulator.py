@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gateway.replicas import planning_loads
-from gateway.replication import assign_layer, plan_replicas
+from gateway.replication import Sharing, assign_layer, plan_replicas
 from moe_common.placement import home_placement
 from moe_common.traces import DECODER, ENCODER, Pass, TraceInfo
 
@@ -83,6 +83,9 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
     num_layers, num_experts = info.num_layers, info.num_experts
     home = home_placement(num_layers, num_experts, num_servers)
     parallel = parallel or num_servers
+    # The planner is told what the gateway learns from GetInfo: servers that share cores
+    # (gateway.replication.Sharing), so it plans for the same compute bound as above.
+    sharing = Sharing([0] * num_servers, [1 / parallel] * num_servers) if parallel < num_servers else None
     history: list[np.ndarray] = []
     planned: set[tuple[int, int, int]] = set()
     ready_at: dict[tuple[int, int, int], float] = {}  # replica -> simulated time it is loaded
@@ -108,7 +111,7 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
         if loads is None:
             return
         plan = plan_replicas(loads.tolist(), home, [slots] * num_servers, policy=policy, previous=planned,
-                             min_gain=min_gain, group_cost=group_cost)
+                             min_gain=min_gain, group_cost=group_cost, sharing=sharing)
         if plan.replicas != planned:
             for server in range(num_servers):
                 new = sorted(r for r in plan.replicas - planned if r[2] == server)  # layer order, as SetReplicas

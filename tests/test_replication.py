@@ -14,7 +14,9 @@ from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.launcher import spawn_predictor, wait_ready
 from moe_common.serving import pick_free_port
-from tests.conftest import channel, expert_servers, gateway, generated_ids, stop
+from gateway.replication import Sharing
+from moe_common.hardware import compute_domain, usable_cpus
+from tests.conftest import channel, expert_servers, gateway, generated_ids, reference_ids, stop
 from tests.test_equivalence import PROMPTS
 
 REPLICA_MEMORY = "4MB"  # 64 tiny experts of 64 KiB: room for every expert everywhere
@@ -105,6 +107,38 @@ def test_replicas_over_budget_are_refused(tiny):
         assert [(r.layer, r.expert) for r in reply.ready] == [(1, 0), (1, 1)]
         assert [(f.expert.layer, f.expert.expert) for f in reply.failed] == [(1, 2)]
         assert "over the replica memory budget" in reply.failed[0].reason
+
+
+def test_servers_say_which_hardware_they_share_and_the_planner_is_told(tiny, reference):
+    """Expert servers report their compute domain and share in GetInfo; the gateway's
+    planner gets a Sharing when they oversubscribe it (two servers that each use every
+    core of this host), and still serves HF's outputs."""
+    cpus = usable_cpus()
+    with expert_servers(tiny, 2, ["--threads", str(cpus), "--replica-memory", REPLICA_MEMORY]) as (full, _), \
+            expert_servers(tiny, 1, ["--threads", "1"]) as (one, _):
+        infos = []
+        for address in full + one:
+            with channel(address) as ch:
+                infos.append(expert_pb2_grpc.ExpertServiceStub(ch).GetInfo(expert_pb2.GetInfoRequest()))
+        assert infos[0].compute_domain == infos[1].compute_domain == infos[2].compute_domain == compute_domain("cpu")
+        assert [i.compute_share for i in infos] == pytest.approx([1.0, 1.0, 1 / cpus])
+        engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=full, replication="reactive"))
+        try:
+            engine.connect()
+            assert engine.sharing(full) == Sharing([0, 0], [1.0, 1.0])
+            assert engine.sharing(full[:1]) is None  # one server alone oversubscribes nothing
+            ids = engine.prompt_ids(PROMPTS, [])
+            for _ in range(3):  # plans under the sharing bound; outputs stay HF's
+                rows = engine.generate_batch(ids, [6] * len(PROMPTS), Sampling())
+                assert [r.token_ids for r in rows] == reference_ids(reference, PROMPTS, 6)
+            deadline = time.monotonic() + 30
+            while engine.replicas.plans < 2:  # the planner ran (on its worker) for the later batches
+                assert time.monotonic() < deadline, "no plan was made"
+                time.sleep(0.05)
+            # Each server alone keeps the whole host busy: balancing them cannot finish a layer sooner.
+            assert engine.clients.view.planned == set()
+        finally:
+            engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from gateway.replication import (assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas, server_loads,
-                                 prefetch_stages, server_times, standby_needed, standby_replicas)
+from gateway.replication import (Sharing, assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas,
+                                 prefetch_stages, server_loads, server_times, sharing_of, standby_needed,
+                                 standby_replicas)
 from moe_common.placement import home_placement
 
 
@@ -188,3 +189,52 @@ def test_plans_always_hold_the_standbys():
     assert standby <= kept.replicas
     with pytest.raises(ValueError):
         plan_replicas(loads, home, [3, 3], standby=standby)
+
+
+def test_sharing_bounds_a_layer_by_its_busiest_compute_domain():
+    # Servers alone would take 6, 2, 1, 1; sharing half a host each, the host needs (6+2+1+1)/2.
+    shared = sharing_of(["h", "h", "h", "h"], [0.5, 0.5, 0.5, 0.5])
+    assert shared == Sharing([0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5])
+    assert shared.span([6, 2, 1, 1]) == 6 and shared.span([3, 3, 2, 2]) == 5
+    two_hosts = sharing_of(["a", "b", "a", "b"], [1.0, 0.5, 1.0, 0.5])
+    assert two_hosts == Sharing([0, 1, 0, 1], [1.0, 0.5, 1.0, 0.5])
+    assert two_hosts.span([1, 4, 2, 4]) == 4 and two_hosts.span([3, 1, 3, 1]) == 6
+    # No domain oversubscribed (shares sum to at most 1): nothing to model.
+    assert sharing_of(["a", "a", "b"], [0.5, 0.5, 1.0]) is None
+    assert sharing_of([], []) is None
+
+
+def test_the_planner_moves_no_weights_that_shared_hardware_would_not_use():
+    home, slots = [[0, 1, 2, 3]], [2, 2, 2, 2]
+    shared = sharing_of(["h"] * 4, [0.5] * 4)  # four one-thread servers on a 2-core host
+    # Alone, split levels the hot expert over idle servers: 10 tokens in 3 per server.
+    alone = plan_replicas([[6, 2, 1, 1]], home, slots, policy="split")
+    assert alone.makespan == 3 and alone.baseline_makespan == 6
+    # Sharing the host, a layer takes at least (6+2+1+1)/2 = 5: one replica gets there, more do not help.
+    plan = plan_replicas([[6, 2, 1, 1]], home, slots, policy="split", sharing=shared)
+    assert plan.replicas == {(0, 0, 2)} and plan.makespan == 5 and plan.baseline_makespan == 6
+    # Bound by the host from the start: no replica at all, not even on a plateau.
+    assert plan_replicas([[4, 2, 2, 2]], home, slots, policy="split").replicas
+    bound = plan_replicas([[4, 2, 2, 2]], home, slots, policy="split", sharing=shared)
+    assert bound.replicas == set() and bound.makespan == bound.baseline_makespan == 5
+    # The same with whole experts: server 0 holds 3 + 2 of 10 tokens, as long as the host needs.
+    assert plan_replicas([[3, 2, 3, 2]], [[0, 0, 1, 2]], slots, policy="whole").makespan == 3
+    whole = plan_replicas([[3, 2, 3, 2]], [[0, 0, 1, 2]], slots, policy="whole", sharing=shared)
+    assert whole.replicas == set() and whole.makespan == 5
+
+
+@pytest.mark.parametrize("policy", ["whole", "split", "auto"])
+def test_planner_properties_with_shared_hardware(policy):
+    rng = random.Random(2)
+    for _ in range(200):
+        layers, experts, servers = rng.randint(1, 3), rng.choice([4, 8]), rng.randint(2, 4)
+        home = home_placement(layers, experts, servers)
+        loads = [[rng.paretovariate(1.2) * 10 for _ in range(experts)] for _ in range(layers)]
+        slots = [rng.randint(0, 3) for _ in range(servers)]
+        sharing = sharing_of([rng.choice("ab") for _ in range(servers)], [rng.choice([0.5, 1.0]) for _ in range(servers)])
+        plan = plan_replicas(loads, home, slots, policy=policy, sharing=sharing)
+        assert plan.makespan <= plan.baseline_makespan + 1e-9
+        assert plan.makespan == pytest.approx(makespan(loads, home, plan.replicas, servers, policy, sharing=sharing))
+        # Every replica in the plan was added because it shortened the forecast: dropping
+        # all of them never gives a shorter one.
+        assert makespan(loads, home, set(), servers, policy, sharing=sharing) >= plan.makespan - 1e-9

@@ -159,7 +159,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_source", "d_model", "num_sparse_layers", "num_experts", "experts", "weight_bytes", "device", "dtype", "replica_memory", "replica_slots", "replicas", "draining")
+    __slots__ = ("model_id", "model_source", "d_model", "num_sparse_layers", "num_experts", "experts", "weight_bytes", "device", "dtype", "replica_memory", "replica_slots", "replicas", "draining", "compute_domain", "compute_share")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class GetInfoResponse(_message.Message):
     REPLICA_SLOTS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SHARE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_source: str
     d_model: int
@@ -186,7 +188,9 @@ class GetInfoResponse(_message.Message):
     replica_slots: int
     replicas: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     draining: bool
-    def __init__(self, model_id: _Optional[str] = ..., model_source: _Optional[str] = ..., d_model: _Optional[int] = ..., num_sparse_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., replica_memory: _Optional[int] = ..., replica_slots: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    compute_domain: str
+    compute_share: float
+    def __init__(self, model_id: _Optional[str] = ..., model_source: _Optional[str] = ..., d_model: _Optional[int] = ..., num_sparse_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., replica_memory: _Optional[int] = ..., replica_slots: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., draining: _Optional[bool] = ..., compute_domain: _Optional[str] = ..., compute_share: _Optional[float] = ...) -> None: ...
 
 class SetReplicasRequest(_message.Message):
     __slots__ = ("replicas", "model_id", "home_addresses")
