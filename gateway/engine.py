@@ -216,13 +216,13 @@ class Engine:
                 f"the gateway runs {self.source.model_id} ({self.source.spec})"
             )
         # Which servers take turns on the same hardware: the replica planner's Sharing.
-        self.compute[address] = (info.compute_domain or address, info.compute_share or 1.0)
+        # An older server that does not say is a domain of its own.
+        self.compute[address] = ((info.compute_domain, info.compute_share) if info.compute_domain else (address, 1.0))
         return info.replica_slots
 
     def sharing(self, addresses: list[str]) -> Sharing | None:
         """How the servers at `addresses` share hardware (gateway.replication.sharing_of);
-        None when no host or GPU is oversubscribed. A server that did not say (an older
-        build) is its own domain."""
+        None when no host is oversubscribed."""
         domains, shares = zip(*(self.compute.get(a, (a, 1.0)) for a in addresses)) if addresses else ((), ())
         return sharing_of(list(domains), list(shares))
 

@@ -43,8 +43,8 @@ whose holders are all suspect gets a *stand-in*: a healthy server that loads it 
 demand and computes it in its place (choose_stand_ins), whole, so outputs stay
 bit-identical.
 
-Servers that share hardware (several expert servers on one host's CPUs, or on one
-GPU) are one *compute domain*: a layer cannot finish before the busiest domain has
+Servers that share hardware (several expert servers on one host's CPUs) are one
+*compute domain*: a layer cannot finish before the busiest domain has
 done all its servers' work, whatever the balance between them. `Sharing` adds that
 bound to the planner's layer time, so it does not move weights to balance servers
 that would only take turns on the same cores (4 one-thread servers on a 2-core host).
@@ -187,7 +187,8 @@ class Sharing:
     """Which servers compete for the same hardware. domain[s]: the compute domain of
     server s (an index; servers with the same one share a host's CPUs or a GPU);
     share[s]: the fraction of its domain server s keeps busy when it runs alone (its
-    threads over the host's cores, at most 1; 1 on a GPU, which processes time-share).
+    threads over the host's cores, at most 1; 0 on a GPU, whose launch-bound expert
+    groups leave room for other servers' kernels: moe_common/hardware.py).
     A server that takes t alone does t x share of its domain's work."""
 
     domain: list[int]

@@ -43,7 +43,10 @@ def compute_domain(device: str) -> str:
 
 def compute_share(device: str, threads: int) -> float:
     """The share of its compute domain a process keeps busy alone: threads over the usable
-    CPUs (at most 1) on a CPU; 1 on a GPU, where processes' kernels take turns."""
+    CPUs (at most 1) on a CPU. 0 on a GPU, meaning "not a bound": an expert server's
+    groups are launch-bound there (0.2 ms of launches per group against microseconds of
+    math on an H200, benchmarks/results/h200), so several servers' kernels fit on one GPU
+    side by side, and the slowest server, not the GPU, bounds a layer."""
     if device.startswith("cuda"):
-        return 1.0
+        return 0.0
     return min(1.0, threads / usable_cpus())

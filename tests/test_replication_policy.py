@@ -7,6 +7,7 @@ import pytest
 from gateway.replication import (Sharing, assign_layer, balancedness, choose_stand_ins, makespan, plan_replicas,
                                  prefetch_stages, server_loads, server_times, sharing_of, standby_needed,
                                  standby_replicas)
+from moe_common.hardware import compute_domain, compute_share, usable_cpus
 from moe_common.placement import home_placement
 
 
@@ -238,3 +239,11 @@ def test_planner_properties_with_shared_hardware(policy):
         # Every replica in the plan was added because it shortened the forecast: dropping
         # all of them never gives a shorter one.
         assert makespan(loads, home, set(), servers, policy, sharing=sharing) >= plan.makespan - 1e-9
+
+
+def test_compute_share_of_a_server():
+    cpus = usable_cpus()
+    assert compute_share("cpu", 1) == pytest.approx(1 / cpus)
+    assert compute_share("cpu", cpus * 4) == 1.0  # more threads than cores: the whole host, no more
+    assert compute_share("cuda:0", 8) == 0.0  # launch-bound groups leave a GPU room for others: no bound
+    assert compute_domain("cpu") == compute_domain("cpu") and compute_domain("cpu").endswith("/cpu")
