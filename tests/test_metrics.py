@@ -42,7 +42,7 @@ from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_protos.moe.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from tests.conftest import admin_address, channel, expert_servers, gateway
+from tests.conftest import admin_address, channel, expert_servers, gateway, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "moe-dashboard.json"
@@ -432,12 +432,7 @@ def prometheus(stack, tmp_path):
         wait_for("prometheus ready", ready, 60)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_prometheus_scrapes_the_stack(stack, prometheus):
