@@ -8,7 +8,10 @@ and labels, and moves; request ids come back to clients and appear in the logs o
 gateway, the expert servers and the predictor with the same batch id; the Grafana
 dashboard names only metrics that exist; and a real Prometheus server (the Debian
 package, which .ci/run installs) scrapes the stack and answers the queries an
-operator would ask. Waits are on conditions, never on fixed sleeps.
+operator would ask. Small stacks of their own check the series that need a server to
+join, die or hang: join, suspect and evict counts and states, and a request counted
+waiting behind a batch held by a frozen expert server, under both schedulers. Waits
+are on conditions, never on fixed sleeps.
 """
 
 from __future__ import annotations
