@@ -21,6 +21,7 @@ collects them. benchmarks/gpu_check.sh runs them (`pytest -m gpu`) on a GPU mach
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import time
 
@@ -211,6 +212,7 @@ def test_gpu_memory_metric_follows_the_allocator():
         assert got is not None, f"no moe_gpu_memory_bytes{{device={device!r}}} after CUDA was initialised"
         return got
 
+    gc.collect()  # tensors of earlier tests freed now, not while this one counts
     torch.cuda.synchronize()
     before = allocated()
     size = 64 << 20  # a multiple of the allocator's block sizes: counted exactly
