@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,32 +27,11 @@ from pathlib import Path
 import grpc
 
 from gateway.launcher import start_stack
+from moe_common.serving import pick_free_port, pick_free_port_run
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-
-
-def free_port_run(count: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port run")
 
 
 def api(port: int, path: str, **params) -> list[dict]:
@@ -89,7 +67,7 @@ def main() -> None:
     if binary is None:
         raise SystemExit("needs the prometheus binary (apt-get install prometheus)")
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "moe-dashboard.json").read_text())
-    base = free_port_run(4)
+    base = pick_free_port_run(4)
     kwargs = dict(cache_dir=a.cache_dir) if a.cache_dir else {}
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "stack.log", "w") as log, \
             start_stack("tiny", 2, metrics_port=base, log_file=log,
@@ -100,7 +78,7 @@ def main() -> None:
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
             "scrape_configs": [{"job_name": "moe", "static_configs": [
                 {"targets": [f"{HOST}:{port}" for port in stack.metrics_ports.values()]}]}]}))
-        prom_port = free_port_run(1)
+        prom_port = pick_free_port(HOST)
         prom = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp}/tsdb",
                                  f"--web.listen-address={HOST}:{prom_port}"], stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import threading
 import time
@@ -36,31 +35,10 @@ import torch
 from gateway.engine import RowResult
 from gateway.launcher import start_stack
 from gateway.metrics import GatewayMetrics
+from moe_common.serving import pick_free_port_run
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 HOST = "127.0.0.1"
-
-
-def free_port_run(count: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port run")
 
 
 class Load:
@@ -185,7 +163,7 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    base = free_port_run(a.expert_servers + 2)
+    base = pick_free_port_run(a.expert_servers + 2)
     kwargs = dict(cache_dir=a.cache_dir) if a.cache_dir else {}
     log = open("/dev/null", "w")
     phases = []

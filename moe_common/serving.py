@@ -135,6 +135,29 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def pick_free_port_run(count: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """The first of `count` consecutive ports that were all free a moment ago: what
+    `moe-serve --metrics-port BASE` needs (BASE for the gateway, BASE+1 for the
+    predictor, BASE+2+i for expert server i). Like pick_free_port, bind soon."""
+    for _ in range(tries):
+        base = pick_free_port(host)  # the OS's choice: a port nobody is about to take
+        if base + count > 65536:
+            continue
+        held = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue  # one of them is taken: start from another free port
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"found no {count} consecutive free ports on {host} in {tries} tries")
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """One line per record, text or JSON (--log-format), with the request ids of the
     call being handled (moe_common/tracing.py)."""

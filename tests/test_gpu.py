@@ -13,11 +13,15 @@ collects them. benchmarks/gpu_check.sh runs them (`pytest -m gpu`) on a GPU mach
   tolerance.
 - A stack of real processes with `--device cuda` expert servers (gateway on the CPU),
   window replication on: generated tokens equal the single-process HF model's.
+- `moe_gpu_memory_bytes` (moe_common/metrics.py) moves by exactly the bytes a tensor
+  takes and gives back, in the registry and over /metrics; a `--device cuda` expert
+  server's figure holds at least its expert weights.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import time
 
@@ -25,9 +29,12 @@ import pytest
 import torch
 
 from expert_server.experts import ExpertStore
+from moe_common.metrics import MetricsServer, new_registry
+from moe_common.serving import pick_free_port
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import channel, expert_servers, gateway, generated_ids
 from tests.test_equivalence import PROMPTS
+from tests.test_metrics import HOST, scrape, value
 
 pytestmark = [
     pytest.mark.gpu,
@@ -184,3 +191,53 @@ def test_stack_with_cuda_expert_servers_equals_hf(tiny, reference):
         while stub.GetStatus(gateway_pb2.GetStatusRequest()).replication.replicas_ready == 0:
             assert time.monotonic() < deadline, "no planned replica became ready on the GPU servers"
             time.sleep(0.1)
+
+
+def gpu_memory(families: dict, device: str, kind: str) -> float:
+    """moe_gpu_memory_bytes{device, kind} of a scrape; AssertionError if it is missing."""
+    assert "moe_gpu_memory_bytes" in families, "no moe_gpu_memory_bytes on a process that uses CUDA"
+    samples = [s.value for s in families["moe_gpu_memory_bytes"].samples
+               if s.labels == {"device": device, "kind": kind}]
+    assert len(samples) == 1, f"want one sample for device={device} kind={kind}: {families['moe_gpu_memory_bytes']}"
+    return samples[0]
+
+
+def test_gpu_memory_metric_follows_the_allocator():
+    registry = new_registry()
+    torch.cuda.init()
+    device = f"cuda:{torch.cuda.current_device()}"
+
+    def allocated() -> float:
+        got = registry.get_sample_value("moe_gpu_memory_bytes", {"device": device, "kind": "allocated"})
+        assert got is not None, f"no moe_gpu_memory_bytes{{device={device!r}}} after CUDA was initialised"
+        return got
+
+    gc.collect()  # tensors of earlier tests freed now, not while this one counts
+    torch.cuda.synchronize()
+    before = allocated()
+    size = 64 << 20  # a multiple of the allocator's block sizes: counted exactly
+    x = torch.empty(size, dtype=torch.uint8, device=device)
+    assert allocated() - before == size
+    reserved = registry.get_sample_value("moe_gpu_memory_bytes", {"device": device, "kind": "reserved"})
+    assert reserved >= allocated() >= size
+    # The same figures over HTTP, collected on the metrics server's own thread.
+    server = MetricsServer(registry, HOST, pick_free_port(HOST))
+    try:
+        assert gpu_memory(scrape(server.port), device, "allocated") == before + size
+        del x
+        assert gpu_memory(scrape(server.port), device, "allocated") == before
+    finally:
+        server.stop()
+
+
+def test_cuda_expert_server_reports_its_weights_in_gpu_memory(tiny):
+    """One `--device cuda` expert server holding every expert from the start: its
+    moe_gpu_memory_bytes covers its expert weights (float32 on the GPU)."""
+    port = pick_free_port(HOST)
+    with expert_servers(tiny, 1, ["--device", "cuda", "--experts", "all", "--metrics-port", str(port)]):
+        families = scrape(port)
+        weights = value(families, "moe_expert_weight_bytes", kind="home")
+        assert weights > 0
+        allocated = gpu_memory(families, "cuda:0", "allocated")
+        assert allocated >= weights, f"{allocated} bytes allocated on the GPU, {weights} bytes of expert weights"
+        assert gpu_memory(families, "cuda:0", "reserved") >= allocated

@@ -8,7 +8,10 @@ and labels, and moves; request ids come back to clients and appear in the logs o
 gateway, the expert servers and the predictor with the same batch id; the Grafana
 dashboard names only metrics that exist; and a real Prometheus server (the Debian
 package, which .ci/run installs) scrapes the stack and answers the queries an
-operator would ask. Waits are on conditions, never on fixed sleeps.
+operator would ask. Small stacks of their own check the series that need a server to
+join, die or hang: join, suspect and evict counts and states, and a request counted
+waiting behind a batch held by a frozen expert server, under both schedulers. Waits
+are on conditions, never on fixed sleeps.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import logging
 import math
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from collections import deque
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -36,10 +40,12 @@ from gateway.engine import RowResult
 from gateway.launcher import start_stack
 from moe_common import tracing
 from moe_common.metrics import exposition
+from moe_common.serving import pick_free_port, pick_free_port_run
 from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_protos.moe.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from tests.conftest import admin_address, channel, expert_servers, gateway, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "moe-dashboard.json"
@@ -205,29 +211,6 @@ def test_metrics_port_flags_are_validated():
 # ---------------------------------------------------------------------------
 
 
-def free_port_run(count: int) -> int:
-    """A first port of `count` consecutive ports that were free a moment ago."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 def scrape(port: int) -> dict:
     """/metrics of a service -> {family name: family}, counters under their ..._total name."""
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10).read().decode()
@@ -249,7 +232,7 @@ def value(families: dict, name: str, **labels) -> float:
 @pytest.fixture(scope="module")
 def stack(tiny, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "stack.log"
-    base = free_port_run(4)
+    base = pick_free_port_run(4)
     with log_path.open("w") as log_file:
         s = start_stack(
             str(tiny.path), 2, metrics_port=base, log_file=log_file,
@@ -346,6 +329,8 @@ def test_every_listed_metric_exists_with_its_type_and_labels(stack):
                 got = set(family.samples[0].labels) - {"le"}
                 assert got == labels, f"{name} has labels {got}, not {labels}"
         assert PROCESS <= set(families), f"process metrics missing on :{port}"
+        # Only a process that initialised CUDA has GPU memory (tests/test_gpu.py checks that one).
+        assert "moe_gpu_memory_bytes" not in families, f"GPU memory on the CPU-only service on :{port}"
 
 
 def test_metrics_move_with_traffic(stack):
@@ -434,7 +419,7 @@ def prometheus(stack, tmp_path):
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "moe", "static_configs": [{"targets": targets}]}],
     }))
-    port = free_port_run(1)
+    port = pick_free_port(HOST)
     with (tmp_path / "prometheus.log").open("w") as log_file:
         proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                  f"--web.listen-address={HOST}:{port}"], stdout=log_file, stderr=subprocess.STDOUT)
@@ -450,12 +435,7 @@ def prometheus(stack, tmp_path):
         wait_for("prometheus ready", ready, 60)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_prometheus_scrapes_the_stack(stack, prometheus):
@@ -496,7 +476,6 @@ def test_membership_changes_are_counted(stack):
     assert value(after, "moe_expert_servers", state="serving") == 1
 
 
-
 def test_forecast_failures_are_counted_when_the_predictor_is_down(stack):
     """After the membership test: stops the predictor (the gateway serves on without forecasts)."""
     predictor = stack.processes[len(stack.expert_addresses)]
@@ -509,3 +488,102 @@ def test_forecast_failures_are_counted_when_the_predictor_is_down(stack):
     # "error" when the refused call ends before its pass does, "late" otherwise.
     assert value(after, "moe_forecast_failures_total") > before
     assert value(after, "moe_requests_total", api="generate", status="OK") > 0
+
+
+# ---------------------------------------------------------------------------
+# Membership and queue series, each on a small stack of its own
+# ---------------------------------------------------------------------------
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog", "expert servers join, fail and leave"]
+
+
+def generate_on(stub, prompts=PROMPTS, max_new_tokens=4) -> list[list[int]]:
+    reply = stub.Generate(gateway_pb2.GenerateRequest(
+        prompts=prompts, parameters=gateway_pb2.GenerationParameters(max_new_tokens=max_new_tokens)), timeout=120)
+    return [list(g.token_ids) for g in reply.generations]
+
+
+def test_join_suspect_and_evict_are_counted(tiny):
+    """A server joins through the admin port (join); another is killed: the next layer
+    call to it fails and it is suspect, and the health watch evicts it once it has been
+    unreachable for --evict-after-s (evict). The suspect is seen before the eviction can
+    come: a request after the kill takes about a second, the eviction at least
+    EVICT_AFTER_S, and the test checks that it waited that long."""
+    evict_after_s = 20.0
+    port = pick_free_port(HOST)
+    args = ["--metrics-port", str(port), "--evict-after-s", str(evict_after_s), "--membership-interval-s", "0.2"]
+    with expert_servers(tiny, 3) as (addresses, procs), gateway(tiny, addresses[:2], args) as gw, \
+            channel(gw) as ch, channel(admin_address(gw)) as admin:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        want = generate_on(stub)
+        before = scrape(port)
+        assert value(before, "moe_expert_servers", state="serving") == 2
+        assert value(before, "moe_expert_servers", state="suspect") == 0
+
+        gateway_pb2_grpc.MembershipServiceStub(admin).AddExpertServer(
+            gateway_pb2.AddExpertServerRequest(address=addresses[2]), timeout=120)
+        joined = scrape(port)
+        assert value(joined, "moe_membership_changes_total", kind="join") == \
+            value(before, "moe_membership_changes_total", kind="join") + 1
+        assert value(joined, "moe_expert_servers", state="serving") == 3
+        assert generate_on(stub) == want
+
+        procs[0].kill()
+        procs[0].wait()
+        killed = time.monotonic()
+
+        def suspected():  # a request whose tokens reach the dead server's experts makes it suspect
+            assert generate_on(stub) == want, "a dead server must cost no request"
+            families = scrape(port)
+            return value(families, "moe_expert_servers", state="suspect") == 1 and families
+
+        suspect = wait_for("the killed server suspect", suspected, timeout_s=evict_after_s / 2)
+        assert value(suspect, "moe_expert_servers", state="serving") == 2
+        assert value(suspect, "moe_membership_changes_total", kind="evict") == \
+            value(before, "moe_membership_changes_total", kind="evict")
+
+        evicted = wait_for("the killed server evicted", lambda: (
+            (families := scrape(port)) and value(families, "moe_membership_changes_total", kind="evict") ==
+            value(before, "moe_membership_changes_total", kind="evict") + 1 and families),
+            timeout_s=evict_after_s + 60, every_s=0.5)
+        assert time.monotonic() - killed >= evict_after_s, "evicted before --evict-after-s had passed"
+        assert value(evicted, "moe_expert_servers", state="serving") == 2
+        assert value(evicted, "moe_expert_servers", state="suspect") == 0  # it left with its suspicion
+        assert value(evicted, "moe_membership_changes_total", kind="leave") == \
+            value(before, "moe_membership_changes_total", kind="leave")
+        assert generate_on(stub) == want
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_a_request_behind_a_running_batch_is_counted_waiting(tiny, scheduler):
+    """One prompt per batch (--max-batch-size 1) and the only expert server frozen
+    (SIGSTOP) while the first request runs: its layer call cannot return, so it stays
+    running and a second request must wait behind it until the server is thawed. The
+    gauges must say 1 running and 1 waiting, whatever the timing: the frozen server holds
+    the batch (its call's deadline, --expert-timeout-s, is far beyond the test's waits).
+    Thawed, both requests finish with the tokens of an unfrozen run and nothing waits."""
+    port = pick_free_port(HOST)
+    args = ["--metrics-port", str(port), "--scheduler", scheduler, "--max-batch-size", "1", "--max-wait-ms", "0",
+            "--expert-timeout-s", "600", "--evict-after-s", "600"]
+    with expert_servers(tiny, 1) as (addresses, procs), gateway(tiny, addresses, args) as gw, channel(gw) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        want = generate_on(stub, PROMPTS[:1])
+
+        def gauges() -> tuple[float, float]:
+            families = scrape(port)
+            return value(families, "moe_num_requests_running"), value(families, "moe_num_requests_waiting")
+
+        assert gauges() == (0, 0)
+        pool = futures.ThreadPoolExecutor(2)
+        procs[0].send_signal(signal.SIGSTOP)
+        try:
+            first = pool.submit(generate_on, stub, PROMPTS[:1])
+            wait_for("the first request running", lambda: gauges() == (1, 0), timeout_s=60)
+            second = pool.submit(generate_on, stub, PROMPTS[:1])
+            wait_for("the second request waiting", lambda: gauges() == (1, 1), timeout_s=60)
+            assert not first.done() and not second.done()
+        finally:
+            procs[0].send_signal(signal.SIGCONT)
+            pool.shutdown(wait=True)
+        assert first.result() == want and second.result() == want
+        wait_for("nothing running or waiting", lambda: gauges() == (0, 0), timeout_s=30)
