@@ -1,17 +1,32 @@
-"""Loading the SRU, whose import JIT-compiles a C++ kernel (torch.utils.cpp_extension):
-a missing compiler becomes an error that says how to fix it. No torch import here, so
-the CLI can name the error without loading torch."""
+"""Choosing the SRU implementation. sru.SRU's import JIT-compiles a C++ kernel
+(torch.utils.cpp_extension), which needs a C++ compiler; predictor_service.sru_torch is the
+same recurrence in plain PyTorch (same state dict, same outputs to float rounding), slower.
+
+  kernel  sru.SRU; a missing compiler is an error that says how to fix it
+  torch   the PyTorch SRU; nothing is compiled
+  auto    the kernel when it builds, else the PyTorch SRU with one warning saying so
+
+No torch import here, so the CLI can name the error without loading torch."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import warnings
 
+log = logging.getLogger(__name__)
+
+SRU_IMPLS = ("auto", "kernel", "torch")
+_fallback_logged = False  # the fallback warning is said once per process, not per model built
+
 
 class SruKernelUnavailable(RuntimeError):
-    """The SRU's C++ kernel could not be built (most often: no C++ compiler)."""
+    """The SRU's C++ kernel could not be built (most often: no C++ compiler).
+    `cause`: why, in a few words (or the build's error)."""
+
+    cause: str = ""
 
 
 def sru_class():
@@ -28,8 +43,38 @@ def sru_class():
         found = shutil.which(compiler)
         cause = (f"no C++ compiler: {compiler!r} is not on PATH" if found is None
                  else f"building it with {found} failed: {exc}")
-        raise SruKernelUnavailable(
+        error = SruKernelUnavailable(
             f"the SRU forecaster compiles a C++ kernel once (then cached), and {cause}. Install a compiler "
             "(Debian/Ubuntu: apt-get install g++; or set CXX) and run again. Serving without "
-            "--predictor-checkpoint (history forecasts) needs no compiler.") from exc
+            "--predictor-checkpoint (history forecasts) needs no compiler; --sru-impl torch (or auto) uses "
+            "the slower pure-PyTorch SRU instead.")
+        error.cause = cause
+        raise error from exc
     return SRU
+
+
+def sru_impl_class(impl: str = "auto"):
+    """The SRU class to build for `impl` (one of SRU_IMPLS); its constructor takes
+    (input_size, hidden_size, num_layers=, bidirectional=) and its state dict is sru's."""
+    if impl not in SRU_IMPLS:
+        raise ValueError(f"SRU implementation {impl!r} is not one of {', '.join(SRU_IMPLS)}")
+    if impl != "torch":
+        try:
+            return sru_class()
+        except SruKernelUnavailable as exc:
+            if impl == "kernel":
+                raise
+            _log_fallback(exc)
+    from predictor_service.sru_torch import TorchSRU
+
+    return TorchSRU
+
+
+def _log_fallback(exc: SruKernelUnavailable) -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("the SRU's C++ kernel could not be built (%s); using the pure-PyTorch SRU instead: the same "
+                    "forecasts, computed more slowly (a Python loop over positions). For the kernel, install a C++ "
+                    "compiler (Debian/Ubuntu: apt-get install g++; or set CXX); --sru-impl torch skips this attempt",
+                    getattr(exc, "cause", exc))
