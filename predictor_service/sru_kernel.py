@@ -19,7 +19,9 @@ import warnings
 log = logging.getLogger(__name__)
 
 SRU_IMPLS = ("auto", "kernel", "torch")
-_fallback_logged = False  # the fallback warning is said once per process, not per model built
+# Why auto fell back, once it has: later models built in this process use the PyTorch SRU
+# without trying (and failing) to build the kernel again, or warning again.
+_kernel_error: SruKernelUnavailable | None = None
 
 
 class SruKernelUnavailable(RuntimeError):
@@ -32,6 +34,11 @@ class SruKernelUnavailable(RuntimeError):
 def sru_class():
     """sru.SRU, importing (and on first use compiling) it; SruKernelUnavailable when the build fails."""
     # Importing sru JIT-compiles its CPU kernel (~30-45 s the first time, then cached).
+    # torch.utils.cpp_extension logs a "compiler not compatible" banner per build attempt when
+    # the compiler is missing; the error or warning below says that plainly, once.
+    builder_log = logging.getLogger("torch.utils.cpp_extension")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "CUDA kernels unavailable" on CPU-only machines: harmless
@@ -50,6 +57,8 @@ def sru_class():
             "the slower pure-PyTorch SRU instead.")
         error.cause = cause
         raise error from exc
+    finally:
+        builder_log.setLevel(level)
     return SRU
 
 
@@ -58,23 +67,19 @@ def sru_impl_class(impl: str = "auto"):
     (input_size, hidden_size, num_layers=, bidirectional=) and its state dict is sru's."""
     if impl not in SRU_IMPLS:
         raise ValueError(f"SRU implementation {impl!r} is not one of {', '.join(SRU_IMPLS)}")
-    if impl != "torch":
+    global _kernel_error
+    if impl == "kernel" or (impl == "auto" and _kernel_error is None):
         try:
             return sru_class()
         except SruKernelUnavailable as exc:
             if impl == "kernel":
                 raise
-            _log_fallback(exc)
+            _kernel_error = exc
+            log.warning("the SRU's C++ kernel could not be built (%s); using the pure-PyTorch SRU instead: the same "
+                        "forecasts, computed more slowly (a Python loop over positions). For the kernel, install a "
+                        "C++ compiler (Debian/Ubuntu: apt-get install g++; or set CXX); --sru-impl torch skips this "
+                        "attempt",
+                        exc.cause)
     from predictor_service.sru_torch import TorchSRU
 
     return TorchSRU
-
-
-def _log_fallback(exc: SruKernelUnavailable) -> None:
-    global _fallback_logged
-    if not _fallback_logged:
-        _fallback_logged = True
-        log.warning("the SRU's C++ kernel could not be built (%s); using the pure-PyTorch SRU instead: the same "
-                    "forecasts, computed more slowly (a Python loop over positions). For the kernel, install a C++ "
-                    "compiler (Debian/Ubuntu: apt-get install g++; or set CXX); --sru-impl torch skips this attempt",
-                    getattr(exc, "cause", exc))
