@@ -68,6 +68,13 @@ class Forecaster(nn.Module):
         self.encoder_sequence_heads = nn.Linear(2 * width, Le * E)
         self.decoder_token_heads = nn.Linear(cfg.hidden, Ld * E)
 
+    @property
+    def sru_impl(self) -> str:
+        """The SRU in use: "kernel" (sru's C++ kernel) or "torch" (predictor_service.sru_torch)."""
+        from predictor_service.sru_torch import TorchSRU
+
+        return "torch" if isinstance(self.encoder_rnn, TorchSRU) else "kernel"
+
     def _states(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens).transpose(0, 1)  # [S, B, D]: sru has no batch_first
         h, _ = (self.encoder_rnn if kind == ENCODER else self.decoder_rnn)(x)

@@ -157,6 +157,7 @@ def test_serve_without_a_compiler_gives_the_kernels_forecasts(checkpoint_and_tra
         wait_ready(proc, f"127.0.0.1:{port}", 300)
         with channel(f"127.0.0.1:{port}") as ch:
             stub = predictor_pb2_grpc.PredictorServiceStub(ch)
+            assert "(the pure-PyTorch SRU)" in stub.GetStatus(pb.GetStatusRequest()).note
             rng = np.random.default_rng(1)
             for kind, wire_kind, shape in ((ENCODER, pb.PASS_KIND_ENCODER, (4, 30)), (DECODER, pb.PASS_KIND_DECODER, (4, 6))):
                 tokens = rng.integers(0, INFO.vocab_size, shape)
