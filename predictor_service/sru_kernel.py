@@ -76,9 +76,9 @@ def sru_impl_class(impl: str = "auto"):
                 raise
             _kernel_error = exc
             log.warning("the SRU's C++ kernel could not be built (%s); using the pure-PyTorch SRU instead: the same "
-                        "forecasts, computed more slowly (a Python loop over positions). For the kernel, install a "
-                        "C++ compiler (Debian/Ubuntu: apt-get install g++; or set CXX); --sru-impl torch skips this "
-                        "attempt",
+                        "forecasts, up to ~2x slower on long sequences (a Python loop over positions). For the "
+                        "kernel, install a C++ compiler (Debian/Ubuntu: apt-get install g++; or set CXX); "
+                        "--sru-impl torch skips this attempt",
                         exc.cause)
     from predictor_service.sru_torch import TorchSRU
 
