@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forecast method (default: sru with --predictor-checkpoint, window without)")
     g.add_argument("--predictor-window", type=int, default=16, help="window method: passes averaged")
     g.add_argument("--predictor-alpha", type=float, default=0.3, help="ema method: weight of the newest pass")
+    g.add_argument("--predictor-sru-impl", choices=["auto", "kernel", "torch"], default="auto",
+                   help="the SRU: kernel (C++, needs a compiler), torch (no compiler, slower), auto (kernel if it builds)")
     tls.add_arguments(p)
     return p
 
@@ -322,7 +324,8 @@ EXPERT_FLAGS = {f: f for f in [
     "--device", "--expert-kernel", "--log-level", "--log-format", "--replica-memory", "--group-executor",
     "--drain-timeout-s", "--drain-quiet-s", "--no-shared-memory", "--simulate-load-delay-s"]} | {
     "--expert-dtype": "--dtype", "--expert-max-workers": "--max-workers"}
-PREDICTOR_SERVE_FLAGS = {"--predictor-method": "--method", "--predictor-window": "--window", "--predictor-alpha": "--alpha"}
+PREDICTOR_SERVE_FLAGS = {"--predictor-method": "--method", "--predictor-window": "--window", "--predictor-alpha": "--alpha",
+                         "--predictor-sru-impl": "--sru-impl"}
 
 
 def forward(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:

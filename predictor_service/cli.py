@@ -72,7 +72,8 @@ def cmd_train(a) -> int:
         init = Checkpoint(source.path).read(["shared.weight"])["shared.weight"]
     model, report = forecaster.train(info, passes, info.vocab_size, seed=a.seed, epochs=a.epochs, patience=a.patience,
                                      lr=a.lr, val_fraction=a.val_fraction, embed_dim=a.embed_dim, hidden=a.hidden,
-                                     sru_layers=a.sru_layers, bidirectional=a.bidirectional, group=a.group, init_embeddings=init, progress=not a.quiet)
+                                     sru_layers=a.sru_layers, bidirectional=a.bidirectional, group=a.group, init_embeddings=init, progress=not a.quiet,
+                                     sru_impl=a.sru_impl)
     forecaster.save(a.out, model, info, report)
     print(f"saved {a.out}: best validation loss {report['best_val_loss']:.4f} after {len(report['epochs'])} epochs, "
           f"{report['train_seconds']:.0f} s of training")
@@ -97,7 +98,7 @@ def cmd_eval(a) -> int:
     model = None
     if a.checkpoint:
         try:
-            model, _, _ = forecaster.load(a.checkpoint, expect_model_id=info.model_id)
+            model, _, _ = forecaster.load(a.checkpoint, expect_model_id=info.model_id, sru_impl=a.sru_impl)
         except ValueError as exc:
             print(str(exc), file=sys.stderr)
             return 2
@@ -133,7 +134,7 @@ def cmd_serve(a) -> int:
 
     model = None
     if a.checkpoint:
-        model, info, _ = forecaster.load(a.checkpoint)
+        model, info, _ = forecaster.load(a.checkpoint, sru_impl=a.sru_impl)
         if a.model:
             source = model_source.resolve(a.model, a.cache_dir)
             if source.model_id != info.model_id:
@@ -182,6 +183,16 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def add_sru_impl_argument(c: argparse.ArgumentParser) -> None:
+    from predictor_service.sru_kernel import SRU_IMPLS
+
+    c.add_argument("--sru-impl", choices=SRU_IMPLS, default="auto",
+                   help="the SRU's implementation: kernel (sru's C++ kernel, compiled once; needs a C++ compiler), "
+                        "torch (plain PyTorch: no compiler, same weights and forecasts; forecasts up to ~2x slower "
+                        "on long sequences, trains faster), or auto (the kernel when it builds, else torch, with a "
+                        "warning)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-predictor", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter, epilog=__doc__.split("\n", 2)[2])
@@ -226,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hidden", type=int, default=32, help="SRU width per direction")
     c.add_argument("--sru-layers", type=int, default=1, help="stacked SRU layers")
     c.add_argument("--bidirectional", action="store_true", help="bidirectional encoder SRU (better, slower)")
+    add_sru_impl_argument(c)
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(fn=cmd_train)
 
@@ -236,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--window", type=int, default=16, help="passes the window method averages")
     c.add_argument("--alpha", type=float, default=0.3, help="EMA weight of the newest pass")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_sru_impl_argument(c)
     c.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("serve", formatter_class=HelpFormatter, help="serve forecasts over gRPC")
@@ -247,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: sru with a checkpoint, window without")
     c.add_argument("--window", type=int, default=16, help="window method: passes averaged")
     c.add_argument("--alpha", type=float, default=0.3, help="ema method: weight of the newest pass")
+    add_sru_impl_argument(c)
     c.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     c.add_argument("--port", type=int, default=50071, help="port to bind (0 = any free one)")
     c.add_argument("--metrics-port", type=int, default=0,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from moe_common.traces import DECODER, ENCODER, Pass, TraceInfo
-from predictor_service.sru_kernel import sru_class
+from predictor_service.sru_kernel import sru_impl_class
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +51,29 @@ class ForecasterConfig:
     bidirectional: bool = False  # for the encoder SRU; the decoder's is always causal
 
 
-def _sru(*args, **kwargs):
-    return sru_class()(*args, **kwargs)
-
-
 class Forecaster(nn.Module):
-    def __init__(self, cfg: ForecasterConfig):
+    def __init__(self, cfg: ForecasterConfig, sru_impl: str = "auto"):
+        """sru_impl: auto, kernel or torch (predictor_service.sru_kernel); the weights and
+        the forecasts are the same with either SRU, so a checkpoint loads into both."""
         super().__init__()
         self.cfg = cfg
+        sru = sru_impl_class(sru_impl)
         E, Le, Ld = cfg.num_experts, cfg.num_encoder_layers, cfg.num_decoder_layers
         width = cfg.hidden * (2 if cfg.bidirectional else 1)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.encoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=cfg.bidirectional)
-        self.decoder_rnn = _sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=False)
+        self.encoder_rnn = sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=cfg.bidirectional)
+        self.decoder_rnn = sru(cfg.embed_dim, cfg.hidden, num_layers=cfg.sru_layers, bidirectional=False)
         # All layers' heads fused into one matmul each: [.., width] -> [.., L * E].
         self.encoder_token_heads = nn.Linear(width, Le * E)
         self.encoder_sequence_heads = nn.Linear(2 * width, Le * E)
         self.decoder_token_heads = nn.Linear(cfg.hidden, Ld * E)
+
+    @property
+    def sru_impl(self) -> str:
+        """The SRU in use: "kernel" (sru's C++ kernel) or "torch" (predictor_service.sru_torch)."""
+        from predictor_service.sru_torch import TorchSRU
+
+        return "torch" if isinstance(self.encoder_rnn, TorchSRU) else "kernel"
 
     def _states(self, kind: int, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens).transpose(0, 1)  # [S, B, D]: sru has no batch_first
@@ -185,14 +191,15 @@ def _loss(model: Forecaster, ex: Example) -> torch.Tensor:
 def train(info: TraceInfo, passes: list[Pass], vocab_size: int, *, seed: int = 0, epochs: int = 12,
           patience: int = 2, lr: float = 3e-3, val_fraction: float = 0.1, embed_dim: int = 32, hidden: int = 32,
           sru_layers: int = 1, bidirectional: bool = False, group: int = 4,
-          init_embeddings: torch.Tensor | None = None, progress: bool = True) -> tuple[Forecaster, dict]:
+          init_embeddings: torch.Tensor | None = None, progress: bool = True,
+          sru_impl: str = "auto") -> tuple[Forecaster, dict]:
     """Fit a Forecaster to traces with early stopping on validation loss. Returns (best model, report)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     cfg = ForecasterConfig(vocab_size, info.num_experts, len(info.encoder_layers), len(info.decoder_layers),
                            info.expert_capacity, embed_dim, hidden, sru_layers, bidirectional)
-    model = Forecaster(cfg)
+    model = Forecaster(cfg, sru_impl)
     if init_embeddings is not None:
         # The model's own input embeddings, projected to embed_dim by a fixed random map.
         proj = torch.randn(init_embeddings.shape[1], embed_dim, generator=torch.Generator().manual_seed(seed))
@@ -253,8 +260,9 @@ def save(path, model: Forecaster, info: TraceInfo, report: dict) -> None:
                 "config": asdict(model.cfg), "state_dict": model.state_dict(), "report": report}, path)
 
 
-def load(path, expect_model_id: str | None = None) -> tuple[Forecaster, TraceInfo, dict]:
-    """Load a checkpoint; with expect_model_id, fail clearly when it was trained for another model."""
+def load(path, expect_model_id: str | None = None, sru_impl: str = "auto") -> tuple[Forecaster, TraceInfo, dict]:
+    """Load a checkpoint; with expect_model_id, fail clearly when it was trained for another model.
+    Either SRU implementation (sru_impl) loads any checkpoint: their state dicts are the same."""
     data = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from a file
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a forecaster checkpoint")
@@ -266,7 +274,7 @@ def load(path, expect_model_id: str | None = None) -> tuple[Forecaster, TraceInf
             f"forecaster {path} was trained for model {info.model_id} ({info.model_source}), "
             f"not for model {expect_model_id}: train one on this model's traces"
         )
-    model = Forecaster(ForecasterConfig(**data["config"]))
+    model = Forecaster(ForecasterConfig(**data["config"]), sru_impl)
     model.load_state_dict(data["state_dict"])
     model.eval()
     return model, info, data.get("report", {})

@@ -40,7 +40,8 @@ class Predictor:
     def note(self) -> str:
         if self.forecaster is None:
             return f"no forecaster checkpoint: forecasting with the history method {self.method!r}"
-        return f"trained SRU forecaster loaded; forecasting with {self.method!r}"
+        sru = "sru's C++ kernel" if self.forecaster.sru_impl == "kernel" else "the pure-PyTorch SRU"
+        return f"trained SRU forecaster loaded ({sru}); forecasting with {self.method!r}"
 
     def check_model(self, model_id: str) -> None:
         if model_id and model_id != self.info.model_id:
