@@ -63,6 +63,9 @@ class GatewayConfig:
     # Fixed cost of one expert group in tokens' worth (gateway/replication.py): 0 on CPUs;
     # group_s / token_s of benchmarks/gpu_costs.py on a launch-bound GPU (~190 on an H200).
     replica_group_cost: float = 0.0
+    # auto: expert servers say which cores they share (GetInfo) and the planner bounds a
+    # layer by a shared host's work; off: plan as if every server had cores of its own.
+    replica_sharing: str = "auto"
     redundancy: int = 1  # servers holding each logical expert: home + (redundancy - 1) standby replicas
     # --- the model the gateway holds (everything but the experts) ---
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
@@ -120,6 +123,8 @@ class GatewayConfig:
             raise ValueError(f"--replica-policy must be one of {', '.join(POLICIES)}")
         if self.replication == "predictive" and not self.predictor:
             raise ValueError("--replication predictive needs --predictor")
+        if self.replica_sharing not in ("auto", "off"):
+            raise ValueError("--replica-sharing must be auto or off")
         if self.replica_group_cost < 0:
             raise ValueError("--replica-group-cost must be >= 0")
         check_metrics_port(self.metrics_port)

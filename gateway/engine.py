@@ -163,7 +163,7 @@ class Engine:
         for address in servers:
             wait_for_serving(address, self.config.startup_timeout_s, tls=self.config.tls)
         slots = [self.check_server(address) for address in servers]
-        if self.config.replication != "off" and self.sharing(servers) is not None:
+        if self.config.replication != "off" and self.config.replica_sharing == "auto" and self.sharing(servers):
             log.info("expert servers share hardware (compute domain, share: %s): the replica planner counts "
                      "each host's or GPU's combined work, not only the slowest server",
                      [self.compute[a] for a in servers])
@@ -185,7 +185,7 @@ class Engine:
             self.replicas = ReplicaManager(self.clients, self.observer.info, self.config.replication,
                                            self.config.replication_window, self.config.replication_min_gain,
                                            redundancy=self.config.redundancy, forecaster=self.observer.forecast_batch,
-                                           sharing=self.sharing)
+                                           sharing=self.sharing if self.config.replica_sharing == "auto" else None)
             self.observer.replicas = self.replicas
             if self.config.redundancy > 1:
                 view = self.clients.view

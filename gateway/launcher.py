@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole: bit-identical outputs; split: also split one expert's tokens (float tolerance); auto: per layer call")
     p.add_argument("--replica-group-cost", type=float, default=0.0,
                    help="fixed cost of one expert group in tokens' worth (gateway --replica-group-cost)")
+    p.add_argument("--replica-sharing", default="auto", choices=["auto", "off"],
+                   help="auto: the planner counts expert servers that share a host's cores; off: it plans as if "
+                        "each had its own (gateway --replica-sharing)")
     p.add_argument("--replica-memory", default="0",
                    help=f"replica memory per expert server, e.g. 2GB; unless given, {DEFAULT_REPLICA_MEMORY} "
                         "when --replication is not off")
@@ -314,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 # as given (tests/test_launcher_flags.py checks that every child flag is here or excluded).
 GATEWAY_FLAGS = {f: f for f in [
     "--transport", "--wire-dtype", "--max-batch-size", "--max-wait-ms", "--log-level", "--log-format", "--replication",
-    "--replica-policy", "--replica-group-cost", "--redundancy", "--scheduler", "--max-batch-tokens", "--api-keys-file",
+    "--replica-policy", "--replica-group-cost", "--replica-sharing", "--redundancy", "--scheduler", "--max-batch-tokens", "--api-keys-file",
     "--model-name", "--max-input-tokens", "--max-new-tokens-limit", "--default-max-new-tokens",
     "--max-prompts-per-request", "--max-queued-prompts", "--startup-timeout-s", "--expert-timeout-s",
     "--predictor-timeout-ms", "--replication-window", "--replication-min-gain", "--record-traces",

@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-group-cost", type=float, default=0.0,
                    help="fixed cost of one expert group, in tokens' worth, for dispatch and planning: 0 on CPUs; "
                         "group_s / token_s of benchmarks/gpu_costs.py on a launch-bound GPU")
+    p.add_argument("--replica-sharing", default="auto", choices=["auto", "off"],
+                   help="auto: servers that share a host's cores (GetInfo) bound a layer by that host's work, so "
+                        "the planner moves no weights that only shuffle turns on the same cores; off: plan as if "
+                        "every server had cores of its own")
     p.add_argument("--replication-window", type=int, default=8, help="batches per plan in window mode")
     p.add_argument("--replication-min-gain", type=float, default=0.02,
                    help="keep the current replicas unless a new plan cuts the forecast makespan by this share")
@@ -232,6 +236,7 @@ def parse_args(argv=None) -> GatewayConfig:
             replication=a.replication,
             replica_policy=a.replica_policy,
             replica_group_cost=a.replica_group_cost,
+            replica_sharing=a.replica_sharing,
             replication_window=a.replication_window,
             replication_min_gain=a.replication_min_gain,
             redundancy=a.redundancy,

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trained forecaster; without it one is trained on the first --train-docs documents")
     g.add_argument("--train-docs", type=int, default=200, help="documents for training the forecaster (and not benchmarked)")
     g.add_argument("--replica-memory", default="160MB", help="replica memory per expert server")
+    g.add_argument("--replica-sharing", default="auto", choices=["auto", "off"],
+                   help="gateway --replica-sharing: auto plans for servers sharing this machine's cores; off plans as "
+                        "if each had its own (balances more, moves weights that may not pay here)")
     g.add_argument("--policy", default="whole", choices=["whole", "split", "auto"],
                    help="dispatch policy (gateway --replica-policy): whole is bit-identical; split and auto balance more")
     g.add_argument("--window", type=int, default=4, help="batches per plan in window mode")
@@ -219,7 +222,8 @@ def serve_round(a, source, addresses: list[str], mode: str, predictor: str, warm
     port = pick_free_port()
     args = ["--replication", mode, "--replica-policy", a.policy, "--replication-window", str(a.window),
             "--max-batch-size", str(w.batch_size), "--max-wait-ms", "0", "--predictor-timeout-ms", "500",
-            "--log-level", "WARNING", "--device", a.device, "--wire-dtype", a.wire_dtype, "--transport", a.transport]
+            "--log-level", "WARNING", "--device", a.device, "--wire-dtype", a.wire_dtype, "--transport", a.transport,
+            "--replica-sharing", a.replica_sharing]
     if predictor:
         args += ["--predictor", predictor]
     proc = spawn_gateway(source.path, HOST, port, addresses, args)
@@ -487,6 +491,7 @@ def run(a) -> dict:
         command="moe-bench " + shlex.join(sys.argv[1:]), date=date.today().isoformat(), machine=machine(),
         model=source.spec, num_experts=info.num_experts, num_sparse_layers=info.num_layers,
         expert_servers=counts[0], replica_memory=a.replica_memory, policy=a.policy, rounds=rounds,
+        replica_sharing=a.replica_sharing,
         workload=w.__dict__,
         serving=dict(device=a.device, expert_kernel=a.expert_kernel, wire_dtype=a.wire_dtype, transport=a.transport,
                      **result_logits),
@@ -548,7 +553,7 @@ def simulate_results(a, result, info, batches, measured, counts, threads_of, slo
         # Closed-loop clients > 1 keep the next request queued behind the running one.
         return simulator.simulate(info, batches, n, mode, costs, slots=slots, policy=policy, window=a.window,
                                   parallel=parallel, forecaster=forecaster, measured_from=w.warmup,
-                                  lookahead=w.clients > 1)
+                                  lookahead=w.clients > 1, plan_sharing=a.replica_sharing == "auto")
 
     raw = simulator.Costs(eff["group_s"], eff["token_s"], 0.0, 0.0, replica_load_s)
     unscaled = sim(n_cal, "off", raw, parallel=max(1, cores // threads_of[n_cal]))

@@ -26,7 +26,7 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
         f"Machine: {m['description']}; {result['date']}.  ",
         f"Model `{result['model']}` ({result['num_experts']} experts x {result['num_sparse_layers']} sparse layers); "
         f"{result['expert_servers']} expert servers, replica memory {result['replica_memory']} each, "
-        f"policy `{result['policy']}`; requests of {w['batch_size']} prompts x {w['prompt_tokens']} tokens, "
+        f"policy `{result['policy']}`, replica sharing `{result.get('replica_sharing', 'auto')}`; requests of {w['batch_size']} prompts x {w['prompt_tokens']} tokens, "
         f"{w['new_tokens']} new tokens, {w['clients']} clients, {w['requests']} measured requests "
         f"after {w['warmup']} warm-up. Forecaster: {result['forecaster']}.",
         *([f"Serving path: device `{sv['device']}`, expert kernel `{sv['expert_kernel']}`, wire dtype "

@@ -68,7 +68,7 @@ def batches_of(passes: list[Pass]) -> list[list[Pass]]:
 def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode: str, costs: Costs, *,
              slots: int, policy: str = "whole", window: int = 8, parallel: int | None = None,
              forecaster=None, measured_from: int = 0, min_gain: float = 0.02, lookahead: bool = True,
-             group_cost: float = 0.0) -> dict:
+             group_cost: float = 0.0, plan_sharing: bool = True) -> dict:
     """Replay `batches` on `num_servers` servers in replication `mode`.
 
     slots: replica slots per server; parallel: servers computing at once (None = all);
@@ -77,6 +77,7 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
     lookahead: each batch was queued while the previous one ran (closed-loop clients
     > 1), so predictive forecasts and plans it then; group_cost: what the gateway's
     --replica-group-cost tells its planner and dispatch (0: as the gateway's default);
+    plan_sharing: the planner knows servers share `parallel` (gateway --replica-sharing auto);
     measured_from: batches before it only warm up the planner (as the benchmark's warm-up
     requests do). Returns seconds, balancedness, expert-layer seconds, replica figures.
     """
@@ -85,7 +86,8 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
     parallel = parallel or num_servers
     # The planner is told what the gateway learns from GetInfo: servers that share cores
     # (gateway.replication.Sharing), so it plans for the same compute bound as above.
-    sharing = Sharing([0] * num_servers, [1 / parallel] * num_servers) if parallel < num_servers else None
+    shared = plan_sharing and parallel < num_servers
+    sharing = Sharing([0] * num_servers, [1 / parallel] * num_servers) if shared else None
     history: list[np.ndarray] = []
     planned: set[tuple[int, int, int]] = set()
     ready_at: dict[tuple[int, int, int], float] = {}  # replica -> simulated time it is loaded

@@ -139,6 +139,14 @@ def test_servers_say_which_hardware_they_share_and_the_planner_is_told(tiny, ref
             assert engine.clients.view.planned == set()
         finally:
             engine.close()
+        # --replica-sharing off: the planner is told nothing, as if each server had cores of its own.
+        engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=full, replication="reactive",
+                                      replica_sharing="off"))
+        try:
+            engine.connect()
+            assert engine.replicas.sharing is None
+        finally:
+            engine.close()
 
 
 @pytest.fixture(scope="module")
