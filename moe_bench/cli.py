@@ -444,13 +444,13 @@ def run(a) -> dict:
                 for _, r in segment:
                     t0 = time.monotonic()
                     mono_runs.append(run_monolithic(mono, warm, share[r], w))
-                    log.info("single-process model, round %d/%d: %.0f tokens/s, took %.0f s", r + 1, rounds,
+                    log.info("single-process model, round %d/%d: %.0f tokens/s, took %.1f s", r + 1, rounds,
                              summarize(*mono_runs[-1])["tokens_per_s"]["total"], time.monotonic() - t0)
                 continue
             t0 = time.monotonic()
             servers = ExpertServers(source, n, a.replica_memory, ["--device", a.device, "--expert-kernel", a.expert_kernel])
             threads_of[n] = servers.threads
-            log.info("%s started, took %.0f s", _servers(n), time.monotonic() - t0)
+            log.info("%s started, took %.1f s", _servers(n), time.monotonic() - t0)
             try:
                 if n == counts[0] and not result_logits:
                     result_logits = logit_agreement(a, source, servers.addresses, mono, requests[0], w.new_tokens)
@@ -459,7 +459,7 @@ def run(a) -> dict:
                     t0 = time.monotonic()
                     rnd = serve_round(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", warm, share[r], w)
                     raw.setdefault(n, {}).setdefault(mode, []).append(rnd)
-                    log.info("%s, mode %s, round %d/%d: %.0f tokens/s, took %.0f s", _servers(n), mode, r + 1, rounds,
+                    log.info("%s, mode %s, round %d/%d: %.0f tokens/s, took %.1f s", _servers(n), mode, r + 1, rounds,
                              summarize(rnd["records"], rnd["wall"])["tokens_per_s"]["total"], time.monotonic() - t0)
             finally:
                 servers.stop()
