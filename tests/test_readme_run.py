@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import yaml
 
 from moe_common.serving import wait_for_serving
