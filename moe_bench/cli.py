@@ -9,7 +9,8 @@ In one run, on real processes started and stopped here:
      servers serves the same requests: tokens/s (prefill, decode, total), latency
      p50/p99, balancedness, each server's busy share, where the time goes, weights
      moved, prefetch hits, and whether every output equals the single-process model's;
-  3. one expert server in mode off (the disaggregation overhead);
+  3. one expert server in mode off (the disaggregation overhead), in the same ABBA rounds
+     as 1 and 2 (moe_bench/rounds.py), so its ratio is against a baseline measured around it;
   4. expert compute efficiency: the expert path's FLOP/s on a routed batch against one
      dense matmul of the same FLOPs;
   5. the simulator (moe_bench/simulator.py) replays the recorded routing: validated
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_bench import noise, report, simulator
+from moe_bench import rounds as rounds_lib
 from moe_bench.workload import Monolithic, Workload, drive, make_requests, summarize
 from moe_common import model_source
 from moe_common.cli_help import HelpFormatter
@@ -415,52 +417,59 @@ def run(a) -> dict:
     checkpoint = a.predictor_checkpoint or train_forecaster(a, source, docs[:a.train_docs], work)
     forecaster, _, forecaster_report = forecaster_lib.load(checkpoint, source.model_id)
 
-    # Rounds in ABBA order (the single-process model first and last, modes forward then
-    # backward), each serving an interleaved share of the measured requests, so that the
-    # machine's drift over the run hits every configuration alike.
+    # Rounds in ABBA order (moe_bench/rounds.py: the single-process model first and last,
+    # every server count's modes and the one-server run forward, then backward), each
+    # serving an interleaved share of the measured requests, so that the machine's drift
+    # over the run hits every configuration alike.
     indexed = list(enumerate(requests))
     warm, measured_requests = indexed[:w.warmup], indexed[w.warmup:]
     rounds = max(1, min(a.rounds, len(measured_requests)))
     share = [measured_requests[r::rounds] for r in range(rounds)]
 
-    # 1. The single-process model (its first rounds now, its last after everything else).
-    log.info("single-process model: %d + %d requests in %d round(s)", w.warmup, w.requests, rounds)
     mono = Monolithic(source.path, a.device)
-    mono_runs = [] if a.simulate_only else [run_monolithic(mono, warm, share[r], w) for r in range(rounds // 2 or 1)]
     trace_dir = work / "bench-trace"
-    info = record_trace(mono, source, indexed, w, trace_dir)
+    info = record_trace(mono, source, indexed, w, trace_dir)  # untimed; also warms the single-process model up
     if a.simulate_only:
         return gpu_projection(a, source, info, trace_dir, forecaster, w, command_result=True)
 
-    # 2-3. Gateways over expert servers.
+    steps = rounds_lib.abba_order(rounds_lib.configurations(counts, modes, not a.no_one_server), rounds)
+    log.info("%d configurations (the single-process model included) in %d round(s) of %d + %d requests each",
+             len(steps) // rounds, rounds, w.warmup, len(share[0]))
     predictor_port = pick_free_port()
     predictor = spawn_predictor(source.path, HOST, predictor_port, checkpoint, ["--log-level", "WARNING"])
+    mono_runs: list = []
     raw: dict[int, dict[str, list]] = {}
     result_logits: dict = {}
     threads_of: dict[int, int] = {}
     try:
         wait_ready(predictor, f"{HOST}:{predictor_port}")
-        runs = [(n, modes) for n in counts]
-        if not a.no_one_server and 1 not in counts:
-            runs.append((1, ["off"]))
-        for n, run_modes in runs:
+        for n, segment in rounds_lib.server_segments(steps):
+            if n == 0:
+                for _, r in segment:
+                    t0 = time.monotonic()
+                    mono_runs.append(run_monolithic(mono, warm, share[r], w))
+                    log.info("single-process model, round %d/%d: %.0f tokens/s, took %.1f s", r + 1, rounds,
+                             summarize(*mono_runs[-1])["tokens_per_s"]["total"], time.monotonic() - t0)
+                continue
+            t0 = time.monotonic()
             servers = ExpertServers(source, n, a.replica_memory, ["--device", a.device, "--expert-kernel", a.expert_kernel])
             threads_of[n] = servers.threads
+            log.info("%s started, took %.1f s", _servers(n), time.monotonic() - t0)
             try:
-                if n == counts[0]:
+                if n == counts[0] and not result_logits:
                     result_logits = logit_agreement(a, source, servers.addresses, mono, requests[0], w.new_tokens)
                     log.info("one forward pass against the single-process model: %s", result_logits)
-                for r in range(rounds):
-                    for mode in (run_modes if r % 2 == 0 else run_modes[::-1]):
-                        log.info("%s, mode %s, round %d/%d", _servers(n), mode, r + 1, rounds)
-                        raw.setdefault(n, {}).setdefault(mode, []).append(
-                            serve_round(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", warm, share[r], w))
+                for mode, r in segment:
+                    t0 = time.monotonic()
+                    rnd = serve_round(a, source, servers.addresses, mode, f"{HOST}:{predictor_port}", warm, share[r], w)
+                    raw.setdefault(n, {}).setdefault(mode, []).append(rnd)
+                    log.info("%s, mode %s, round %d/%d: %.0f tokens/s, took %.1f s", _servers(n), mode, r + 1, rounds,
+                             summarize(rnd["records"], rnd["wall"])["tokens_per_s"]["total"], time.monotonic() - t0)
             finally:
                 servers.stop()
     finally:
         predictor.terminate()
         predictor.wait(timeout=60)
-    mono_runs += [run_monolithic(mono, warm, share[r], w) for r in range(len(mono_runs), rounds)]
     reference = {i: o for i, o in _reference(mono, indexed, mono_runs, w)}
     del mono
     gc.collect()

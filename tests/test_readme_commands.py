@@ -15,12 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 
 
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, body) of every fenced bash and python block of the README, in order."""
+    return re.findall(r"```(bash|python)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
 def readme_commands() -> list[str]:
     """Each command line of the README's bash blocks that runs a console script, with
     continuation lines joined and comments dropped; lines with placeholders (..., <pid>) left out."""
-    text = (ROOT / "README.md").read_text()
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for lang, block in readme_blocks():
+        if lang != "bash":
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             if words and words[0] in SCRIPTS and "..." not in line and "<" not in line:
