@@ -424,3 +424,46 @@ def test_seeded_multi_prompt_requests_equal_hf_on_the_request(reference, prompt_
         assert rows == hf_request(model, prompts, limits, s)
     assert got[0][2] == []  # its limit was 0
     assert alone_rows[0].token_ids == hf_alone(model, prompt_ids[0], 11, SAMPLINGS[1])[0]
+
+
+def test_continuous_scheduler_under_window_replication_stays_exact(tiny, reference, prompt_ids):
+    """--scheduler continuous with --replication window: each admission's encoder pass is a
+    batch for the replica manager, which plans from the passes it observed (decode steps
+    included); replicas serve tokens of rows joining and leaving mid-flight, and every
+    output still equals HF alone (whole-expert replicas are bit-identical)."""
+    model, _ = reference
+    wants = [hf_alone(model, p, n, s)[0] for p, n, s in zip(prompt_ids, LIMITS, SAMPLINGS)]
+    args = ["--scheduler", "continuous", "--max-batch-size", "4", "--replication", "window",
+            "--replication-window", "2", "--admission-wait-steps", "1"]
+    with expert_servers(tiny, 2, ["--replica-memory", "4MB"]) as (addresses, _), \
+            gateway(tiny, addresses, args) as address, channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+
+        def request(i: int) -> gateway_pb2.GenerateRequest:
+            s = SAMPLINGS[i]
+            params = gateway_pb2.GenerationParameters(max_new_tokens=LIMITS[i], do_sample=s.do_sample)
+            if s.do_sample:
+                params.temperature, params.top_k, params.top_p, params.seed = s.temperature, s.top_k, s.top_p, s.seed
+            return gateway_pb2.GenerateRequest(token_ids=[gateway_pb2.TokenIds(ids=prompt_ids[i])], parameters=params)
+
+        for i in range(3):  # one at a time: admissions the window plans from
+            assert list(stub.Generate(request(i), timeout=120).generations[0].token_ids) == wants[i]
+        deadline = time.monotonic() + 60
+        while stub.GetStatus(gateway_pb2.GetStatusRequest()).replication.replicas_ready == 0:
+            assert time.monotonic() < deadline, "no replica became ready"
+            time.sleep(0.05)
+        before = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication.replica_tokens
+        replies: dict[int, object] = {}
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, stub.Generate(request(i), timeout=120)))
+                   for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+            time.sleep(0.03)
+        for t in threads:
+            t.join()
+        for i, want in enumerate(wants):
+            assert list(replies[i].generations[0].token_ids) == want, (i, SAMPLINGS[i])
+        assert max(r.timings.batch_size for r in replies.values()) > 1
+        rep = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication
+        assert rep.mode == "window" and rep.failures == 0 and rep.plans >= 1 and rep.batches >= 4
+        assert rep.replica_tokens > before  # replicas computed tokens of the continuous steps
