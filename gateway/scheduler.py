@@ -177,19 +177,22 @@ def pick_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], streams: Se
     return out
 
 
-def admission_due(running: int, free: int, waiting: int, waited_steps: int, max_wait_steps: int) -> bool:
+def admission_due(running: int, free: int, waiting: int, ready_steps: int, max_wait_steps: int,
+                  max_batch_size: int) -> bool:
     """Whether this step admits waiting rows (the scheduler's admission policy).
 
     running: rows decoding; free: slots free for new rows (max_batch_size - running);
-    waiting: rows waiting; waited_steps: decode steps run since the oldest of them
-    arrived; max_wait_steps: --admission-wait-steps.
+    waiting: rows waiting; ready_steps: decode steps run since rows have been waiting
+    with a slot free for them; max_wait_steps: --admission-wait-steps.
 
     An admission runs the arrivals' encoder pass between two decode steps, and every
-    running row waits for it. Admitting each arrival as it comes interrupts decoding once
-    per arrival; waiting for a few more arrivals batches their encoder passes into one.
-    Nothing is gained by waiting when nothing decodes or when the arrivals already fill
-    every free slot. Otherwise the oldest arrival waits at most max_wait_steps decode
-    steps (0: admit at every step) once a slot is free for it.
+    running row waits for it. Admitting rows one by one, as they arrive or as single
+    slots free up, interrupts decoding once per row; one pass over several prompts costs
+    less than as many passes over one (bigger matrix products, fewer expert calls). So
+    admission waits for more arrivals or more free slots, but never when nothing decodes
+    (no one to interrupt), and not once it can fill half a batch (a pass that big is worth
+    running now). Otherwise waiting rows wait at most max_wait_steps decode steps (0:
+    admit at every step) once a slot is free for them.
     """
     if waiting == 0:
         return False
@@ -197,7 +200,7 @@ def admission_due(running: int, free: int, waiting: int, waited_steps: int, max_
         return True
     if free <= 0:
         return False
-    return waiting >= free or waited_steps >= max_wait_steps
+    return 2 * min(waiting, free) >= max_batch_size or ready_steps >= max_wait_steps
 
 
 @dataclass(eq=False)
@@ -209,7 +212,6 @@ class _Row:
     stream: RandomStream | None = None  # sampling: its request's, shared by the request's rows
     last: int = 0  # the token it feeds next step
     slot: int = -1
-    queued_step: int = 0  # decoder steps run when it arrived (admission_due's waited_steps)
 
 
 @dataclass(eq=False)
@@ -231,9 +233,9 @@ class ContinuousScheduler:
     free (max_batch_size) and the admission's prompt tokens stay within max_batch_tokens
     (the oldest is admitted even alone over it); run one step. The rows of a sampling
     request with several prompts share its random stream and enter together (a request
-    wider than max_batch_size enters alone when nothing decodes). An arrival therefore
-    waits at most admission_wait_steps decode steps once a slot is free for it, and
-    otherwise until as many rows ahead of it have retired.
+    wider than max_batch_size enters alone when nothing decodes). Waiting rows therefore
+    wait at most admission_wait_steps decode steps once a slot is free for them, and
+    otherwise until as many rows ahead of them have retired.
     """
 
     def __init__(self, engine: Engine, max_batch_size: int, max_batch_tokens: int, max_queued_prompts: int = 1024,
@@ -243,7 +245,8 @@ class ContinuousScheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_prompts = max_queued_prompts
         self.admission_wait_steps = admission_wait_steps
-        self._steps = 0  # decode steps run (arrivals' queued_step counts from it)
+        self._steps = 0  # decode steps run
+        self._ready_since: int | None = None  # the step since which rows wait with a slot free for them
         self.decoder = RowDecoder(engine.model, engine.pad_token_id, rows=max_batch_size)
         self.eos = engine.eos_token_id
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -275,8 +278,7 @@ class ContinuousScheduler:
             stream = make_stream(job.sampling, self.decoder.device, width=len(job.prompts))
             for i, (prompt, limit) in enumerate(zip(job.prompts, job.max_new_tokens)):
                 if limit > 0:
-                    self._waiting.append(_Row(job, i, prompt, limit, stream, last=self.decoder.start_token_id,
-                                              queued_step=self._steps))
+                    self._waiting.append(_Row(job, i, prompt, limit, stream, last=self.decoder.start_token_id))
             self._cv.notify()
         return job
 
@@ -314,10 +316,15 @@ class ContinuousScheduler:
                 self._waiting.clear()
                 return None
             running = len(self._running)
+            free = self.max_batch_size - running
             admit, tokens = [], 0
-            if not admission_due(running, self.max_batch_size - running, len(self._waiting),
-                                 self._steps - self._waiting[0].queued_step if self._waiting else 0,
-                                 self.admission_wait_steps):
+            if not (self._waiting and free > 0):
+                self._ready_since = None
+                return admit
+            if self._ready_since is None:
+                self._ready_since = self._steps
+            if not admission_due(running, free, len(self._waiting), self._steps - self._ready_since,
+                                 self.admission_wait_steps, self.max_batch_size):
                 return admit
             while self._waiting:
                 unit = self._head_unit()
@@ -329,6 +336,8 @@ class ContinuousScheduler:
                 for _ in unit:
                     admit.append(self._waiting.popleft())
                 tokens += need
+            if admit:
+                self._ready_since = None  # those left wait for the next free slot afresh
             return admit
 
     def _head_unit(self) -> list[_Row]:

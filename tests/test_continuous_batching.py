@@ -326,6 +326,13 @@ def test_open_loop_schedule_is_seeded_poisson_with_uniform_lengths():
         arrival_schedule(prompts, 3, rate=1.0, new_tokens=(5, 4))
 
 
+def test_open_loop_scheduler_entries_name_gateway_flags():
+    from moe_bench.open_loop import scheduler_flags
+
+    assert scheduler_flags("static") == ["--scheduler", "static"]
+    assert scheduler_flags("continuous/0") == ["--scheduler", "continuous", "--admission-wait-steps", "0"]
+
+
 def test_open_loop_summary_by_hand():
     from moe_bench.open_loop import OpenRecord, summarize
 
@@ -359,22 +366,25 @@ def test_scheduler_flags_are_validated():
 # ---- admission policy and a request's shared random stream ----
 
 
-@pytest.mark.parametrize("running,free,waiting,waited,bound,want", [
+@pytest.mark.parametrize("running,free,waiting,ready,bound,want", [
     (0, 8, 0, 0, 4, False),  # nobody waits
     (0, 8, 1, 0, 4, True),  # nothing decodes: an encoder pass interrupts nobody
     (3, 5, 1, 0, 4, False),  # one arrival, slots to spare: wait for company...
-    (3, 5, 1, 3, 4, False),
+    (3, 5, 3, 3, 4, False),
     (3, 5, 1, 4, 4, True),  # ...but not beyond the bound
-    (3, 5, 5, 0, 4, True),  # the arrivals fill every free slot: nothing to wait for
-    (3, 5, 9, 0, 4, True),
+    (3, 5, 4, 0, 4, True),  # half a batch fits now: run its pass
+    (7, 1, 9, 0, 4, False),  # one slot free, many waiting: wait for more slots to free...
+    (6, 2, 9, 3, 4, False),
+    (5, 3, 9, 4, 4, True),  # ...up to the bound
+    (4, 4, 9, 0, 4, True),
     (8, 0, 3, 99, 4, False),  # no free slot: it waits for a row to retire
     (9, -1, 1, 99, 4, False),  # a wide request runs over max_batch_size
     (3, 5, 1, 0, 0, True),  # bound 0: admit at every step
 ])
-def test_admission_due_by_hand(running, free, waiting, waited, bound, want):
+def test_admission_due_by_hand(running, free, waiting, ready, bound, want):
     from gateway.scheduler import admission_due
 
-    assert admission_due(running, free, waiting, waited, bound) is want
+    assert admission_due(running, free, waiting, ready, bound, max_batch_size=8) is want
 
 
 def hf_request(model, prompts: list[list[int]], limits: list[int], s: Sampling) -> list[list[int]]:
