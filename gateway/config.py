@@ -47,7 +47,7 @@ class GatewayConfig:
     max_queued_prompts: int = 1024  # beyond it new requests get RESOURCE_EXHAUSTED
     scheduler: str = "static"  # static | continuous (SCHEDULERS)
     max_batch_tokens: int = 4096  # continuous: prompt tokens per admission step (the oldest prompt always fits)
-    admission_wait_steps: int = 4  # continuous: decode steps an arrival may wait to batch its encoder pass
+    admission_wait_steps: int = 16  # continuous: decode steps waiting rows may wait to share an encoder pass
     # --- limits ---
     max_input_tokens: int = 512
     max_new_tokens_limit: int = 512

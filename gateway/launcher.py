@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
                    help="gateway batching: static batches, or continuous (rows join and leave at every step)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
-    p.add_argument("--admission-wait-steps", type=int, default=4,
+    p.add_argument("--admission-wait-steps", type=int, default=16,
                    help="continuous: decode steps an arrival may wait for others to share its encoder pass")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
                    help="how replicas of hot experts are planned; unless given, predictive with --predictor-checkpoint")

@@ -47,9 +47,11 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import MoEModelOutput
 
+from gateway import tracing
 from gateway.batcher import Job
 from gateway.decode_cache import RowCaches
 from gateway.engine import Engine, RowResult, Sampling
+from moe_common import tracing as request_ids
 from moe_common.batching import pad_right
 from moe_common.errors import ResourceExhausted, Unavailable
 
@@ -246,6 +248,7 @@ class ContinuousScheduler:
         self.max_queued_prompts = max_queued_prompts
         self.admission_wait_steps = admission_wait_steps
         self._steps = 0  # decode steps run
+        self._batch_id = ""  # the latest admission's (gateway/tracing.py)
         self._ready_since: int | None = None  # the step since which rows wait with a slot free for them
         self.decoder = RowDecoder(engine.model, engine.pad_token_id, rows=max_batch_size)
         self.eos = engine.eos_token_id
@@ -375,6 +378,9 @@ class ContinuousScheduler:
                 self.decoder = RowDecoder(self.engine.model, self.engine.pad_token_id, rows=self.max_batch_size)
 
     def _admit(self, rows: list[_Row]) -> None:
+        # An admission is this scheduler's batch: its prompts are counted and logged as one,
+        # and its encoder pass's calls carry its request ids and batch id.
+        self._batch_id = tracing.batch_started(list({id(r.job): r.job for r in rows}.values()), len(rows))
         t0 = time.perf_counter_ns()
         try:
             slots = self.decoder.admit([r.prompt for r in rows])
@@ -396,6 +402,10 @@ class ContinuousScheduler:
 
     def _step(self) -> None:
         rows = self._running
+        # A step's expert calls carry the request ids of every row in it, and the batch id
+        # of the latest admission.
+        request_ids.set_current(",".join(dict.fromkeys(r.job.request_id for r in rows if r.job.request_id)),
+                                self._batch_id)
         t0 = time.perf_counter_ns()
         try:
             logits = self.decoder.step([r.last for r in rows])

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "at every decoding step")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="continuous scheduler: prompt tokens per admission step")
-    p.add_argument("--admission-wait-steps", type=int, default=4,
+    p.add_argument("--admission-wait-steps", type=int, default=16,
                    help="continuous scheduler: decode steps an arrival may wait for others to share its encoder pass "
                         "(0: admit at every step)")
     p.add_argument("--max-prompts-per-request", type=int, default=64, help="more prompts in one request: INVALID_ARGUMENT")

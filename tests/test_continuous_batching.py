@@ -356,7 +356,7 @@ def test_scheduler_flags_are_validated():
         GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], scheduler="dynamic")
     with pytest.raises(ValueError, match="--max-batch-tokens"):
         GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], max_batch_tokens=0)
-    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1"]).admission_wait_steps == 4
+    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1"]).admission_wait_steps == 16
     assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1", "--admission-wait-steps", "0"]
                       ).admission_wait_steps == 0
     with pytest.raises(ValueError, match="--admission-wait-steps"):
