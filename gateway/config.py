@@ -47,6 +47,7 @@ class GatewayConfig:
     max_queued_prompts: int = 1024  # beyond it new requests get RESOURCE_EXHAUSTED
     scheduler: str = "static"  # static | continuous (SCHEDULERS)
     max_batch_tokens: int = 4096  # continuous: prompt tokens per admission step (the oldest prompt always fits)
+    admission_wait_steps: int = 16  # continuous: decode steps waiting rows may wait to share an encoder pass
     # --- limits ---
     max_input_tokens: int = 512
     max_new_tokens_limit: int = 512
@@ -113,6 +114,8 @@ class GatewayConfig:
             raise ValueError(f"--scheduler must be one of {SCHEDULERS}, not {self.scheduler!r}")
         if self.max_batch_tokens < 1:
             raise ValueError("--max-batch-tokens must be >= 1")
+        if self.admission_wait_steps < 0:
+            raise ValueError("--admission-wait-steps must be >= 0")
         if self.max_wait_ms < 0:
             raise ValueError("--max-wait-ms must be >= 0")
         if not 0 <= self.default_max_new_tokens <= self.max_new_tokens_limit:

@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
                    help="gateway batching: static batches, or continuous (rows join and leave at every step)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
+    p.add_argument("--admission-wait-steps", type=int, default=16,
+                   help="continuous: decode steps an arrival may wait for others to share its encoder pass")
     p.add_argument("--replication", default="off", choices=["off", "reactive", "window", "predictive"],
                    help="how replicas of hot experts are planned; unless given, predictive with --predictor-checkpoint")
     p.add_argument("--replica-policy", default="whole", choices=["whole", "split", "auto"],
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 # as given (tests/test_launcher_flags.py checks that every child flag is here or excluded).
 GATEWAY_FLAGS = {f: f for f in [
     "--transport", "--wire-dtype", "--max-batch-size", "--max-wait-ms", "--log-level", "--log-format", "--replication",
-    "--replica-policy", "--replica-group-cost", "--replica-sharing", "--redundancy", "--scheduler", "--max-batch-tokens", "--api-keys-file",
+    "--replica-policy", "--replica-group-cost", "--replica-sharing", "--redundancy", "--scheduler", "--max-batch-tokens",
+    "--api-keys-file", "--admission-wait-steps",
     "--model-name", "--max-input-tokens", "--max-new-tokens-limit", "--default-max-new-tokens",
     "--max-prompts-per-request", "--max-queued-prompts", "--startup-timeout-s", "--expert-timeout-s",
     "--predictor-timeout-ms", "--replication-window", "--replication-min-gain", "--record-traces",

@@ -17,10 +17,21 @@ Exactness against HF's generate() of the request alone: greedy rows take the arg
 the float32 logits, as HF does; sampling rows apply HF's TemperatureLogitsWarper,
 TopKLogitsWarper and TopPLogitsWarper in HF's order (gateway/engine.Sampling's fields;
 the presets' generation configs add no other processor) and draw with
-``torch.multinomial`` from the row's own generator. A seeded row's generator is seeded
-with the request's seed, which is the stream HF draws from after
-``torch.manual_seed(seed)``: its tokens equal HF alone with that seed whatever else
-shares the step (each prompt of a seeded request gets that seed).
+``torch.multinomial`` from the request's own random stream (``RandomStream``), seeded
+with the request's seed: the stream HF draws from after ``torch.manual_seed(seed)``.
+
+A request with several prompts is one batch for HF's generate(), and its rows share that
+stream: every step, generate() draws ``torch.multinomial(probs [rows, vocab], 1)`` for
+all of the request's rows at once, finished ones included, until the last one finishes.
+On the CPU and GPU alike that draw is ``argmax(probs / q)`` with ``q`` one exponential
+per entry of the whole [rows, vocab] tensor (torch's multinomial for one sample), so row
+b's token depends on its own probabilities and on its position b in one draw over the
+request's full width. The scheduler reproduces it: the request's rows are admitted in
+the same step (so they step together), and every step any of them decodes, one draw of
+the request's full width is made from its stream, with a placeholder distribution in
+the positions of rows that finished (or never needed a token), whose draws are dropped,
+as HF drops them. A seeded request's tokens therefore equal HF's generate() of that
+request alone, whatever else shares the step, one prompt or several.
 """
 
 from __future__ import annotations
@@ -30,14 +41,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import MoEModelOutput
 
+from gateway import tracing
 from gateway.batcher import Job
 from gateway.decode_cache import RowCaches
 from gateway.engine import Engine, RowResult, Sampling
+from moe_common import tracing as request_ids
 from moe_common.batching import pad_right
 from moe_common.errors import ResourceExhausted, Unavailable
 
@@ -112,8 +126,16 @@ def _warpers(s: Sampling) -> list:
     return out
 
 
-def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
-    """A sampling row's own random stream: seeded, it is the stream torch.manual_seed(seed) gives."""
+@dataclass(eq=False)
+class RandomStream:
+    """A sampling request's random stream, shared by its prompts (module docstring)."""
+
+    generator: torch.Generator
+    width: int = 1  # the request's prompts: the rows HF's generate() draws for at once
+
+
+def make_stream(sampling: Sampling, device: torch.device, width: int = 1) -> RandomStream | None:
+    """A sampling request's random stream: seeded, it is the stream torch.manual_seed(seed) gives."""
     if not sampling.do_sample:
         return None
     gen = torch.Generator(device=device)
@@ -121,23 +143,66 @@ def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator 
         gen.manual_seed(sampling.seed)
     else:
         gen.seed()
-    return gen
+    return RandomStream(gen, width)
 
 
-def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> list[int]:
-    """Next token per row: logits [B, vocab] float32; samplings[b] and generators[b] of row b."""
-    greedy = logits.argmax(-1).tolist()  # HF's greedy search: argmax of the float32 logits
-    out = []
+def pick_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], streams: Sequence[RandomStream | None],
+                positions: Sequence[int] | None = None) -> list[int]:
+    """Next token per row: logits [B, vocab] float32; samplings[b], streams[b] and
+    positions[b] (its prompt's index in its request; default 0) of row b.
+
+    Greedy rows take the argmax. Sampling rows are warped together per stream (HF's
+    warpers are row-wise) and drawn with one multinomial over the stream's full width,
+    as HF's generate() draws for the request's batch (module docstring)."""
+    out = logits.argmax(-1).tolist()  # HF's greedy search: argmax of the float32 logits
+    by_stream: dict[int, list[int]] = {}
     for b, s in enumerate(samplings):
-        if not s.do_sample:
-            out.append(greedy[b])
-            continue
-        scores = logits[b: b + 1]  # [1, vocab]: the shape HF draws from for one row
-        for warper in _warpers(s):
+        if s.do_sample:
+            by_stream.setdefault(id(streams[b]), []).append(b)
+    for rows in by_stream.values():
+        stream = streams[rows[0]]
+        scores = logits[rows]  # [n, vocab]
+        for warper in _warpers(samplings[rows[0]]):  # a stream's rows share their request's parameters
             scores = warper(None, scores)
         probs = torch.nn.functional.softmax(scores, dim=-1)
-        out.append(int(torch.multinomial(probs, num_samples=1, generator=generators[b])[0, 0]))
+        where = [positions[b] for b in rows] if positions is not None else [0] * len(rows)
+        if stream.width > 1:
+            # Each row at its prompt's place in the request's draw. Rows not decoding this
+            # step keep their places too; any valid distribution does, their tokens are dropped.
+            full = torch.full((stream.width, probs.shape[-1]), 1.0 / probs.shape[-1], dtype=probs.dtype,
+                              device=probs.device)  # [width, vocab]
+            full[where] = probs
+            probs = full
+        picked = torch.multinomial(probs, num_samples=1, generator=stream.generator)[:, 0].tolist()
+        for b, w in zip(rows, where):
+            out[b] = picked[w]
     return out
+
+
+def admission_due(running: int, free: int, waiting: int, ready_steps: int, max_wait_steps: int,
+                  max_batch_size: int) -> bool:
+    """Whether this step admits waiting rows (the scheduler's admission policy).
+
+    running: rows decoding; free: slots free for new rows (max_batch_size - running);
+    waiting: rows waiting; ready_steps: decode steps run since rows have been waiting
+    with a slot free for them; max_wait_steps: --admission-wait-steps.
+
+    An admission runs the arrivals' encoder pass between two decode steps, and every
+    running row waits for it. Admitting rows one by one, as they arrive or as single
+    slots free up, interrupts decoding once per row; one pass over several prompts costs
+    less than as many passes over one (bigger matrix products, fewer expert calls). So
+    admission waits for more arrivals or more free slots, but never when nothing decodes
+    (no one to interrupt), and not once it can fill half a batch (a pass that big is worth
+    running now). Otherwise waiting rows wait at most max_wait_steps decode steps (0:
+    admit at every step) once a slot is free for them.
+    """
+    if waiting == 0:
+        return False
+    if running == 0:
+        return True
+    if free <= 0:
+        return False
+    return 2 * min(waiting, free) >= max_batch_size or ready_steps >= max_wait_steps
 
 
 @dataclass(eq=False)
@@ -146,7 +211,7 @@ class _Row:
     index: int  # prompt index within the job
     prompt: list[int]
     limit: int  # max_new_tokens
-    generator: torch.Generator | None = None
+    stream: RandomStream | None = None  # sampling: its request's, shared by the request's rows
     last: int = 0  # the token it feeds next step
     slot: int = -1
 
@@ -165,18 +230,26 @@ class ContinuousScheduler:
     """The decode loop that owns the running set (module docstring). Same interface as
     gateway/batcher.Batcher: submit(job), cancel(job), stop().
 
-    Every iteration: retire rows whose client went away; admit waiting rows in arrival
-    order (FIFO, never skipping the oldest) while slots are free (max_batch_size) and the
-    admission's prompt tokens stay within max_batch_tokens (the oldest row is admitted
-    even alone over it); run one step. An arrival therefore waits no decode step when a
-    slot is free, and otherwise only until as many rows ahead of it have retired.
+    Every iteration: retire rows whose client went away; when ``admission_due`` says so,
+    admit waiting rows in arrival order (FIFO, never skipping the oldest) while slots are
+    free (max_batch_size) and the admission's prompt tokens stay within max_batch_tokens
+    (the oldest is admitted even alone over it); run one step. The rows of a sampling
+    request with several prompts share its random stream and enter together (a request
+    wider than max_batch_size enters alone when nothing decodes). Waiting rows therefore
+    wait at most admission_wait_steps decode steps once a slot is free for them, and
+    otherwise until as many rows ahead of them have retired.
     """
 
-    def __init__(self, engine: Engine, max_batch_size: int, max_batch_tokens: int, max_queued_prompts: int = 1024):
+    def __init__(self, engine: Engine, max_batch_size: int, max_batch_tokens: int, max_queued_prompts: int = 1024,
+                 admission_wait_steps: int = 0):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_prompts = max_queued_prompts
+        self.admission_wait_steps = admission_wait_steps
+        self._steps = 0  # decode steps run
+        self._batch_id = ""  # the latest admission's (gateway/tracing.py)
+        self._ready_since: int | None = None  # the step since which rows wait with a slot free for them
         self.decoder = RowDecoder(engine.model, engine.pad_token_id, rows=max_batch_size)
         self.eos = engine.eos_token_id
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -205,11 +278,10 @@ class ContinuousScheduler:
                                 total_ns=time.perf_counter_ns() - job.arrival_ns, batch_size=0)))
                 return job
             self._jobs[id(job)] = state
-            device = self.decoder.device
+            stream = make_stream(job.sampling, self.decoder.device, width=len(job.prompts))
             for i, (prompt, limit) in enumerate(zip(job.prompts, job.max_new_tokens)):
                 if limit > 0:
-                    self._waiting.append(_Row(job, i, prompt, limit, make_generator(job.sampling, device),
-                                              last=self.decoder.start_token_id))
+                    self._waiting.append(_Row(job, i, prompt, limit, stream, last=self.decoder.start_token_id))
             self._cv.notify()
         return job
 
@@ -246,14 +318,43 @@ class ContinuousScheduler:
                     job.events.put(("error", err))
                 self._waiting.clear()
                 return None
+            running = len(self._running)
+            free = self.max_batch_size - running
             admit, tokens = [], 0
-            while self._waiting and len(self._running) + len(admit) < self.max_batch_size:
-                row = self._waiting[0]
-                if admit and tokens + len(row.prompt) > self.max_batch_tokens:
+            if not (self._waiting and free > 0):
+                self._ready_since = None
+                return admit
+            if self._ready_since is None:
+                self._ready_since = self._steps
+            if not admission_due(running, free, len(self._waiting), self._steps - self._ready_since,
+                                 self.admission_wait_steps, self.max_batch_size):
+                return admit
+            while self._waiting:
+                unit = self._head_unit()
+                if running + len(admit) + len(unit) > self.max_batch_size and (running or admit):
                     break
-                admit.append(self._waiting.popleft())
-                tokens += len(row.prompt)
+                need = sum(len(r.prompt) for r in unit)
+                if admit and tokens + need > self.max_batch_tokens:
+                    break
+                for _ in unit:
+                    admit.append(self._waiting.popleft())
+                tokens += need
+            if admit:
+                self._ready_since = None  # those left wait for the next free slot afresh
             return admit
+
+    def _head_unit(self) -> list[_Row]:
+        """The waiting rows that must enter together, oldest first: the head row, with the
+        rest of its request's rows when they share a random stream (they step together)."""
+        head = self._waiting[0]
+        if head.stream is None or head.stream.width == 1:
+            return [head]
+        unit = []
+        for row in self._waiting:  # a request's rows were queued together, in order
+            if row.job is not head.job:
+                break
+            unit.append(row)
+        return unit
 
     def _run(self) -> None:
         while True:
@@ -277,6 +378,9 @@ class ContinuousScheduler:
                 self.decoder = RowDecoder(self.engine.model, self.engine.pad_token_id, rows=self.max_batch_size)
 
     def _admit(self, rows: list[_Row]) -> None:
+        # An admission is this scheduler's batch: its prompts are counted and logged as one,
+        # and its encoder pass's calls carry its request ids and batch id.
+        self._batch_id = tracing.batch_started(list({id(r.job): r.job for r in rows}.values()), len(rows))
         t0 = time.perf_counter_ns()
         try:
             slots = self.decoder.admit([r.prompt for r in rows])
@@ -298,16 +402,22 @@ class ContinuousScheduler:
 
     def _step(self) -> None:
         rows = self._running
+        # A step's expert calls carry the request ids of every row in it, and the batch id
+        # of the latest admission.
+        request_ids.set_current(",".join(dict.fromkeys(r.job.request_id for r in rows if r.job.request_id)),
+                                self._batch_id)
         t0 = time.perf_counter_ns()
         try:
             logits = self.decoder.step([r.last for r in rows])
-            tokens = pick_tokens(logits, [r.job.sampling for r in rows], [r.generator for r in rows])
+            tokens = pick_tokens(logits, [r.job.sampling for r in rows], [r.stream for r in rows],
+                                 [r.index for r in rows])
         except Exception as exc:  # noqa: BLE001 - every running job gets the error; the loop goes on
             log.warning("decode step of %d rows failed: %s", len(rows), exc)
             self._fail({id(r.job): r.job for r in rows}.values(), exc)
             return
         finally:
             self.engine.forward_ns += time.perf_counter_ns() - t0
+        self._steps += 1
         now = time.perf_counter_ns()
         done, finished = [], []
         for row, token in zip(rows, tokens):

@@ -51,7 +51,7 @@ class Gateway:
         self.engine = Engine(config)
         if config.scheduler == "continuous":
             self.batcher = ContinuousScheduler(self.engine, config.max_batch_size, config.max_batch_tokens,
-                                               config.max_queued_prompts)
+                                               config.max_queued_prompts, config.admission_wait_steps)
         else:
             self.batcher = Batcher(self.engine, config.max_batch_size, config.max_wait_ms, config.max_queued_prompts)
         self.membership = Membership(self.engine)
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at every decoding step")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="continuous scheduler: prompt tokens per admission step")
+    p.add_argument("--admission-wait-steps", type=int, default=16,
+                   help="continuous scheduler: decode steps an arrival may wait for others to share its encoder pass "
+                        "(0: admit at every step)")
     p.add_argument("--max-prompts-per-request", type=int, default=64, help="more prompts in one request: INVALID_ARGUMENT")
     p.add_argument("--max-queued-prompts", type=int, default=1024, help="beyond it requests get RESOURCE_EXHAUSTED")
     p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads")
@@ -218,6 +221,7 @@ def parse_args(argv=None) -> GatewayConfig:
             max_wait_ms=a.max_wait_ms,
             scheduler=a.scheduler,
             max_batch_tokens=a.max_batch_tokens,
+            admission_wait_steps=a.admission_wait_steps,
             max_prompts_per_request=a.max_prompts_per_request,
             max_queued_prompts=a.max_queued_prompts,
             max_workers=a.max_workers,

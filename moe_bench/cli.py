@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arrival-rate", type=float, default=None, help="requests per second, Poisson arrivals")
     g.add_argument("--new-tokens-range", default="4,64", help="A,B: new tokens per request, uniform in A..B")
     g.add_argument("--open-loop-requests", type=int, default=40, help="requests sent in the open loop")
-    g.add_argument("--schedulers", default="static,continuous", help="gateway --scheduler values; the first is the baseline")
+    g.add_argument("--schedulers", default="static,continuous",
+                   help="gateway --scheduler values (continuous/N: with --admission-wait-steps N); the first is the baseline")
     g.add_argument("--unloaded-requests", type=int, default=3, help="requests sent one at a time for the unloaded latency")
     g.add_argument("--seed", type=int, default=0, help="seed of the arrival times and lengths")
     g.add_argument("--no-reference", action="store_true", help="skip checking outputs against HF alone")

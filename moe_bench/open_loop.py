@@ -177,7 +177,7 @@ def run(a, source, docs: list[str]) -> dict:
         for scheduler in schedulers:
             port = pick_free_port()
             gw = spawn_gateway(source.path, HOST, port, addresses, [
-                "--scheduler", scheduler, "--max-batch-size", str(a.batch_size), "--max-wait-ms", "5",
+                *scheduler_flags(scheduler), "--max-batch-size", str(a.batch_size), "--max-wait-ms", "5",
                 "--max-new-tokens-limit", str(max(hi, 512)), "--log-level", "WARNING"])
             try:
                 wait_ready(gw, f"{HOST}:{port}")
@@ -221,6 +221,13 @@ def run(a, source, docs: list[str]) -> dict:
         for name, outs in outputs.items():
             result["schedulers"][name]["identical_to_reference"] = sum(o == w for o, w in zip(outs, want))
     return result
+
+
+def scheduler_flags(name: str) -> list[str]:
+    """The gateway flags of a --schedulers entry: static, continuous, or continuous/N
+    (continuous with --admission-wait-steps N)."""
+    scheduler, _, wait = name.partition("/")
+    return ["--scheduler", scheduler, *(["--admission-wait-steps", wait] if wait else [])]
 
 
 def reference_outputs(source, arrivals: list[Arrival]) -> list[list[int]]:

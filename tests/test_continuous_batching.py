@@ -18,7 +18,7 @@ import torch
 from gateway.batcher import Job
 from gateway.decode_cache import RowCaches
 from gateway.engine import Sampling
-from gateway.scheduler import ContinuousScheduler, RowDecoder, make_generator, pick_tokens
+from gateway.scheduler import ContinuousScheduler, RowDecoder, make_stream, pick_tokens
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import channel, expert_servers, gateway
 
@@ -163,7 +163,7 @@ def test_rows_joining_and_leaving_mid_flight_equal_hf_alone(reference, prompt_id
     running: list[int] = []  # prompt index per slot
     tokens = {i: [] for i in range(len(PROMPTS))}
     logits = {i: [] for i in range(len(PROMPTS))}
-    gens = {i: make_generator(s, torch.device("cpu")) for i, s in enumerate(SAMPLINGS)}
+    gens = {i: make_stream(s, torch.device("cpu")) for i, s in enumerate(SAMPLINGS)}
     last = {}
     eos = model.config.eos_token_id
     joined_mid_flight = 0
@@ -326,6 +326,13 @@ def test_open_loop_schedule_is_seeded_poisson_with_uniform_lengths():
         arrival_schedule(prompts, 3, rate=1.0, new_tokens=(5, 4))
 
 
+def test_open_loop_scheduler_entries_name_gateway_flags():
+    from moe_bench.open_loop import scheduler_flags
+
+    assert scheduler_flags("static") == ["--scheduler", "static"]
+    assert scheduler_flags("continuous/0") == ["--scheduler", "continuous", "--admission-wait-steps", "0"]
+
+
 def test_open_loop_summary_by_hand():
     from moe_bench.open_loop import OpenRecord, summarize
 
@@ -349,3 +356,124 @@ def test_scheduler_flags_are_validated():
         GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], scheduler="dynamic")
     with pytest.raises(ValueError, match="--max-batch-tokens"):
         GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], max_batch_tokens=0)
+    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1"]).admission_wait_steps == 16
+    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1", "--admission-wait-steps", "0"]
+                      ).admission_wait_steps == 0
+    with pytest.raises(ValueError, match="--admission-wait-steps"):
+        GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], admission_wait_steps=-1)
+
+
+# ---- admission policy and a request's shared random stream ----
+
+
+@pytest.mark.parametrize("running,free,waiting,ready,bound,want", [
+    (0, 8, 0, 0, 4, False),  # nobody waits
+    (0, 8, 1, 0, 4, True),  # nothing decodes: an encoder pass interrupts nobody
+    (3, 5, 1, 0, 4, False),  # one arrival, slots to spare: wait for company...
+    (3, 5, 3, 3, 4, False),
+    (3, 5, 1, 4, 4, True),  # ...but not beyond the bound
+    (3, 5, 4, 0, 4, True),  # half a batch fits now: run its pass
+    (7, 1, 9, 0, 4, False),  # one slot free, many waiting: wait for more slots to free...
+    (6, 2, 9, 3, 4, False),
+    (5, 3, 9, 4, 4, True),  # ...up to the bound
+    (4, 4, 9, 0, 4, True),
+    (8, 0, 3, 99, 4, False),  # no free slot: it waits for a row to retire
+    (9, -1, 1, 99, 4, False),  # a wide request runs over max_batch_size
+    (3, 5, 1, 0, 0, True),  # bound 0: admit at every step
+])
+def test_admission_due_by_hand(running, free, waiting, ready, bound, want):
+    from gateway.scheduler import admission_due
+
+    assert admission_due(running, free, waiting, ready, bound, max_batch_size=8) is want
+
+
+def hf_request(model, prompts: list[list[int]], limits: list[int], s: Sampling) -> list[list[int]]:
+    """HF generate() on the request as one batch (right-padded, as the static path runs a
+    seeded request), each row cut at its limit and EOS."""
+    from moe_common.batching import pad_right
+
+    ids, mask = pad_right(prompts, model.config.pad_token_id)
+    torch.manual_seed(s.seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(limits), do_sample=True,
+                             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                             pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+    eos, rows = model.config.eos_token_id, []
+    for row, limit in zip(out[:, 1:].tolist(), limits):
+        row = row[:limit]
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def test_seeded_multi_prompt_requests_equal_hf_on_the_request(reference, prompt_ids):
+    """A seeded request with several prompts is one HF batch sharing one random stream (the
+    static path runs it so). Under the continuous scheduler its rows enter together and
+    draw from one stream of the request's width, finished rows' places included, while
+    other requests join and leave: each row equals HF's generate() of that request. One
+    request is wider than max_batch_size and enters alone; arrivals wait at most 2 steps."""
+    model, _ = reference
+    engine = types.SimpleNamespace(model=model, pad_token_id=model.config.pad_token_id,
+                                   eos_token_id=model.config.eos_token_id, forward_ns=0)
+    scheduler = ContinuousScheduler(engine, max_batch_size=4, max_batch_tokens=64, admission_wait_steps=2)
+    s1 = Sampling(do_sample=True, temperature=0.8, top_k=30, top_p=0.95, seed=17)
+    s2 = Sampling(do_sample=True, seed=4)
+    multi = ([prompt_ids[1], prompt_ids[3], prompt_ids[4], prompt_ids[2]], [12, 5, 0, 9], s1)
+    wide = ([prompt_ids[i] for i in range(6)], [3, 8, 6, 1, 7, 4], s2)  # 6 rows > max_batch_size 4
+    try:
+        first = scheduler.submit(Job(prompts=[prompt_ids[5]], max_new_tokens=[10], sampling=Sampling(), stream=True))
+        assert first.next_event()[0] == "token"  # decoding: the next requests join mid-flight
+        jobs = [scheduler.submit(Job(prompts=p, max_new_tokens=n, sampling=s)) for p, n, s in (multi, wide)]
+        alone = scheduler.submit(Job(prompts=[prompt_ids[0]], max_new_tokens=[11], sampling=SAMPLINGS[1]))
+        got = [[r.token_ids for r in job.wait()[0]] for job in jobs]
+        alone_rows, alone_timings = alone.wait()
+        first.wait()
+        assert scheduler.decoder.caches.rows == 0
+    finally:
+        scheduler.stop()
+    for (prompts, limits, s), rows in zip((multi, wide), got):
+        assert rows == hf_request(model, prompts, limits, s)
+    assert got[0][2] == []  # its limit was 0
+    assert alone_rows[0].token_ids == hf_alone(model, prompt_ids[0], 11, SAMPLINGS[1])[0]
+
+
+def test_continuous_scheduler_under_window_replication_stays_exact(tiny, reference, prompt_ids):
+    """--scheduler continuous with --replication window: each admission's encoder pass is a
+    batch for the replica manager, which plans from the passes it observed (decode steps
+    included); replicas serve tokens of rows joining and leaving mid-flight, and every
+    output still equals HF alone (whole-expert replicas are bit-identical)."""
+    model, _ = reference
+    wants = [hf_alone(model, p, n, s)[0] for p, n, s in zip(prompt_ids, LIMITS, SAMPLINGS)]
+    args = ["--scheduler", "continuous", "--max-batch-size", "4", "--replication", "window",
+            "--replication-window", "2", "--admission-wait-steps", "1"]
+    with expert_servers(tiny, 2, ["--replica-memory", "4MB"]) as (addresses, _), \
+            gateway(tiny, addresses, args) as address, channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+
+        def request(i: int) -> gateway_pb2.GenerateRequest:
+            s = SAMPLINGS[i]
+            params = gateway_pb2.GenerationParameters(max_new_tokens=LIMITS[i], do_sample=s.do_sample)
+            if s.do_sample:
+                params.temperature, params.top_k, params.top_p, params.seed = s.temperature, s.top_k, s.top_p, s.seed
+            return gateway_pb2.GenerateRequest(token_ids=[gateway_pb2.TokenIds(ids=prompt_ids[i])], parameters=params)
+
+        for i in range(3):  # one at a time: admissions the window plans from
+            assert list(stub.Generate(request(i), timeout=120).generations[0].token_ids) == wants[i]
+        deadline = time.monotonic() + 60
+        while stub.GetStatus(gateway_pb2.GetStatusRequest()).replication.replicas_ready == 0:
+            assert time.monotonic() < deadline, "no replica became ready"
+            time.sleep(0.05)
+        before = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication.replica_tokens
+        replies: dict[int, object] = {}
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, stub.Generate(request(i), timeout=120)))
+                   for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+            time.sleep(0.03)
+        for t in threads:
+            t.join()
+        for i, want in enumerate(wants):
+            assert list(replies[i].generations[0].token_ids) == want, (i, SAMPLINGS[i])
+        assert max(r.timings.batch_size for r in replies.values()) > 1
+        rep = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication
+        assert rep.mode == "window" and rep.failures == 0 and rep.plans >= 1 and rep.batches >= 4
+        assert rep.replica_tokens > before  # replicas computed tokens of the continuous steps
