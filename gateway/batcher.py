@@ -115,6 +115,11 @@ class Batcher:
             self._cv.notify()
         self._worker.join(timeout=10)
 
+    def requests_waiting(self) -> int:
+        """Requests queued for a batch that has not started (moe_num_requests_waiting)."""
+        with self._cv:
+            return len(self._pending)
+
     def _take_batch(self) -> list[Job] | None:
         """Wait for work; return the next batch (oldest job first), or None when stopped."""
         with self._cv:

@@ -189,21 +189,6 @@ def windowed_balancedness(history: deque, now: float, sum_mean: float, sum_max: 
     return (sum_mean - mean0) / d_max if d_max > 0 else 1.0
 
 
-def requests_waiting(batcher) -> int:
-    """Requests none of whose prompts has started, under either --scheduler: the static
-    Batcher's queued jobs (gateway/batcher.py `_pending`), or the ContinuousScheduler's
-    jobs with rows queued for admission and none admitted yet (gateway/scheduler.py
-    `_waiting`, and `_jobs` whose admitted_ns is set once a row is admitted; a row in
-    its admission's encoder pass has left the queue: it runs). Read without their locks:
-    each read copies one list, deque or dict in a single C call, which holds the GIL."""
-    pending = getattr(batcher, "_pending", None)
-    if pending is not None:
-        return len(pending)
-    queued = {id(row.job) for row in list(getattr(batcher, "_waiting", ()))}
-    jobs = dict(getattr(batcher, "_jobs", {}))
-    return sum(1 for j in queued if (state := jobs.get(j)) is not None and not state.admitted_ns)
-
-
 class GatewayCollector:
     """Reads the running totals of one gateway at scrape time."""
 
@@ -218,7 +203,7 @@ class GatewayCollector:
         clients = e.clients
         view = clients.view
         st = clients.stats
-        waiting = requests_waiting(g.batcher)
+        waiting = g.batcher.requests_waiting()
         running = max(0, METRICS.interceptor.active - waiting)
         yield GaugeMetricFamily("moe_num_requests_running", "Requests in a running batch", value=running)
         yield GaugeMetricFamily("moe_num_requests_waiting", "Requests queued for a batch", value=waiting)

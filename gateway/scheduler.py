@@ -298,6 +298,13 @@ class ContinuousScheduler:
             self._cv.notify()
         self._worker.join(timeout=10)
 
+    def requests_waiting(self) -> int:
+        """Requests none of whose prompts is admitted yet (moe_num_requests_waiting). A row
+        in its admission's encoder pass has left the queue: it runs."""
+        with self._cv:
+            queued = {id(row.job) for row in self._waiting}
+            return sum(1 for j in queued if (state := self._jobs.get(j)) is not None and not state.admitted_ns)
+
     @property
     def stats(self) -> dict:
         """Decode-step figures: steps, rows over all steps, cache gather time."""
