@@ -71,7 +71,7 @@ def main() -> None:
     kwargs = dict(cache_dir=a.cache_dir) if a.cache_dir else {}
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "stack.log", "w") as log, \
             start_stack("tiny", 2, metrics_port=base, log_file=log,
-                        gateway_args=["--replication", "reactive", "--log-level", "WARNING"],
+                        gateway_args=["--replication", "reactive", "--log-level", "WARNING", "--replica-sharing", "off"],
                         expert_args=["--replica-memory", "1MB", "--log-level", "WARNING"], **kwargs) as stack:
         config = Path(tmp) / "prometheus.yml"
         config.write_text(json.dumps({

@@ -37,6 +37,7 @@ request alone, whatever else shares the step, one prompt or several.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -250,6 +251,8 @@ class ContinuousScheduler:
         self._steps = 0  # decode steps run
         self._batch_id = ""  # the latest admission's (gateway/tracing.py)
         self._ready_since: int | None = None  # the step since which rows wait with a slot free for them
+        self._next: list[list[int]] = []  # prompts of the admission that waits for its turn (_take)
+        self._announced: list[list[int]] = []  # the prompts last given to Engine.upcoming
         self.decoder = RowDecoder(engine.model, engine.pad_token_id, rows=max_batch_size)
         self.eos = engine.eos_token_id
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -327,37 +330,50 @@ class ContinuousScheduler:
                 return None
             running = len(self._running)
             free = self.max_batch_size - running
-            admit, tokens = [], 0
+            self._next = []
             if not (self._waiting and free > 0):
                 self._ready_since = None
-                return admit
+                if self._waiting:  # a full batch: the rows that would enter once the running ones retired
+                    self._next = [r.prompt for r in itertools.islice(self._waiting, self._admissible(0))]
+                return []
             if self._ready_since is None:
                 self._ready_since = self._steps
             if not admission_due(running, free, len(self._waiting), self._steps - self._ready_since,
                                  self.admission_wait_steps, self.max_batch_size):
-                return admit
-            while self._waiting:
-                unit = self._head_unit()
-                if running + len(admit) + len(unit) > self.max_batch_size and (running or admit):
-                    break
-                need = sum(len(r.prompt) for r in unit)
-                if admit and tokens + need > self.max_batch_tokens:
-                    break
-                for _ in unit:
-                    admit.append(self._waiting.popleft())
-                tokens += need
+                # What would enter now enters when the wait ends, unless more arrive or
+                # rows retire meanwhile: announced for predictive replication (_run).
+                self._next = [r.prompt for r in itertools.islice(self._waiting, self._admissible(running))]
+                return []
+            admit = [self._waiting.popleft() for _ in range(self._admissible(running))]
             if admit:
                 self._ready_since = None  # those left wait for the next free slot afresh
             return admit
 
-    def _head_unit(self) -> list[_Row]:
-        """The waiting rows that must enter together, oldest first: the head row, with the
-        rest of its request's rows when they share a random stream (they step together)."""
-        head = self._waiting[0]
+    def _admissible(self, running: int) -> int:
+        """How many rows at the head of the queue an admission takes now: in arrival order
+        (FIFO, never skipping the oldest), whole units (_unit_at), while slots are free and
+        the prompt tokens stay within max_batch_tokens (the oldest enters even alone over
+        it; a unit wider than the batch enters alone when nothing decodes). Call under self._cv."""
+        taken = tokens = 0
+        while taken < len(self._waiting):
+            unit = self._unit_at(taken)
+            if running + taken + len(unit) > self.max_batch_size and (running or taken):
+                break
+            need = sum(len(r.prompt) for r in unit)
+            if taken and tokens + need > self.max_batch_tokens:
+                break
+            taken += len(unit)
+            tokens += need
+        return taken
+
+    def _unit_at(self, i: int) -> list[_Row]:
+        """The waiting rows from position i that must enter together: row i, with the rest
+        of its request's rows when they share a random stream (they step together)."""
+        head = self._waiting[i]
         if head.stream is None or head.stream.width == 1:
             return [head]
         unit = []
-        for row in self._waiting:  # a request's rows were queued together, in order
+        for row in itertools.islice(self._waiting, i, None):  # a request's rows were queued together, in order
             if row.job is not head.job:
                 break
             unit.append(row)
@@ -368,6 +384,15 @@ class ContinuousScheduler:
             admit = self._take()
             if admit is None:
                 return
+            # Predictive replication forecasts and plans the next admission's prompts while
+            # rows decode (ReplicaManager.upcoming); announced once per change.
+            announce, self._next = self._next, []
+            if announce and announce != self._announced:
+                try:
+                    self.engine.upcoming(announce)
+                except Exception:  # noqa: BLE001 - replicas only speed serving up; never a request's failure
+                    log.exception("announcing the next admission to the replica planner failed")
+            self._announced = [] if admit else announce or self._announced
             try:
                 for row in [r for r in self._running if r.job.cancelled.is_set()]:
                     self._retire(row)

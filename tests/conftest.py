@@ -100,6 +100,11 @@ def restart_expert_server(source, address: str, log_dir, args=None, tries: int =
     raise AssertionError("unreachable")
 
 
+# Tests of replication mechanics run all their expert servers on this machine's few cores,
+# where the planner rightly finds that balancing them cannot pay and plans nothing
+# (gateway.replication.Sharing): they plan as if each server had cores of its own.
+DEDICATED = ["--replica-sharing", "off"]
+
 ADMIN: dict[str, str] = {}  # gateway address -> its admin address (--admin-port), for gateway()
 
 

@@ -20,7 +20,7 @@ from gateway.decode_cache import RowCaches
 from gateway.engine import Sampling
 from gateway.scheduler import ContinuousScheduler, RowDecoder, make_stream, pick_tokens
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.conftest import channel, expert_servers, gateway
+from tests.conftest import DEDICATED, channel, expert_servers, gateway
 
 # Logits of a row decoded in a padded batch against the row alone. Softmax and the
 # attention matmul reduce over the padded length, so they round differently; HF's own
@@ -208,8 +208,9 @@ def test_scheduler_serves_concurrent_jobs_exactly(reference, prompt_ids):
     EOS within 300 tokens of these prompts); every finished row equals HF alone and every
     row leaves the caches."""
     model, _ = reference
+    announced = []  # the prompts of each admission announced to the replica planner (Engine.upcoming)
     engine = types.SimpleNamespace(model=model, pad_token_id=model.config.pad_token_id,
-                                   eos_token_id=model.config.eos_token_id, forward_ns=0)
+                                   eos_token_id=model.config.eos_token_id, forward_ns=0, upcoming=announced.append)
     scheduler = ContinuousScheduler(engine, max_batch_size=3, max_batch_tokens=64)
     try:
         running = scheduler.submit(Job(prompts=[prompt_ids[2]], max_new_tokens=[300], sampling=Sampling(), stream=True))
@@ -252,6 +253,16 @@ def test_scheduler_serves_concurrent_jobs_exactly(reference, prompt_ids):
     assert max(t["batch_size"] for _, t in results) > 1, "some jobs must have shared steps"
     with pytest.raises(Exception, match="cancelled"):
         doomed.wait()
+    # Jobs waited behind a full running set: what was to enter next was announced, in
+    # arrival order, at most a batch of it, each change once.
+    submitted = [prompt_ids[i] for i in range(len(PROMPTS))] + [prompt_ids[2], prompt_ids[0]]
+
+    def in_arrival_order(rows):  # a subsequence of the submissions (cancelled ones leave the queue)
+        it = iter(submitted)
+        return all(any(row == s for s in it) for row in rows)
+
+    assert announced and all(1 <= len(rows) <= 3 and in_arrival_order(rows) for rows in announced)
+    assert all(a != b for a, b in zip(announced, announced[1:]))
 
 
 # ---- the gateway, end to end ----
@@ -413,7 +424,7 @@ def test_seeded_multi_prompt_requests_equal_hf_on_the_request(reference, prompt_
     request is wider than max_batch_size and enters alone; arrivals wait at most 2 steps."""
     model, _ = reference
     engine = types.SimpleNamespace(model=model, pad_token_id=model.config.pad_token_id,
-                                   eos_token_id=model.config.eos_token_id, forward_ns=0)
+                                   eos_token_id=model.config.eos_token_id, forward_ns=0, upcoming=lambda rows: None)
     scheduler = ContinuousScheduler(engine, max_batch_size=4, max_batch_tokens=64, admission_wait_steps=2)
     s1 = Sampling(do_sample=True, temperature=0.8, top_k=30, top_p=0.95, seed=17)
     s2 = Sampling(do_sample=True, seed=4)
@@ -444,7 +455,7 @@ def test_continuous_scheduler_under_window_replication_stays_exact(tiny, referen
     model, _ = reference
     wants = [hf_alone(model, p, n, s)[0] for p, n, s in zip(prompt_ids, LIMITS, SAMPLINGS)]
     args = ["--scheduler", "continuous", "--max-batch-size", "4", "--replication", "window",
-            "--replication-window", "2", "--admission-wait-steps", "1"]
+            "--replication-window", "2", "--admission-wait-steps", "1", *DEDICATED]
     with expert_servers(tiny, 2, ["--replica-memory", "4MB"]) as (addresses, _), \
             gateway(tiny, addresses, args) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)

@@ -213,7 +213,7 @@ def test_grouped_expert_servers_generate_hf_tokens(tiny, reference):
     the generated tokens equal HF's (on CPU grouped is within fp32 rounding of exact), and
     replicas arrive and run."""
     from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from tests.conftest import channel, expert_servers, gateway, generated_ids
+    from tests.conftest import DEDICATED, channel, expert_servers, gateway, generated_ids
 
     model, tokenizer = reference
     prompts = ["Hello", "Mixture-of-experts models send every token to one expert. " * 2, "Switch!"]
@@ -222,7 +222,7 @@ def test_grouped_expert_servers_generate_hf_tokens(tiny, reference):
         expected = model.generate(**enc, max_new_tokens=8, do_sample=False)
     args = ["--expert-kernel", "grouped", "--replica-memory", "1MB"]
     with expert_servers(tiny, 2, args) as (servers, _), \
-            gateway(tiny, servers, ["--replication", "window", "--replication-window", "1"]) as address, \
+            gateway(tiny, servers, ["--replication", "window", "--replication-window", "1", *DEDICATED]) as address, \
             channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         for _ in range(3):  # later requests run after replication plans

@@ -210,7 +210,8 @@ def test_replica_plan_racing_a_membership_change_does_not_fail_the_batch(tiny, r
     must still succeed and equal the single-process model."""
     addresses, _ = replica_servers
     want = want_ids(reference)
-    engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=addresses, replication="reactive"))
+    engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=addresses, replication="reactive",
+                                  replica_sharing="off"))
     membership = Membership(engine)
     try:
         engine.connect()
@@ -246,6 +247,7 @@ def test_failed_replica_calls_are_sent_again(tiny, reference):
     with expert_servers(tiny, 2, ["--replica-memory", "4MB", "--simulate-load-delay-s", "3"]) as (addresses, _):
         # SetReplicas waits 10 x --expert-timeout-s.
         engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=addresses, replication="reactive",
+                                      replica_sharing="off",
                                       expert_timeout_s=0.2))
         try:
             engine.connect()

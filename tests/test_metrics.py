@@ -45,7 +45,7 @@ from moe_protos.inference import grpc_predict_v2_pb2 as oip
 from moe_protos.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from moe_protos.moe.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from tests.conftest import admin_address, channel, expert_servers, gateway, stop
+from tests.conftest import DEDICATED, admin_address, channel, expert_servers, gateway, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "moe-dashboard.json"
@@ -236,7 +236,7 @@ def stack(tiny, tmp_path_factory):
     with log_path.open("w") as log_file:
         s = start_stack(
             str(tiny.path), 2, metrics_port=base, log_file=log_file,
-            gateway_args=["--replication", "reactive", "--log-format", "json", "--max-wait-ms", "20"],
+            gateway_args=["--replication", "reactive", "--log-format", "json", "--max-wait-ms", "20", *DEDICATED],
             expert_args=["--replica-memory", "1MB", "--log-level", "DEBUG", "--log-format", "json"],
             predictor_args=["--log-level", "DEBUG", "--log-format", "json"], timeout_s=300)
     with s:

@@ -16,7 +16,7 @@ from gateway.launcher import spawn_predictor, wait_ready
 from moe_common.serving import pick_free_port
 from gateway.replication import Sharing
 from moe_common.hardware import compute_domain, usable_cpus
-from tests.conftest import channel, expert_servers, gateway, generated_ids, reference_ids, stop
+from tests.conftest import DEDICATED, channel, expert_servers, gateway, generated_ids, reference_ids, stop
 from tests.test_equivalence import PROMPTS
 
 REPLICA_MEMORY = "4MB"  # 64 tiny experts of 64 KiB: room for every expert everywhere
@@ -51,6 +51,7 @@ def test_outputs_do_not_depend_on_the_plan(tiny, reference, servers, policy):
         expected = model.generate(**enc, max_new_tokens=12, do_sample=False)
         want = model(**enc, decoder_input_ids=expected[:, :8]).logits
     engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=servers, replication="reactive",
+                                  replica_sharing="off",
                                   replica_policy=policy))
     try:
         engine.connect()
@@ -163,8 +164,8 @@ def predictor(tiny):
 @pytest.mark.parametrize("mode", ["reactive", "window", "predictive"])
 def test_modes_end_to_end(tiny, reference, servers, predictor, mode):
     model, tokenizer = reference
-    args = ["--replication", mode, "--replication-window", "2", "--max-batch-size", "4", "--predictor", predictor,
-            "--predictor-timeout-ms", "2000"]
+    args = [*DEDICATED, "--replication", mode, "--replication-window", "2", "--max-batch-size", "4",
+            "--predictor", predictor, "--predictor-timeout-ms", "2000"]
     with gateway(tiny, servers[:2], args) as address, channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         for _ in range(5):
@@ -219,7 +220,8 @@ def test_replica_is_streamed_from_its_home_server_when_the_checkpoint_lacks_it(t
         want = model(**enc, decoder_input_ids=torch.zeros((len(PROMPTS), 3), dtype=torch.long)).logits
     with expert_servers(tiny, 1, ["--replica-memory", REPLICA_MEMORY]) as (first, _), \
             expert_servers(resolve(str(partial)), 1, ["--replica-memory", REPLICA_MEMORY]) as (second, _):
-        engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=first + second, replication="reactive"))
+        engine = Engine(GatewayConfig(model=str(tiny.path), expert_servers=first + second, replication="reactive",
+                                      replica_sharing="off"))
         try:
             engine.connect()
             assert engine.clients.home == engine_home
@@ -233,14 +235,16 @@ def test_replica_is_streamed_from_its_home_server_when_the_checkpoint_lacks_it(t
             engine.close()
 
 
-def test_predictive_plans_the_queued_batch_while_the_previous_one_runs(tiny, reference, servers, predictor):
-    """Requests queued behind a running batch are forecast and planned before their batch
-    starts (lookahead plans); no batch waits for the predictor or the planner."""
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_predictive_plans_the_queued_batch_while_the_previous_one_runs(tiny, reference, servers, predictor, scheduler):
+    """Requests queued behind a running batch (static) or a full running set (continuous)
+    are forecast and planned before their batch or admission starts (lookahead plans); no
+    batch waits for the predictor or the planner."""
     from concurrent.futures import ThreadPoolExecutor
 
     model, tokenizer = reference
-    args = ["--replication", "predictive", "--max-batch-size", "4", "--max-wait-ms", "0", "--predictor", predictor,
-            "--predictor-timeout-ms", "2000"]
+    args = [*DEDICATED, "--replication", "predictive", "--max-batch-size", "4", "--max-wait-ms", "0",
+            "--predictor", predictor, "--predictor-timeout-ms", "2000", "--scheduler", scheduler]
     enc = tokenizer(PROMPTS[:4], return_tensors="pt", padding=True)
     with torch.no_grad():
         want = generated_ids(model, model.generate(**enc, max_new_tokens=6, do_sample=False))
@@ -253,7 +257,9 @@ def test_predictive_plans_the_queued_batch_while_the_previous_one_runs(tiny, ref
         for reply in replies:
             assert [list(g.token_ids) for g in reply.generations] == want
         rep = stub.GetStatus(gateway_pb2.GetStatusRequest()).replication
-        assert rep.batches == 6 and rep.lookahead_plans >= 1 and rep.failures == 0
+        # Continuous: each admission is a batch; 24 rows in at most 4 at a time.
+        assert rep.batches == 6 if scheduler == "static" else rep.batches >= 6
+        assert rep.lookahead_plans >= 1 and rep.failures == 0
         assert len(rep.prefetch_hit_rate_by_layer) == 4
         assert all(0.0 <= r <= 1.0 for r in rep.prefetch_hit_rate_by_layer)
         # Bookkeeping only: no forecast wait, no planning (about 10 us a batch).
