@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.supervisor import RestartPolicy, Supervisor
-from moe_common import model_source, serving, tls
+from moe_common import model_source, serving, shm, tls
 from moe_common.cli_help import HelpFormatter
 from moe_common.tls import PLAINTEXT, TlsConfig
 
@@ -48,17 +48,28 @@ class Stack:
     admin_address: str = ""  # the gateway's control plane (MembershipService): --register-with goes here
     metrics_ports: dict[str, int] = field(default_factory=dict)  # service address -> its /metrics port (--metrics-port)
 
+    gateway: subprocess.Popen | None = None  # also in processes; stopped first
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        for p in self.processes:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + timeout_s
-        for p in self.processes:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """Stop the gateway first, so that the requests it is finishing still reach live
+        expert servers, then every other process; SIGKILL whatever outlives timeout_s
+        (the gateway and the rest get timeout_s each)."""
+        first = [self.gateway] if self.gateway is not None else []
+        for group in (first, [p for p in self.processes if p is not self.gateway]):
+            deadline = time.monotonic() + timeout_s
+            for p in group:
+                if p.poll() is None:
+                    p.terminate()
+            for p in group:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        # A gateway that had to be killed could not unlink its shared-memory segments.
+        removed = shm.remove_orphans()
+        if removed:
+            log.info("removed %d shared-memory segment(s) of stopped processes", len(removed))
 
     def __enter__(self):
         return self
@@ -149,8 +160,9 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
             wait_ready(proc, address, timeout_s, tls)
-        stack.processes.append(spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file))
-        wait_ready(stack.processes[-1], stack.gateway_address, timeout_s, tls)
+        stack.gateway = spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file)
+        stack.processes.append(stack.gateway)
+        wait_ready(stack.gateway, stack.gateway_address, timeout_s, tls)
     except BaseException:
         stack.stop()
         raise

@@ -5,12 +5,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from gateway.launcher import start_stack
+from moe_common import shm
 from moe_common.serving import pick_free_port
 from moe_protos.moe.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import channel, reference_ids
@@ -56,6 +59,61 @@ def test_local_launcher_serves_and_stops_every_child(tiny, reference):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+def test_stopping_the_stack_stops_the_gateway_first_and_leaves_no_shared_memory(tiny, reference):
+    [expected] = reference_ids(reference, ["launch"], 3)
+    stack = start_stack(str(tiny.path), 1, predictor=False)
+    try:
+        gateway, expert = stack.gateway, stack.processes[0]
+        assert generate(int(stack.gateway_address.rsplit(":", 1)[1])) == expected
+        prefix = shm.process_prefix(gateway.pid)
+        assert list(shm.SHM_DIR.glob(prefix + "*")), "the request did not go through shared memory"
+        # A gateway that does not answer SIGTERM (frozen here) is killed after the timeout,
+        # and cannot unlink its segments: the launcher does. Until the gateway is gone,
+        # its expert servers keep serving (they would answer the requests it finishes).
+        os.kill(gateway.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while proc_status(gateway.pid)["State"][0] != "T":  # stopped before it is asked to stop
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the gateway"
+            time.sleep(0.02)
+        stopping = threading.Thread(target=stack.stop, kwargs=dict(timeout_s=3))
+        stopping.start()
+        deadline = time.monotonic() + 30
+        while not sigterm_pending(gateway.pid):  # the launcher asked the frozen gateway to stop
+            assert time.monotonic() < deadline and gateway.returncode is None, \
+                f"the gateway was not sent SIGTERM, or exited ({gateway.returncode})"
+            time.sleep(0.02)
+        # (Asked once: health checks count as a gateway's calls, which would delay its drain.)
+        assert serving_status(stack.expert_addresses[0]) == "SERVING" and gateway.returncode is None
+        while gateway.returncode is None and stopping.is_alive():
+            assert expert.poll() is None
+            time.sleep(0.05)
+        stopping.join(timeout=30)
+        assert gateway.returncode == -signal.SIGKILL
+        assert expert.returncode == 0  # then stopped cleanly, with its own timeout
+        assert not list(shm.SHM_DIR.glob(prefix + "*"))
+    finally:
+        stack.stop(timeout_s=2)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as {field: value}."""
+    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+
+
+def sigterm_pending(pid: int) -> bool:
+    """SIGTERM sent to a stopped process and not yet delivered (ShdPnd, a hex mask)."""
+    return bool(int(proc_status(pid)["ShdPnd"], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def serving_status(address: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with channel(address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def generate(port: int) -> list[int]:
