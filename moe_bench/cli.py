@@ -317,9 +317,14 @@ def run_monolithic(mono: Monolithic, warm, measured, w: Workload):
 
 
 def record_trace(mono: Monolithic, source, indexed, w: Workload, trace_dir: Path):
-    """Replay every request once, untimed, recording the routing into trace_dir (-> TraceInfo)."""
+    """Replay every request once, untimed, recording the routing into trace_dir (-> TraceInfo).
+    A trace left in trace_dir by an earlier run (the same --work-dir) is replaced: TraceWriter
+    appends, and the simulator must replay this run's requests only."""
+    import shutil
+
     from moe_common.traces import RoutingRecorder, TraceInfo, TraceWriter
 
+    shutil.rmtree(trace_dir, ignore_errors=True)
     info = TraceInfo.from_config(mono.model.config, source)
     writer = TraceWriter(trace_dir, info)
     recorder = RoutingRecorder(mono.model, info, on_pass=writer.add)

@@ -15,12 +15,15 @@ are loaded by then (a replica takes `replica_load_s` to load after its plan, one
 another per server, as SetReplicas does).
 
 Cost model (Costs), per layer call:
-    server time   T_s = sum over its expert groups of (group_s + tokens * token_s)
+    server time   T_s = call_s (if it has work) + sum over its expert groups of
+                  (group_s + tokens * token_s)
     compute       max(max_s T_s, sum_s T_s / parallel)   (parallel: how many servers
                   compute at once: one per device, or cores / threads on a shared CPU)
     layer time    layer_overhead_s + rpc_overhead_s * (servers with work) + compute
 and the whole run takes non_expert_s (gateway attention, norms, routers, LM head,
-request handling; measured) plus the layer times.
+request handling; measured) plus the layer times. The clock that decides whether a
+replica has loaded counts both: each batch's share of non_expert_s is spread over its
+layer calls.
 
 Calibration (calibrate): group_s and token_s come from expert_server microbenchmarks
 (moe_bench.efficiency) or a file of GPU measurements, scaled so that the simulated
@@ -52,6 +55,10 @@ class Costs:
     replica_load_s: float  # loading one replica
     source: str = ""  # where the expert costs come from (e.g. "cpu, 1 thread", "cuda H200")
     rpc_overhead_s: float = 0.0  # per RPC of a layer call (one per server with work): codec, transport
+    # Fixed cost of one server's call on its own device, once per call with work: the
+    # grouped kernel's launches, paid in parallel across servers (unlike rpc_overhead_s,
+    # which the gateway pays one server after another).
+    call_s: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -125,7 +132,13 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
 
     ahead = mode == "predictive" and lookahead and forecaster is not None
     shape = (num_layers, num_experts)
+    # Replicas load while the gateway computes too (attention, norms, LM head between the
+    # layer calls), so the clock that decides when a replica is ready advances by the
+    # non-expert time as well: each batch's share of it, spread over its layer calls.
+    non_expert_per_batch = costs.non_expert_s / max(1, len(batches) - measured_from)
     for b, batch in enumerate(batches):
+        calls_in_batch = sum(len(info.layers_of(p.kind)) for p in batch)
+        gateway_step = non_expert_per_batch / max(1, calls_in_batch)
         measured = b >= measured_from
         if not (ahead and b > 0):  # a batch planned ahead was planned when the previous one started
             apply(planning_loads(mode, history, None, b + 1, window, shape), measured)
@@ -135,6 +148,7 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
         for p in batch:
             pass_loads = p.loads(num_experts)
             for j, layer in enumerate(info.layers_of(p.kind)):
+                clock += gateway_step
                 counts = pass_loads[j].astype(int).tolist()
                 actual[layer] += pass_loads[j]
                 holders = [[home[layer][e]] for e in range(num_experts)]
@@ -154,6 +168,7 @@ def simulate(info: TraceInfo, batches: list[list[Pass]], num_servers: int, mode:
                         if n:
                             server_s[s] += costs.group_s + n * costs.token_s
                             server_tokens[s] += n
+                server_s = [t + costs.call_s if t else 0.0 for t in server_s]
                 compute = max(max(server_s), sum(server_s) / parallel)
                 busy = sum(1 for t in server_tokens if t)
                 clock += costs.layer_overhead_s + costs.rpc_overhead_s * busy + compute

@@ -59,6 +59,17 @@ def test_a_replica_still_loading_is_not_used():
     assert r["seconds"] == 16 and r["prefetch_hit_rate"] == 0.0
 
 
+def test_a_replica_loads_while_the_gateway_computes():
+    # Non-expert time 10 s over 2 batches: 5 s before each batch's one layer call. Batch 1
+    # plans at its start (t = 5 + 8) and its replica needs 3 s: ready at 16, before the
+    # layer call at 18, so batch 1 takes 6. Counting only layer time, it would be late.
+    c = simulator.Costs(group_s=0.0, token_s=1.0, layer_overhead_s=0.0, non_expert_s=10.0, replica_load_s=3.0)
+    r = simulator.simulate(INFO, [batch(0), batch(1)], 2, "reactive", c, slots=1)
+    assert r["seconds"] == 10 + 8 + 6 and r["prefetch_hit_rate"] == 1.0
+    late = simulator.Costs(group_s=0.0, token_s=1.0, layer_overhead_s=0.0, non_expert_s=10.0, replica_load_s=5.5)
+    assert simulator.simulate(INFO, [batch(0), batch(1)], 2, "reactive", late, slots=1)["seconds"] == 10 + 8 + 8
+
+
 class KnownLoads:
     """A forecaster that knows the hand-made trace's loads: [Lp=1, E=4]."""
 
@@ -103,6 +114,33 @@ def test_gpu_projection_uses_the_measured_costs(tmp_path):
     assert any("| 2 |" in line for line in projection.markdown(p))
 
 
+def test_a_call_cost_is_paid_once_per_server_with_work_and_in_parallel():
+    # call_s is the fixed cost of one server's call (a grouped kernel's launches): off puts
+    # all 8 tokens on server 0 (8 + 3 per batch); `split` with a replica of expert 0 gives
+    # both servers 4 tokens and each pays the call once, side by side: 4 + 3.
+    c = simulator.Costs(group_s=0.0, token_s=1.0, layer_overhead_s=0.0, non_expert_s=0.0, replica_load_s=0.0,
+                        call_s=3.0)
+    assert simulator.simulate(INFO, [batch(0), batch(1)], 2, "off", c, slots=1)["seconds"] == 2 * (8 + 3)
+    r = simulator.simulate(INFO, [batch(0), batch(1)], 2, "reactive", c, slots=1, policy="split")
+    assert r["seconds"] == (8 + 3) + (4 + 3)
+
+
+def test_grouped_costs_reproduce_the_one_timing_they_come_from():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grouped_costs
+
+    anchors = {"layer_grouped_bf16_ms": 0.5, "layer_tokens": 1000, "layer_experts_hit": 10, "device": "X"}
+    for split in ("token", "padded"):
+        d = grouped_costs.derive(anchors, split)
+        assert 10 * d["group_s"] + 1000 * d["token_s"] == pytest.approx(0.5e-3)
+        assert split in d["derived"] and d["kernel"] == "grouped"
+    assert grouped_costs.derive(anchors, "token")["group_s"] == 0.0
+    padded = grouped_costs.derive(anchors, "padded")  # half a 128-row tile per group: 64 rows
+    assert padded["group_s"] == pytest.approx(64 * padded["token_s"])
+    with pytest.raises(ValueError):
+        grouped_costs.derive(anchors, "halves")
+
+
 def test_no_slots_no_replicas():
     assert run("reactive", slots=0)["seconds"] == 16
 
@@ -118,6 +156,19 @@ def test_calibration_splits_the_measured_run():
     assert (c.group_s, c.token_s, c.replica_load_s) == pytest.approx((0.0005, 0.00005, 0.5))
     alone = simulator.calibrate(cal, 0.001, 0.0001, 0.5, "cpu")
     assert alone.rpc_overhead_s == 0 and alone.layer_overhead_s == pytest.approx(0.01) and alone.token_s == 0.0001
+
+
+def test_a_second_run_in_the_same_work_dir_replays_only_its_own_requests(tmp_path, tiny):
+    from moe_bench.cli import record_trace
+    from moe_bench.workload import Monolithic, Workload
+    from moe_common.traces import read_passes
+
+    w = Workload(batch_size=2, prompt_tokens=8, new_tokens=2, requests=2, warmup=1)
+    requests = [[[5, 6, 7, 8, 9, 10, 11, 1]] * 2 for _ in range(3)]
+    mono = Monolithic(tiny.path, "cpu")
+    for _ in range(2):
+        record_trace(mono, tiny, list(enumerate(requests)), w, tmp_path / "bench-trace")
+        assert len(simulator.batches_of(list(read_passes(tmp_path / "bench-trace")))) == 3
 
 
 def test_moe_bench_on_the_tiny_preset(tmp_path, tiny):
