@@ -16,13 +16,15 @@
 #   expert-kernels  benchmarks/expert_kernels.py --device cuda: HF's loop, exact, grouped, dense
 #   layer-call benchmarks/layer_call.py on cuda: gRPC bytes against shared memory per call size
 #   gpu-costs  benchmarks/gpu_costs.py: expert costs on the GPU, for moe-bench --gpu-costs
+#   gpu-costs-grouped  the same for --expert-kernel grouped in bf16 (replaces the costs that
+#              benchmarks/grouped_costs.py derives from one timing, for issue 12's projection)
 #   moe-bench  short, everything on the GPU, once moe-bench has --device; again with
 #              --expert-kernel grouped and bf16 on the wire where it has those flags
 #   summary    gpu_check.json: device, date and every step's result
 # Without a usable CUDA device the GPU steps are skipped and the summary says why.
 #
 # Results go into $OUT (default benchmarks/results/gpu/ under the repository root): preflight.json, gpu_costs.json,
-# moe_bench.json, moe_bench_grouped.json, pytest-gpu.xml, nvidia-smi.txt, gpu_check.json, logs/<step>.log.
+# gpu_costs_grouped.json, moe_bench.json, moe_bench_grouped.json, pytest-gpu.xml, nvidia-smi.txt, gpu_check.json, logs/<step>.log.
 # Exit status: 0 when every step passed; 2 when there is no usable CUDA device; 1 otherwise.
 #
 # Environment: PYTHON (python3), WHEELS, DEPS (/tmp/moe-gpu-deps), OUT, BUDGET_S (460),
@@ -137,7 +139,7 @@ NO_CUDA=$(printf '%s' "$NO_CUDA" | tail -n 1)
 # --- GPU steps ----------------------------------------------------------------------
 if [ -n "$NO_CUDA" ]; then
     echo "NO CUDA DEVICE: $NO_CUDA; skipping the GPU steps"
-    for name in pytest expert-kernels layer-call gpu-costs moe-bench moe-bench-grouped; do
+    for name in pytest expert-kernels layer-call gpu-costs gpu-costs-grouped moe-bench moe-bench-grouped; do
         record "$name" SKIPPED 0 "no CUDA device: $NO_CUDA"
     done
 else
@@ -154,6 +156,8 @@ else
         --out "$OUT/layer_call.json"
 
     step gpu-costs 150 "$PY" benchmarks/gpu_costs.py --model "$GPU_COSTS_MODEL" --out "$OUT/gpu_costs.json"
+    step gpu-costs-grouped 60 "$PY" benchmarks/gpu_costs.py --model "$GPU_COSTS_MODEL" --expert-kernel grouped \
+        --dtype bfloat16 --out "$OUT/gpu_costs_grouped.json"
 
     # moe-bench has no __main__ module and is not installed here: call its main().
     bench=("$PY" -c 'import sys; from moe_bench.cli import main; sys.exit(main())')

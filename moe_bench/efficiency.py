@@ -72,3 +72,31 @@ def measure(store: ExpertStore, counts: list[int], threads: int, rounds: int = 5
     finally:
         torch.set_num_threads(before)
         store.assign([])
+
+
+def fit_call_costs(store: ExpertStore, rounds: int = 5, groups=(1, 4, 16), sizes=(8, 64, 256)) -> dict:
+    """The three-term cost model of one RunExperts call, fitted by least squares over calls
+    of G groups of n tokens each: seconds = call_s + G * group_s + G * n * token_s.
+
+    The single-group fit of `measure` folds a call's fixed cost into group_s, which is
+    right for the `exact` kernel (its launches are per group) but not for `grouped`, whose
+    launches are per call whatever the number of groups. Needs max(groups) experts of
+    layer 0 on the store. Returns call_s, group_s, token_s (clipped at 0) and the points.
+    """
+    dev = store.device
+    groups = sorted({min(g, store.num_experts) for g in groups})  # a small model has fewer experts
+    store.assign([(0, e) for e in range(max(groups))])
+    x = torch.randn(max(groups) * max(sizes), store.d_model)
+    rows, seconds = [], []
+    try:
+        with torch.inference_mode():
+            for g in groups:
+                for n in sizes:
+                    call = [(e, n) for e in range(g)]
+                    seconds.append(_median_s(lambda c=call, k=g * n: store.run(0, c, x[:k]), rounds, dev))
+                    rows.append((1.0, g, g * n))
+    finally:
+        store.assign([])
+    (call_s, group_s, token_s), *_ = np.linalg.lstsq(np.array(rows), np.array(seconds), rcond=None)
+    return dict(call_s=max(float(call_s), 0.0), group_s=max(float(group_s), 0.0), token_s=max(float(token_s), 0.0),
+                points=[dict(groups=int(g), tokens=int(t), seconds=s) for (_, g, t), s in zip(rows, seconds)])

@@ -34,9 +34,13 @@ def expert_costs(path: Path) -> dict:
     missing = {"group_s", "token_s"} - set(d)
     if missing:
         raise SystemExit(f"{path}: not a benchmarks/gpu_costs.py result (no {sorted(missing)})")
-    return dict(group_s=float(d["group_s"]), token_s=float(d["token_s"]),
-                replica_load_s=float(d.get("replica_load_s", 0.0)),
-                source=f"expert costs measured on {d.get('device', 'a GPU')} {d.get('date', '')}".strip())
+    where = f"{d.get('device', 'a GPU')} {d.get('date', '')}".strip()
+    kernel = d.get("kernel", "exact")
+    # benchmarks/grouped_costs.py writes costs derived from one timing, and says so.
+    source = (f"{kernel} expert costs derived from a timing on {where}: {d['derived']}" if "derived" in d
+              else f"{kernel} expert costs measured on {where}")
+    return dict(group_s=float(d["group_s"]), token_s=float(d["token_s"]), call_s=float(d.get("call_s", 0.0)),
+                replica_load_s=float(d.get("replica_load_s", 0.0)), source=source)
 
 
 def non_expert_per_batch(path: Path, batch_size: int, prompt_tokens: int, new_tokens: int,
@@ -61,7 +65,8 @@ def project(info, batches, forecaster, servers: list[int], slots: int, expert: d
     """{n: {name: figures}} for name in off, predictive-whole, predictive-split, predictive-auto."""
     measured = len(batches) - measured_from
     costs = simulator.Costs(expert["group_s"], expert["token_s"], layer_overhead_s,
-                            non_expert_batch_s * measured, expert["replica_load_s"], expert["source"])
+                            non_expert_batch_s * measured, expert["replica_load_s"], expert["source"],
+                            call_s=expert.get("call_s", 0.0))
     # The gateway on that GPU is told a group's cost (--replica-group-cost group_s / token_s).
     group_cost = expert["group_s"] / expert["token_s"]
     out = {}
@@ -91,7 +96,8 @@ def project(info, batches, forecaster, servers: list[int], slots: int, expert: d
 def markdown(p: dict) -> list[str]:
     """The projection as a Markdown table."""
     c = p["costs"]
-    lines = [f"Projected with {c['source']} (group {c['group_s'] * 1e3:.3f} ms, {c['token_s'] * 1e6:.2f} us per token, "
+    lines = [f"Projected with {c['source']} (call {c.get('call_s', 0.0) * 1e3:.3f} ms, group {c['group_s'] * 1e3:.3f} ms, "
+             f"{c['token_s'] * 1e6:.3f} us per token, "
              f"replica load {c['replica_load_s'] * 1e3:.1f} ms), non-expert time {p['non_expert_batch_s'] * 1e3:.1f} ms "
              f"per batch, transport {c['layer_overhead_s'] * 1e3:.2f} ms per layer call, {p['slots']} replica slots "
              f"per server, {p['measured_batches']} batches; speed-up over mode off:", "",
