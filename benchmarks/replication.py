@@ -35,6 +35,8 @@ def main() -> int:
     p.add_argument("--predictor-checkpoint", type=Path, default=None)
     p.add_argument("--replica-memory", default="160MB", help="per expert server (base experts are 18.9 MB)")
     p.add_argument("--policy", default="whole", choices=["whole", "split", "auto"])
+    p.add_argument("--replica-sharing", default="auto", choices=["auto", "off"],
+                   help="the gateway's --replica-sharing: off plans as if every server had cores of its own")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=4)
@@ -58,7 +60,7 @@ def main() -> int:
     prompts = [text[i * chunk:(i + 1) * chunk].decode("utf-8", "ignore") for i in range(a.requests * a.batch)]
     requests = [prompts[i * a.batch:(i + 1) * a.batch] for i in range(a.requests)]
     modes = a.modes.split(",")
-    report = {"model": a.model, "policy": a.policy, "batch": a.batch, "seq": a.seq, "new_tokens": a.new_tokens,
+    report = {"model": a.model, "policy": a.policy, "replica_sharing": a.replica_sharing, "batch": a.batch, "seq": a.seq, "new_tokens": a.new_tokens,
               "requests": a.requests, "replica_memory": a.replica_memory, "cores": os.cpu_count(), "runs": {}}
     host = "127.0.0.1"
     for n in [int(x) for x in a.servers.split(",")]:
@@ -81,7 +83,8 @@ def main() -> int:
                     print("predictive without --predictor-checkpoint uses the predictor's history method", file=sys.stderr)
                 port = pick_free_port()
                 gw = spawn_gateway(source.path, host, port, addresses,
-                                   ["--replication", mode, "--replica-policy", a.policy, "--predictor", f"{host}:{predictor_port}",
+                                   ["--replication", mode, "--replica-policy", a.policy, "--replica-sharing", a.replica_sharing,
+                                    "--predictor", f"{host}:{predictor_port}",
                                     "--replication-window", str(a.window), "--max-batch-size", str(a.batch),
                                     "--predictor-timeout-ms", "200", "--log-level", "WARNING"])
                 try:
