@@ -45,7 +45,7 @@ class GatewayConfig:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_prompts_per_request: int = 64
     max_queued_prompts: int = 1024  # beyond it new requests get RESOURCE_EXHAUSTED
-    scheduler: str = "static"  # static | continuous (SCHEDULERS)
+    scheduler: str = "continuous"  # continuous | static (SCHEDULERS)
     max_batch_tokens: int = 4096  # continuous: prompt tokens per admission step (the oldest prompt always fits)
     admission_wait_steps: int = 16  # continuous: decode steps waiting rows may wait to share an encoder pass
     # --- limits ---

@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden states between gateway and expert servers: shared memory where possible (auto)")
     p.add_argument("--max-batch-size", type=int, default=8, help="gateway: prompts per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="gateway: how long a request waits for others to batch with")
-    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
-                   help="gateway batching: static batches, or continuous (rows join and leave at every step)")
+    p.add_argument("--scheduler", default="continuous", choices=["static", "continuous"],
+                   help="gateway batching: continuous (rows join and leave at every step), or static batches")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="continuous: prompt tokens per admission step")
     p.add_argument("--admission-wait-steps", type=int, default=16,
                    help="continuous: decode steps an arrival may wait for others to share its encoder pass")

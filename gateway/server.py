@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GetStatus on the client port: public leaves out internal addresses; auto = full on loopback")
     p.add_argument("--max-batch-size", type=int, default=8, help="prompts per batch")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
-    p.add_argument("--scheduler", default="static", choices=["static", "continuous"],
-                   help="static: a batch runs to its end; continuous: requests join and leave the running batch "
-                        "at every decoding step")
+    p.add_argument("--scheduler", default="continuous", choices=["static", "continuous"],
+                   help="continuous (default): requests join and leave the running batch at every decoding step; "
+                        "static: a batch runs to its end")
     p.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="continuous scheduler: prompt tokens per admission step")
     p.add_argument("--admission-wait-steps", type=int, default=16,

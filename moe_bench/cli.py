@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hidden states between gateway and expert servers (only float32 is exact)")
     g.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
                    help="gRPC bytes or same-host shared memory for hidden states (gateway --transport)")
+    g.add_argument("--scheduler", default="continuous", choices=["continuous", "static"],
+                   help="gateway --scheduler of the closed-loop runs (the open loop compares --schedulers)")
     g = p.add_argument_group("simulator")
     g.add_argument("--simulate-servers", default="8,16,64", help="server counts to project (empty: none)")
     g.add_argument("--gpu-costs", type=Path, default=None,
@@ -226,7 +228,7 @@ def serve_round(a, source, addresses: list[str], mode: str, predictor: str, warm
     args = ["--replication", mode, "--replica-policy", a.policy, "--replication-window", str(a.window),
             "--max-batch-size", str(w.batch_size), "--max-wait-ms", "0", "--predictor-timeout-ms", "500",
             "--log-level", "WARNING", "--device", a.device, "--wire-dtype", a.wire_dtype, "--transport", a.transport,
-            "--replica-sharing", a.replica_sharing]
+            "--replica-sharing", a.replica_sharing, "--scheduler", a.scheduler]
     if predictor:
         args += ["--predictor", predictor]
     proc = spawn_gateway(source.path, HOST, port, addresses, args)
@@ -509,7 +511,7 @@ def run(a) -> dict:
         replica_sharing=a.replica_sharing,
         workload=w.__dict__,
         serving=dict(device=a.device, expert_kernel=a.expert_kernel, wire_dtype=a.wire_dtype, transport=a.transport,
-                     **result_logits),
+                     scheduler=a.scheduler, **result_logits),
         forecaster=f"{checkpoint.name} (validation loss {forecaster_report.get('best_val_loss', float('nan')):.3f})",
         monolithic=monolithic, modes=measured[counts[0]],
         noise=dict(baseline_spread=baseline_spread, round_rates=round_rates, flagged=flagged),

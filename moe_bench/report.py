@@ -30,7 +30,8 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
         f"{w['new_tokens']} new tokens, {w['clients']} clients, {w['requests']} measured requests "
         f"after {w['warmup']} warm-up. Forecaster: {result['forecaster']}.",
         *([f"Serving path: device `{sv['device']}`, expert kernel `{sv['expert_kernel']}`, wire dtype "
-           f"`{sv['wire_dtype']}`, transport `{sv['transport']}`. One forward pass against the single-process "
+           f"`{sv['wire_dtype']}`, transport `{sv['transport']}`, scheduler `{sv.get('scheduler', 'static')}`. "
+           f"One forward pass against the single-process "
            f"model: max abs logit difference {sv['max_abs_logit_diff']:.2e}"
            f"{' (bit for bit equal)' if sv['logits_equal'] else ''}, argmax agreement {sv['argmax_agreement']:.1%}."]
           if (sv := result.get("serving")) and "max_abs_logit_diff" in sv else []),

@@ -200,4 +200,6 @@ def test_moe_bench_on_the_tiny_preset(tmp_path, tiny):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = readme.read_text()
     assert "old" not in text and "| predictive |" in text and text.endswith("after\n")
+    # The closed-loop gateways ran under the gateway's default scheduler, and the report says so.
+    assert result["serving"]["scheduler"] == "continuous" and "scheduler `continuous`" in text
     assert "](plots/modes.png)" in text

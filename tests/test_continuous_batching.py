@@ -359,10 +359,11 @@ def test_scheduler_flags_are_validated():
     from gateway.config import GatewayConfig
     from gateway.server import parse_args
 
-    config = parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1", "--scheduler", "continuous",
+    config = parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1", "--scheduler", "static",
                          "--max-batch-tokens", "512"])
-    assert config.scheduler == "continuous" and config.max_batch_tokens == 512
-    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1"]).scheduler == "static"
+    assert config.scheduler == "static" and config.max_batch_tokens == 512
+    assert parse_args(["--model", "tiny", "--expert-servers", "127.0.0.1:1"]).scheduler == "continuous"
+    assert GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"]).scheduler == "continuous"
     with pytest.raises(ValueError, match="--scheduler"):
         GatewayConfig(model="tiny", expert_servers=["127.0.0.1:1"], scheduler="dynamic")
     with pytest.raises(ValueError, match="--max-batch-tokens"):
