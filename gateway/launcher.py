@@ -48,14 +48,14 @@ class Stack:
     admin_address: str = ""  # the gateway's control plane (MembershipService): --register-with goes here
     metrics_ports: dict[str, int] = field(default_factory=dict)  # service address -> its /metrics port (--metrics-port)
 
-    gateway: subprocess.Popen | None = None  # also in processes; stopped first
+    gateway_process: subprocess.Popen | None = None  # also in processes; stopped first
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the gateway first, so that the requests it is finishing still reach live
         expert servers, then every other process; SIGKILL whatever outlives timeout_s
         (the gateway and the rest get timeout_s each)."""
-        first = [self.gateway] if self.gateway is not None else []
-        for group in (first, [p for p in self.processes if p is not self.gateway]):
+        first = [self.gateway_process] if self.gateway_process is not None else []
+        for group in (first, [p for p in self.processes if p is not self.gateway_process]):
             deadline = time.monotonic() + timeout_s
             for p in group:
                 if p.poll() is None:
@@ -160,9 +160,9 @@ def start_stack(model: str, num_expert_servers: int, port: int = 0, host: str = 
             gateway_args += ["--predictor", stack.predictor_address]
         for proc, address in zip(stack.processes, [*stack.expert_addresses, stack.predictor_address]):
             wait_ready(proc, address, timeout_s, tls)
-        stack.gateway = spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file)
-        stack.processes.append(stack.gateway)
-        wait_ready(stack.gateway, stack.gateway_address, timeout_s, tls)
+        stack.gateway_process = spawn_gateway(source.path, host, port, stack.expert_addresses, gateway_args, log_file)
+        stack.processes.append(stack.gateway_process)
+        wait_ready(stack.gateway_process, stack.gateway_address, timeout_s, tls)
     except BaseException:
         stack.stop()
         raise
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="...or until no call (health checks included) arrived for this long")
     g.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    help="expert servers refuse hidden states in shared memory (the gateway then sends bytes)")
+    g.add_argument("--no-local-lane", dest="local_lane", action="store_false",
+                   help="expert servers take layer calls from the gateway over gRPC only, not over a Unix socket")
     g.add_argument("--simulate-load-delay-s", type=float, default=0.0,
                    help="testing: expert servers wait this long in every call that loads experts (a slow disk)")
     g = p.add_argument_group("predictor (passed through to moe-predictor serve)")
@@ -340,7 +342,7 @@ GATEWAY_FLAGS = {f: f for f in [
     "--api-key-max-concurrent", "--client-status"]} | {"--gateway-max-workers": "--max-workers", "--gateway-dtype": "--dtype"}
 EXPERT_FLAGS = {f: f for f in [
     "--device", "--expert-kernel", "--log-level", "--log-format", "--replica-memory", "--group-executor",
-    "--drain-timeout-s", "--drain-quiet-s", "--no-shared-memory", "--simulate-load-delay-s"]} | {
+    "--drain-timeout-s", "--drain-quiet-s", "--no-shared-memory", "--no-local-lane", "--simulate-load-delay-s"]} | {
     "--expert-dtype": "--dtype", "--expert-max-workers": "--max-workers"}
 PREDICTOR_SERVE_FLAGS = {"--predictor-method": "--method", "--predictor-window": "--window", "--predictor-alpha": "--alpha",
                          "--predictor-sru-impl": "--sru-impl"}

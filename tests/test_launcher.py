@@ -66,7 +66,7 @@ def test_stopping_the_stack_stops_the_gateway_first_and_leaves_no_shared_memory(
     [expected] = reference_ids(reference, ["launch"], 3)
     stack = start_stack(str(tiny.path), 1, predictor=False)
     try:
-        gateway, expert = stack.gateway, stack.processes[0]
+        gateway, expert = stack.gateway_process, stack.processes[0]
         assert generate(int(stack.gateway_address.rsplit(":", 1)[1])) == expected
         prefix = shm.process_prefix(gateway.pid)
         assert list(shm.SHM_DIR.glob(prefix + "*")), "the request did not go through shared memory"
