@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--tokens", default="8,1024,4096", help="rows per layer call, comma-separated")
     p.add_argument("--experts", type=int, default=4, help="experts the tokens are spread over")
-    p.add_argument("--transports", default="grpc,shm")
+    p.add_argument("--transports", default="grpc,shm-grpc,shm",
+                   help="grpc: bytes in the message; shm-grpc: shared memory, control over gRPC; "
+                        "shm: shared memory, control over the local lane when the server offers one")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the expert server")
     p.add_argument("--device", default="cpu", help="the expert server's device: cpu, cuda or cuda:N")
@@ -87,7 +89,9 @@ def main(argv=None) -> int:
         layers = config.num_sparse_encoder_layers + config.num_sparse_decoder_layers
         home = home_placement(layers, config.num_experts, 1)
         for transport in a.transports.split(","):
-            clients = ExpertClients([address], home, source.model_id, transport=transport)
+            # shm-grpc: rows in shared memory, control message over gRPC (no local lane)
+            clients = ExpertClients([address], home, source.model_id, transport=transport.removesuffix("-grpc"))
+            clients.transport.local_lane = not transport.endswith("-grpc")
             try:
                 clients.assign_home_experts()
                 for tokens in (int(t) for t in a.tokens.split(",")):
@@ -96,9 +100,9 @@ def main(argv=None) -> int:
                     row = dict(transport=transport, tokens=tokens, mbytes=hidden.nbytes / 1e6,
                                **measure(clients, hidden, lists, a.repeats))
                     row["gb_per_s"] = 2 * hidden.nbytes / 1e9 / max(row["overhead_ms"] / 1e3, 1e-9)
-                    row["kind"] = clients.transport.kind(address)
+                    row["kind"] = clients.transport.kind(address) + ("+lane" if clients.transport.lane(address) else "")
                     results.append(row)
-                    print(f"{transport:5} ({row['kind']}) {tokens:5} tokens {row['mbytes']:6.2f} MB: "
+                    print(f"{transport:8} ({row['kind']}) {tokens:5} tokens {row['mbytes']:6.2f} MB: "
                           f"wall {row['wall_ms']:8.2f} ms, compute {row['compute_ms']:8.2f} ms, "
                           f"overhead {row['overhead_ms']:7.3f} ms ({row['gb_per_s']:.2f} GB/s)", flush=True)
             finally:

@@ -25,6 +25,8 @@ class ExpertServerConfig:
     max_workers: int = 16  # gRPC handler threads
     # Accept hidden states in shared memory from a gateway on this host (moe_common/shm.py).
     shared_memory: bool = True
+    # ...and take their RunExperts calls over a Unix socket rather than gRPC (moe_common/lane.py).
+    local_lane: bool = True
     # --- compute ---
     device: str = "cpu"  # "cpu" or "cuda" / "cuda:N"
     dtype: str = "float32"  # compute dtype of the expert weights

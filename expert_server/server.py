@@ -22,9 +22,10 @@ import grpc
 from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
 from expert_server.kernels import KERNELS
+from expert_server.lane import LaneServer
 from expert_server.metrics import Exposure
 from expert_server.servicer import ExpertServicer
-from moe_common import metrics, model_source, serving, tls, tracing
+from moe_common import lane, metrics, model_source, serving, tls, tracing
 from moe_common.cli_help import HelpFormatter
 from moe_common.placement import experts_of_server, home_placement
 from moe_protos.moe.expert.v1 import expert_pb2, expert_pb2_grpc
@@ -69,7 +70,11 @@ class ExpertServer:
             interceptors=[self.activity, tracing.IncomingInterceptor()],
         )
         self.metrics = None
+        self.lane = None
         try:
+            if config.shared_memory and config.local_lane and lane.available():
+                self.lane = self.servicer.lane = LaneServer(lambda request: self.servicer.RunExperts(request, None),
+                                                            self.activity.touch)
             self.store.assign(initial_experts(config, self.store))
             self.metrics = Exposure(self.store, config.host, config.metrics_port)
         except BaseException:
@@ -122,7 +127,10 @@ class ExpertServer:
     def stop(self) -> None:
         if self.metrics is not None:
             self.metrics.stop()
-        self.server.stop(grace=2).wait()
+        stopped = self.server.stop(grace=2)
+        if self.lane is not None:
+            self.lane.stop(grace_s=2)
+        stopped.wait()
         self.store.close()
 
 
@@ -153,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="...or until no call (health checks included) arrived for this long")
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    help="refuse hidden states in shared memory from a gateway on this host (it then sends bytes)")
+    p.add_argument("--no-local-lane", dest="local_lane", action="store_false",
+                   help="take layer calls from a gateway on this host over gRPC only, not over a Unix socket")
     p.add_argument("--simulate-load-delay-s", type=float, default=0.0,
                    help="testing: wait this long in every AssignExperts or SetReplicas that loads experts (a slow disk)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -192,6 +202,7 @@ def parse_args(argv=None) -> ExpertServerConfig:
             drain_quiet_s=a.drain_quiet_s,
             simulate_load_delay_s=a.simulate_load_delay_s,
             shared_memory=a.shared_memory,
+            local_lane=a.local_lane,
             tls=tls.from_args(a),
             metrics_port=a.metrics_port,
         )

@@ -26,6 +26,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self.segments = shm.SegmentCache() if shared_memory else None
         self.load_delay_s = load_delay_s  # ExpertServerConfig.simulate_load_delay_s
         self.draining = threading.Event()  # set on shutdown (expert_server/server.py)
+        # The local lane offered to same-host callers that attach (expert_server/lane.py); set by ExpertServer.
+        self.lane = None
         # The gateway's members, as its last AssignExperts named them: the only addresses
         # SetReplicas may make this server dial (FetchExpert), so a caller cannot point it
         # at an arbitrary host. Empty until a gateway announces them: no fetches until then.
@@ -73,7 +75,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         if not request.nonce or bytes(segment.buf[:len(request.nonce)]) != request.nonce:
             return expert_pb2.AttachSharedMemoryResponse(
                 reason=f"segment {request.segment} here does not hold the caller's nonce: another host's /dev/shm")
-        return expert_pb2.AttachSharedMemoryResponse(attached=True)
+        if self.lane is None:
+            return expert_pb2.AttachSharedMemoryResponse(attached=True)
+        return expert_pb2.AttachSharedMemoryResponse(attached=True, lane=self.lane.name, lane_token=self.lane.token)
 
     def AssignExperts(self, request, context):
         self.store.check_model(request.model_id)

@@ -313,7 +313,7 @@ class ExpertClients:
         """One RunExperts call per server, all at once; outputs go into `parts`, failures
         into `errors`. Returns the servers that failed (now suspect) and those that lost
         experts (restarted)."""
-        calls, payloads, sent = {}, {}, {}
+        calls, payloads, sent, on_lane = {}, {}, {}, set()
         metadata = tracing.outgoing_metadata()  # the batch's request ids (gateway/tracing.py)
         try:
             for server, items in by_server.items():
@@ -331,6 +331,18 @@ class ExpertClients:
                 acc.bytes_shared += payload.nbytes if payload.region is not None else 0
                 acc.gateway_codec_ns += time.perf_counter_ns() - t0
                 sent[server] = time.perf_counter()
+                lane = self.transport.lane(address) if payload.region is not None else None
+                if lane is not None:
+                    # Same host, rows in shared memory: the control message over a Unix
+                    # socket (gateway/lane.py); sent now, read below, like a future.
+                    try:
+                        calls[server] = lane.start(request, self.timeout_s, metadata)
+                        on_lane.add(server)
+                        continue
+                    except OSError as exc:  # gone (a restart has a new lane): gRPC, and attach again
+                        log.info("expert server %s: local lane unreachable (%s); this call goes over gRPC",
+                                 address, exc)
+                        self.transport.forget(address)
                 if len(calls) < len(by_server) - 1:
                     # Sent at once: this server computes while the next request is packed.
                     calls[server] = call = view.run_stubs[server].RunExperts.future(
@@ -348,6 +360,8 @@ class ExpertClients:
                 address = view.addresses[server]
                 try:
                     reply = call_result(address, call)
+                    if server in on_lane:  # until read here: it may have come back while others were read
+                        METRICS.observe_rpc(address, time.perf_counter() - sent[server])
                 except ExpertsMissing:
                     missing.append(server)
                     continue
@@ -356,6 +370,10 @@ class ExpertClients:
                     failed.append(server)  # sent again as bytes, not suspect
                     continue
                 except Unavailable as exc:
+                    if server in on_lane:
+                        # A lane belongs to one server process: if this one comes back, it
+                        # is a new process with a new lane, named when we attach again.
+                        self.transport.forget(address)
                     self._suspect(view, server, exc)
                     errors.append(exc)
                     failed.append(server)

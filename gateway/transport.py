@@ -6,7 +6,9 @@ Two ways:
   shm  - for a server on this host: the rows are written into a shared-memory segment
          (moe_common/shm.py), the message names the region, and the server writes its
          outputs over the rows in place. gRPC then carries only the control message,
-         so no copy goes through Python gRPC's ~1 GB/s byte path.
+         so no copy goes through Python gRPC's ~1 GB/s byte path. When the server offers
+         a local lane (moe_common/lane.py), that control message goes over a Unix
+         socket instead of gRPC, which cuts ~0.5 ms of fixed cost per call.
 
 `--transport auto` (the default) asks each server once whether it can map this
 gateway's memory (AttachSharedMemory with a nonce) and uses shm where it can, bytes
@@ -28,6 +30,7 @@ import grpc
 import torch
 
 from gateway.config import TRANSPORTS
+from gateway.lane import Lane
 from moe_common import shm, tensor_codec
 from moe_common.errors import FailedPrecondition
 from moe_protos.moe.expert.v1 import expert_pb2
@@ -131,14 +134,16 @@ class Payload:
 class Transport:
     """Packs rows for each server and unpacks its outputs, by bytes or shared memory."""
 
-    def __init__(self, mode: str = "auto", probe_timeout_s: float = 5.0):
+    def __init__(self, mode: str = "auto", probe_timeout_s: float = 5.0, local_lane: bool = True):
         if mode not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, not {mode!r}")
         self.mode = mode if shm.available() or mode == "shm" else "grpc"
         self.probe_timeout_s = probe_timeout_s
+        self.local_lane = local_lane  # False: control messages over gRPC even where a lane is offered
         self.pool = SegmentPool()
         self._lock = threading.Lock()
         self._shared: dict[str, bool] = {}  # address -> whether it maps our segments
+        self._lanes: dict[str, Lane] = {}  # address -> its local lane, when it offered one
         if self.mode != "grpc":
             removed = shm.remove_orphans()
             if removed:
@@ -151,6 +156,13 @@ class Transport:
         if self.mode == "grpc":
             return "grpc"
         return "?" if shared is None else ("shm" if shared else "grpc")
+
+    def lane(self, address: str) -> Lane | None:
+        """The local lane of `address`, for calls whose rows are in shared memory; None: gRPC."""
+        if not self.local_lane:
+            return None
+        with self._lock:
+            return self._lanes.get(address)
 
     def pack(self, address: str, stub, hidden: torch.Tensor, index: torch.Tensor, wire_dtype: str) -> Payload:
         """hidden [N, d_model], index [n] (rows to send) -> the payload for `address`."""
@@ -200,13 +212,23 @@ class Transport:
         log.warning("expert server %s cannot map shared memory any more (%s); sending bytes", address, reason)
         with self._lock:
             self._shared[address] = False
+            lane = self._lanes.pop(address, None)
+        if lane is not None:
+            lane.close()
 
     def forget(self, address: str) -> None:
         """Ask `address` again on its next call (a server that restarted may run elsewhere)."""
         with self._lock:
             self._shared.pop(address, None)
+            lane = self._lanes.pop(address, None)
+        if lane is not None:
+            lane.close()  # a restarted server has a new lane: AttachSharedMemory names it
 
     def close(self) -> None:
+        with self._lock:
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            lane.close()
         self.pool.close()
 
     def _uses_shm(self, address: str, stub) -> bool:
@@ -240,7 +262,13 @@ class Transport:
                                          f"gateway's shared memory: {reason}")
             log.info("expert server %s: hidden states go as bytes (%s)", address, reason)
         else:
-            log.info("expert server %s: hidden states go through shared memory", address)
+            log.info("expert server %s: hidden states go through shared memory%s", address,
+                     ", layer calls over its local lane" if reply.lane else "")
         with self._lock:
             self._shared[address] = attached
+            old = self._lanes.pop(address, None)
+            if attached and reply.lane:
+                self._lanes[address] = Lane(reply.lane, reply.lane_token)
+        if old is not None:
+            old.close()
         return attached

@@ -68,6 +68,17 @@ def reset_current(token: contextvars.Token) -> None:
     _current.reset(token)
 
 
+def log_call(method: str, t0: float, request_id: str) -> None:
+    """A handled call that carried a request id, with its duration since t0
+    (perf_counter): at INFO when slow, else at DEBUG."""
+    if not request_id:
+        return
+    took = time.perf_counter() - t0
+    level = logging.INFO if took >= SLOW_CALL_S else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, "%s took %.1f ms", method, took * 1e3)
+
+
 def _metadata(context) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -105,12 +116,8 @@ class IncomingInterceptor(grpc.ServerInterceptor):
             return rid, bid
 
         def done(t0: float, rid: str, bid: str) -> None:
-            if self.origin or not rid:
-                return
-            took = time.perf_counter() - t0
-            level = logging.INFO if took >= SLOW_CALL_S else logging.DEBUG
-            if log.isEnabledFor(level):
-                log.log(level, "%s took %.1f ms", method, took * 1e3)
+            if not self.origin:
+                log_call(method, t0, rid)
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary

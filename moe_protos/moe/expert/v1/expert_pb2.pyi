@@ -27,12 +27,16 @@ class AttachSharedMemoryRequest(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class AttachSharedMemoryResponse(_message.Message):
-    __slots__ = ("attached", "reason")
+    __slots__ = ("attached", "reason", "lane", "lane_token")
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    LANE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     attached: bool
     reason: str
-    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    lane: str
+    lane_token: bytes
+    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ..., lane: _Optional[str] = ..., lane_token: _Optional[bytes] = ...) -> None: ...
 
 class SharedRegion(_message.Message):
     __slots__ = ("segment", "offset")
