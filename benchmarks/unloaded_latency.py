@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--cache-dir", type=Path, default=model_source.DEFAULT_CACHE_DIR)
     p.add_argument("--expert-servers", type=int, default=2)
-    p.add_argument("--transports", default="grpc,auto")
+    p.add_argument("--transports", default="grpc,auto-grpc,auto",
+                   help="gateway --transport per entry; X-grpc: X with --no-local-lane (control messages over gRPC)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--requests", type=int, default=20)
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
             for transport in order:
                 port = pick_free_port()
                 gw = spawn_gateway(source.path, "127.0.0.1", port, addresses,
-                                   ["--transport", transport, "--max-batch-size", "1", "--max-wait-ms", "0",
+                                   ["--transport", transport.removesuffix("-grpc"), "--max-batch-size", "1",
+                                    "--max-wait-ms", "0", *(["--no-local-lane"] if transport.endswith("-grpc") else []),
                                     "--log-level", "WARNING"])
                 try:
                     wait_ready(gw, f"127.0.0.1:{port}", 600)

@@ -74,6 +74,7 @@ class GatewayConfig:
     # --- expert path ---
     wire_dtype: str = "float32"  # hidden states on the wire; only float32 is exact
     transport: str = "auto"  # auto | shm | grpc: how hidden states reach servers (gateway/transport.py)
+    local_lane: bool = True  # shm calls' control messages over a server's Unix socket when it offers one
     expert_timeout_s: float = 60.0  # deadline of one RunExperts call
     startup_timeout_s: float = 600.0  # waiting for expert servers to be SERVING and load their experts
     tls: TlsConfig = PLAINTEXT  # the client-facing port and the channels to expert servers and predictor

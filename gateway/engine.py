@@ -142,6 +142,7 @@ class Engine:
             config.transport,
         )
         self.clients.group_cost = config.replica_group_cost
+        self.clients.transport.local_lane = config.local_lane
         for module in remote_experts(self.model):
             module.clients = self.clients
         self.decode_calls = DecodeLayerCalls()  # GetStatus expert_path.decode_layer_calls / decode_tokens

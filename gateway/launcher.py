@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                    help="expert servers refuse hidden states in shared memory (the gateway then sends bytes)")
     g.add_argument("--no-local-lane", dest="local_lane", action="store_false",
-                   help="expert servers take layer calls from the gateway over gRPC only, not over a Unix socket")
+                   help="layer calls between the gateway and expert servers go over gRPC only, not over the "
+                        "servers' Unix sockets (both get --no-local-lane)")
     g.add_argument("--simulate-load-delay-s", type=float, default=0.0,
                    help="testing: expert servers wait this long in every call that loads experts (a slow disk)")
     g = p.add_argument_group("predictor (passed through to moe-predictor serve)")
@@ -339,7 +340,7 @@ GATEWAY_FLAGS = {f: f for f in [
     "--max-prompts-per-request", "--max-queued-prompts", "--startup-timeout-s", "--expert-timeout-s",
     "--predictor-timeout-ms", "--replication-window", "--replication-min-gain", "--record-traces",
     "--membership-interval-s", "--evict-after-s", "--join-timeout-s", "--api-key-rate-per-s",
-    "--api-key-max-concurrent", "--client-status"]} | {"--gateway-max-workers": "--max-workers", "--gateway-dtype": "--dtype"}
+    "--api-key-max-concurrent", "--client-status", "--no-local-lane"]} | {"--gateway-max-workers": "--max-workers", "--gateway-dtype": "--dtype"}
 EXPERT_FLAGS = {f: f for f in [
     "--device", "--expert-kernel", "--log-level", "--log-format", "--replica-memory", "--group-executor",
     "--drain-timeout-s", "--drain-quiet-s", "--no-shared-memory", "--no-local-lane", "--simulate-load-delay-s"]} | {

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "grpc"],
                    help="how hidden states reach expert servers: auto uses shared memory with servers on this "
                         "host and bytes in the message elsewhere; shm requires shared memory; grpc never uses it")
+    p.add_argument("--no-local-lane", dest="local_lane", action="store_false",
+                   help="send layer calls whose rows are in shared memory over gRPC, not over the expert "
+                        "server's Unix socket (the local lane)")
     p.add_argument("--expert-timeout-s", type=float, default=60.0, help="deadline of one call to an expert server")
     p.add_argument("--predictor", default="", help="host:port of the predictor service (optional)")
     p.add_argument("--predictor-timeout-ms", type=float, default=50.0, help="deadline of one forecast call")
@@ -233,6 +236,7 @@ def parse_args(argv=None) -> GatewayConfig:
             dtype=a.dtype,
             wire_dtype=a.wire_dtype,
             transport=a.transport,
+            local_lane=a.local_lane,
             expert_timeout_s=a.expert_timeout_s,
             predictor=a.predictor,
             predictor_timeout_ms=a.predictor_timeout_ms,
