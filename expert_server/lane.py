@@ -104,7 +104,7 @@ class LaneServer:
 
     def _admit(self, conn: socket.socket) -> bool:
         """Only this user's processes that hold the token may call."""
-        pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
         if uid != self._uid:
             log.warning("local lane: refused a connection from pid %d of uid %d", pid, uid)

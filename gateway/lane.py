@@ -17,7 +17,7 @@ import time
 import grpc
 from google.protobuf.message import DecodeError
 
-from moe_common import lane
+from moe_common import lane, tracing
 from moe_protos.moe.expert.v1 import expert_pb2
 
 
@@ -54,8 +54,8 @@ class Lane:
         caller can send it over gRPC instead, where a restarted server simply answers.
         A server that accepts but does not answer gives a call that fails DEADLINE_EXCEEDED."""
         ids = dict(metadata)
-        message = lane.encode_request(request.SerializeToString(), ids.get("x-request-id", ""),
-                                      ids.get("x-batch-id", ""))
+        message = lane.encode_request(request.SerializeToString(), ids.get(tracing.REQUEST_ID_KEY, ""),
+                                      ids.get(tracing.BATCH_ID_KEY, ""))
         deadline = time.monotonic() + timeout_s
         try:
             sock = self._take(timeout_s)
