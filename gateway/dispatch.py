@@ -319,7 +319,7 @@ class ExpertClients:
             for server, items in by_server.items():
                 t0 = time.perf_counter_ns()
                 address = view.addresses[server]
-                index = torch.cat([tokens for _, tokens in items])  # [n_server] rows of `hidden`
+                index = items[0][1] if len(items) == 1 else torch.cat([tokens for _, tokens in items])  # [n_server] rows of `hidden`
                 payloads[server] = payload = self.transport.pack(address, view.stubs[server], hidden, index,
                                                                  self.wire_dtype)
                 request = expert_pb2.RunExpertsRequest(
@@ -510,6 +510,31 @@ class _LayerAccumulator:
             replica_tokens=self.replica_tokens, planned_checks=len(planned), planned_ready=ready_hits, layer=layer))
 
 
+_CONCAT_ELEMENTS = 1 << 18  # RemoteExperts combines by one index_add_ up to this many output elements
+
+
+def group_tokens(onehot: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """HF's routing mask -> the groups HF's expert loop forms, in as few ops as we can.
+
+    onehot [N, E]: a token's row is one-hot at its expert, or all zero when it was dropped
+    over capacity. Returns (token_lists, kept, counts):
+      token_lists [(expert, token indices [n_e])]: experts ascending, n_e > 0, each
+        expert's tokens ascending (HF's torch.where order), dropped tokens left out;
+      kept [n]: the concatenation of those token indices;
+      counts [E]: tokens per expert (int64).
+    """
+    num_experts = onehot.shape[1]
+    # Dropped tokens get key E, after every expert; one stable sort then orders the rest
+    # by expert, and by token within an expert.
+    key = torch.where(onehot.amax(-1) > 0, onehot.argmax(-1), num_experts)  # [N]
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)  # [E + 1]
+    n = counts.tolist()
+    kept = order[:len(key) - n[num_experts]]
+    token_lists = [(e, tokens) for e, tokens in enumerate(kept.split(n[:num_experts])) if n[e]]
+    return token_lists, kept, counts[:num_experts]
+
+
 class RemoteExperts(nn.Module):
     """Drop-in for HF's SwitchTransformersExperts of one sparse layer; holds no weights."""
 
@@ -525,26 +550,25 @@ class RemoteExperts(nn.Module):
         if self.clients is None:
             raise RuntimeError("RemoteExperts used before the gateway connected it to expert servers")
         t0 = time.perf_counter_ns()
+        token_lists, kept, counts = group_tokens(selected_experts[:, 0, :])
         final = torch.zeros_like(hidden_states)
-        # HF loops over experts with a torch.where each; one sort gives the same groups:
-        # experts ascending, each expert's tokens ascending (stable), dropped tokens left out.
-        onehot = selected_experts[:, 0, :]  # [N, E]
-        tokens = torch.greater(onehot.sum(-1), 0).nonzero().flatten()  # [n] kept tokens, ascending
-        chosen = onehot[tokens].argmax(-1)  # [n] their expert
-        order = torch.argsort(chosen, stable=True)
-        tokens, chosen = tokens[order], chosen[order]
-        counts = torch.bincount(chosen, minlength=onehot.shape[1])  # [E]
-        experts = counts.nonzero().flatten().tolist()
-        token_lists = list(zip(experts, torch.split(tokens, counts[experts].tolist())))
         if token_lists:
             outputs = self.clients.run_layer(self.layer, hidden_states, token_lists)
-            for expert, top_x in token_lists:
-                # Same ops and order as SwitchTransformersExperts.forward. (One index_add
-                # over a concatenation of all experts' rows is no faster on CPU: the copy
-                # costs what the per-expert calls save; benchmarks showed 1.8 against 2.7 ms
-                # for 1024 tokens over 32 experts.)
-                scaled = outputs[expert] * routing_weights[top_x, 0, None]
-                final.index_add_(0, top_x, scaled.to(hidden_states.dtype))
+            # HF's SwitchTransformersExperts adds each expert's rows, scaled by their router
+            # probability, into zeros with one index_add_ per expert. A token has one expert,
+            # so every row is added once, to zero: one index_add_ over all experts' rows gives
+            # the same bits with four ops instead of four per expert. Concatenating the rows
+            # copies them, which costs more than the per-expert ops save beyond ~1 MB
+            # (benchmarks/dispatch_ops.py), so large calls keep HF's loop.
+            if len(token_lists) == 1:
+                expert, top_x = token_lists[0]
+                final.index_add_(0, top_x, (outputs[expert] * routing_weights[top_x]).to(hidden_states.dtype))
+            elif len(kept) * hidden_states.shape[1] <= _CONCAT_ELEMENTS:
+                rows = torch.cat([outputs[expert] for expert, _ in token_lists])
+                final.index_add_(0, kept, (rows * routing_weights[kept]).to(hidden_states.dtype))
+            else:
+                for expert, top_x in token_lists:
+                    final.index_add_(0, top_x, (outputs[expert] * routing_weights[top_x]).to(hidden_states.dtype))
         self.clients.add_dispatch_time(time.perf_counter_ns() - t0)
         METRICS.layer_done(self.layer, counts, time.perf_counter_ns() - t0)
         return final

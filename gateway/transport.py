@@ -170,7 +170,7 @@ class Transport:
             return Payload(tensor_codec.encode(hidden[index], wire_dtype))
         dtype = tensor_codec.WIRE_DTYPES[wire_dtype][1]
         shape = (len(index), hidden.shape[1])
-        nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+        nbytes = shape[0] * shape[1] * dtype.itemsize
         segment = self.pool.acquire(nbytes)
         rows = segment.tensor(0, dtype, shape)
         if hidden.is_cuda:
@@ -186,8 +186,8 @@ class Transport:
         """The server's outputs [n, d_model] in the dtype and on the device of `like` (the
         hidden states), owned by the caller; frees the payload."""
         if reply.outputs_shared and payload.rows is not None:
-            out = torch.empty(payload.rows.shape, dtype=like.dtype, device=like.device)
-            out.copy_(payload.rows)  # out of the segment before it serves another call
+            # Copied out of the segment before it serves another call.
+            out = payload.rows.to(device=like.device, dtype=like.dtype, copy=True)
         else:
             out = tensor_codec.decode(reply.outputs).to(device=like.device, dtype=like.dtype)
         self.done(payload, ok=True)

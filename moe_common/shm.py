@@ -99,7 +99,7 @@ class Segment:
     def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor of `shape` viewing this segment's bytes from `offset` (no copy).
         InvalidArgument when the region does not lie inside the segment."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         count = math.prod(shape)
         if offset < 0 or offset % itemsize or offset + count * itemsize > self.size:
             raise InvalidArgument(f"region of {count * itemsize} bytes at offset {offset} does not fit segment "
