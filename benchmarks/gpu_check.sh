@@ -20,11 +20,14 @@
 #              benchmarks/grouped_costs.py derives from one timing, for issue 12's projection)
 #   moe-bench  short, everything on the GPU, once moe-bench has --device; again with
 #              --expert-kernel grouped and bf16 on the wire where it has those flags
+#   ping-pong  benchmarks/ping_pong.py on cuda: a batch's two halves on two threads and
+#              streams against the whole batch on one, the bound on what ping-pong
+#              micro-batches would gain (last: it runs only if time is left)
 #   summary    gpu_check.json: device, date and every step's result
 # Without a usable CUDA device the GPU steps are skipped and the summary says why.
 #
 # Results go into $OUT (default benchmarks/results/gpu/ under the repository root): preflight.json, gpu_costs.json,
-# gpu_costs_grouped.json, moe_bench.json, moe_bench_grouped.json, pytest-gpu.xml, nvidia-smi.txt, gpu_check.json, logs/<step>.log.
+# gpu_costs_grouped.json, moe_bench.json, moe_bench_grouped.json, ping_pong.json, pytest-gpu.xml, nvidia-smi.txt, gpu_check.json, logs/<step>.log.
 # Exit status: 0 when every step passed; 2 when there is no usable CUDA device; 1 otherwise.
 #
 # Environment: PYTHON (python3), WHEELS, DEPS (/tmp/moe-gpu-deps), OUT, BUDGET_S (460),
@@ -139,7 +142,7 @@ NO_CUDA=$(printf '%s' "$NO_CUDA" | tail -n 1)
 # --- GPU steps ----------------------------------------------------------------------
 if [ -n "$NO_CUDA" ]; then
     echo "NO CUDA DEVICE: $NO_CUDA; skipping the GPU steps"
-    for name in pytest expert-kernels layer-call gpu-costs gpu-costs-grouped moe-bench moe-bench-grouped; do
+    for name in pytest expert-kernels layer-call gpu-costs gpu-costs-grouped moe-bench moe-bench-grouped ping-pong; do
         record "$name" SKIPPED 0 "no CUDA device: $NO_CUDA"
     done
 else
@@ -184,6 +187,9 @@ else
     else
         record moe-bench-grouped SKIPPED 0 "the exact moe-bench run left no forecaster to reuse"
     fi
+
+    step ping-pong 60 "$PY" benchmarks/ping_pong.py --device cuda --expert-device cuda --model "$MOE_BENCH_MODEL" \
+        --rounds 2 --batches 3 --out "$OUT/ping_pong.json"
 fi
 
 # --- summary ------------------------------------------------------------------------
