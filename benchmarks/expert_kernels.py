@@ -14,7 +14,8 @@ ascending expert order as the gateway sends them). Times, median of `--rounds`:
   expert: grouping is the gateway's work);
 - one dense FFN matmul of the same FLOPs (fp32; on CUDA also bf16);
 - on CUDA also the two kernels alone, on rows already on the GPU (the store's rows
-  include the copies of its input from and output to the host, as the server makes them).
+  include the copies of its input from and output to the host, as the server makes them),
+  and exact with its other group executors: 4 threads, and 4 CUDA streams.
 
 Prints ms, speedup against HF's loop measured in the same run, and max abs difference
 against HF. Then the store's own overhead beyond the matmuls for a small call (64
@@ -34,6 +35,7 @@ import random
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -189,6 +191,12 @@ def main() -> int:
         weights = [store.weights_of((a.layer, e)) for e, _ in groups]
         stacked = stack_layer({e: store.weights_of((a.layer, e)) for _, e in held})
         runs["exact kernel, on device"] = lambda: run_exact(rows_dev, weights, counts, store.act)
+        # The other group executors of exact (--group-executor): 4 threads, or 4 CUDA streams.
+        pool = ThreadPoolExecutor(max_workers=4)
+        streams = [torch.cuda.Stream(device) for _ in range(4)]
+        runs["exact kernel, threads, on device"] = lambda: run_exact(rows_dev, weights, counts, store.act, pool)
+        runs["exact kernel, streams, on device"] = lambda: run_exact(rows_dev, weights, counts, store.act,
+                                                                     streams=streams)
         runs["grouped kernel, on device"] = lambda: run_grouped(rows_dev, stacked, groups, store.act)
     timed = timer(device)
     times: dict[str, list[float]] = {name: [] for name in runs}

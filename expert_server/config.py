@@ -11,7 +11,7 @@ from moe_common.metrics import check_port as check_metrics_port
 from moe_common.model_source import DEFAULT_CACHE_DIR
 from moe_common.tls import PLAINTEXT, TlsConfig
 
-GROUP_EXECUTORS = ("sequential", "threads")
+GROUP_EXECUTORS = ("sequential", "threads", "streams")  # streams: CUDA only
 
 
 @dataclass
@@ -74,8 +74,10 @@ class ExpertServerConfig:
         if self.expert_kernel not in KERNELS:
             raise ValueError(f"--expert-kernel must be one of {KERNELS}, not {self.expert_kernel!r}")
         if self.expert_kernel == "grouped" and self.group_executor != "sequential":
-            raise ValueError("--group-executor threads runs the groups of --expert-kernel exact; "
+            raise ValueError(f"--group-executor {self.group_executor} runs the groups of --expert-kernel exact; "
                              "grouped runs a call as one GEMM per projection")
+        if self.group_executor == "streams" and not self.device.startswith("cuda"):
+            raise ValueError("--group-executor streams puts a call's expert groups on CUDA streams: it needs --device cuda")
         if self.replica_memory < 0:
             raise ValueError("--replica-memory must be >= 0")
         if self.simulate_load_delay_s < 0:

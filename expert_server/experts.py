@@ -61,8 +61,8 @@ class ExpertStore:
     swap it in, so running experts are never blocked by loading.
 
     kernel: "exact" or "grouped" (expert_server/kernels.py). group_executor "threads"
-    runs the groups of an exact call concurrently; grouped runs a call as one GEMM per
-    projection and ignores it.
+    runs the groups of an exact call concurrently, "streams" (CUDA) issues them on four
+    CUDA streams; grouped runs a call as one GEMM per projection and ignores it.
     """
 
     def __init__(self, source: ModelSource, device: str = "cpu", dtype: str = "float32",
@@ -92,6 +92,11 @@ class ExpertStore:
         self._replica_generation = 0
         self._copy_stream = None  # CUDA stream for replica loading, made on first use
         self._pool = ThreadPoolExecutor(max_workers=4) if group_executor == "threads" and kernel == "exact" else None
+        self._streams = None
+        if group_executor == "streams" and kernel == "exact":
+            if self.device.type != "cuda":
+                raise ValueError("group executor 'streams' needs a CUDA device")
+            self._streams = [torch.cuda.Stream(self.device) for _ in range(4)]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -290,7 +295,7 @@ class ExpertStore:
                 out = run_grouped(x, self._stacked(weights, layer), groups, self.act)
             else:
                 out = run_exact(x, [weights[(layer, e)] for e, _ in groups], [n for _, n in groups],
-                                self.act, self._pool)
+                                self.act, self._pool, self._streams)
         return out.cpu()
 
     def _prestack(self) -> None:

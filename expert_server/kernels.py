@@ -40,11 +40,14 @@ Weights = tuple[torch.Tensor, torch.Tensor]  # (wi [d_ff, d_model], wo [d_model,
 
 
 def run_exact(x: torch.Tensor, weights: list[Weights], counts: list[int],
-              act: Callable[[torch.Tensor], torch.Tensor], pool: Executor | None = None) -> torch.Tensor:
+              act: Callable[[torch.Tensor], torch.Tensor], pool: Executor | None = None,
+              streams: list | None = None) -> torch.Tensor:
     """x [sum counts, d_model], rows of group i are the counts[i] rows after those of groups
     before it, run by weights[i]. Returns [sum counts, d_model].
 
     pool: run the groups concurrently on it (ExpertServerConfig.group_executor "threads").
+    streams: CUDA streams; group i's kernels go to streams[i % len] (group_executor
+    "streams"), so the GPU may run small groups side by side. Same ops either way.
     """
     bounds = []
     start = 0
@@ -58,11 +61,32 @@ def run_exact(x: torch.Tensor, weights: list[Weights], counts: list[int],
         # SwitchTransformersDenseActDense.forward in eval mode (dropout is the identity).
         return F.linear(act(F.linear(x[a:z], wi)), wo)
 
-    if pool is not None and len(bounds) > 1:
+    if streams is not None and len(bounds) > 1:
+        outs = _on_streams(one, len(bounds), streams, x.device)
+    elif pool is not None and len(bounds) > 1:
         outs = list(pool.map(one, range(len(bounds))))
     else:
         outs = [one(i) for i in range(len(bounds))]
     return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _on_streams(one: Callable[[int], torch.Tensor], n: int, streams: list, device: torch.device) -> list[torch.Tensor]:
+    """one(i) for i < n, each issued on streams[i % len(streams)]; the caller's stream then
+    waits for all of them. Every stream first waits for the caller's, where x was made."""
+    caller = torch.cuda.current_stream(device)
+    for s in streams:
+        s.wait_stream(caller)
+    outs = []
+    for i in range(n):
+        with torch.cuda.stream(streams[i % len(streams)]):
+            out = one(i)
+        # Made on a side stream, read on the caller's (the concatenation): the allocator
+        # must not hand its memory to the side stream again before the caller is done.
+        out.record_stream(caller)
+        outs.append(out)
+    for s in streams:
+        caller.wait_stream(s)
+    return outs
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from expert_server.config import ExpertServerConfig, parse_bytes, parse_expert_list
+from expert_server.config import GROUP_EXECUTORS, ExpertServerConfig, parse_bytes, parse_expert_list
 from expert_server.experts import ExpertStore
 from expert_server.kernels import KERNELS
 from expert_server.lane import LaneServer
@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port to bind (0 = any free port, printed at start)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype of expert weights")
-    p.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"],
-                   help="run the experts of one call one after another, or on a thread pool")
+    p.add_argument("--group-executor", default="sequential", choices=list(GROUP_EXECUTORS),
+                   help="run the experts of one call one after another, on a thread pool, or (CUDA) each "
+                        "on one of 4 CUDA streams; all three are bit-identical")
     p.add_argument("--expert-kernel", default="exact", choices=list(KERNELS),
                    help="exact: HF's ops per expert, bit-identical to HF (default); grouped: one grouped GEMM "
                         "per projection over the layer's stacked experts (for CUDA, in bf16 there; not bit-exact)")

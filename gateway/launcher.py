@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GetStatus on the client port: public leaves out internal addresses; auto = full on loopback")
     g = p.add_argument_group("expert servers (passed through to moe-expert-server)")
     g.add_argument("--expert-dtype", default="float32", help="compute dtype of expert weights (their --dtype)")
-    g.add_argument("--group-executor", default="sequential", choices=["sequential", "threads"],
-                   help="run the experts of one call one after another, or on a thread pool")
+    g.add_argument("--group-executor", default="sequential", choices=["sequential", "threads", "streams"],
+                   help="run the experts of one call one after another, on a thread pool, or (CUDA) on 4 CUDA streams")
     g.add_argument("--expert-max-workers", type=int, default=16, help="expert server gRPC handler threads (their --max-workers)")
     g.add_argument("--drain-timeout-s", type=float, default=60.0,
                    help="a removed expert server serves on until the gateway moved its experts away, at most this long")

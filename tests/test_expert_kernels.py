@@ -241,6 +241,14 @@ def test_config_validates_expert_kernel():
         ExpertServerConfig(model="tiny", expert_kernel="fast")
     with pytest.raises(ValueError, match="--group-executor threads"):
         ExpertServerConfig(model="tiny", expert_kernel="grouped", group_executor="threads")
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        ExpertServerConfig(model="tiny", group_executor="streams")
+    assert ExpertServerConfig(model="tiny", device="cuda", group_executor="streams").group_executor == "streams"
+
+
+def test_streams_executor_needs_cuda(tiny):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ExpertStore(tiny, group_executor="streams")
 
 
 def test_cli_flags_pass_the_kernel():

@@ -9,6 +9,8 @@ collects them. benchmarks/gpu_check.sh runs them (`pytest -m gpu`) on a GPU mach
   stream is still busy.
 - On CUDA, the `exact` kernel equals HF's SwitchTransformersExperts on CUDA bit for bit
   (same ops and shapes on the same kind of device).
+- `--group-executor threads` and `streams` (a call's groups on four CUDA streams) equal
+  `sequential` on CUDA bit for bit.
 - `--expert-kernel grouped` (bf16 GEMMs on CUDA) agrees with `exact` within a bf16
   tolerance.
 - A stack of real processes with `--device cuda` expert servers (gateway on the CPU),
@@ -146,6 +148,23 @@ def test_exact_kernel_on_cuda_equals_hf_experts_on_cuda_bit_for_bit(tiny, refere
             assert torch.equal(got, hf[order]), (got - hf[order]).abs().max().item()
     finally:
         gpu.close()
+
+
+def test_exact_group_executors_on_cuda_are_bit_identical(tiny):
+    """--group-executor threads and streams run the same ops as sequential, on CUDA too."""
+    stores = {ex: store(tiny, "exact", device="cuda", group_executor=ex) for ex in ("sequential", "threads", "streams")}
+    try:
+        for s in stores.values():
+            s.assign(every_expert(s))
+        for layer in range(len(stores["sequential"].layers)):
+            groups, hidden = routed_batch(stores["sequential"].num_experts, stores["sequential"].d_model, seed=30 + layer)
+            want = stores["sequential"].run(layer, groups, hidden)
+            for ex in ("threads", "streams"):
+                got = stores[ex].run(layer, groups, hidden)
+                assert torch.equal(got, want), (ex, (got - want).abs().max().item())
+    finally:
+        for s in stores.values():
+            s.close()
 
 
 def test_grouped_kernel_agrees_with_exact_on_cuda(tiny):
