@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 import torch
@@ -511,9 +512,10 @@ class _LayerAccumulator:
 
 
 _CONCAT_ELEMENTS = 1 << 18  # RemoteExperts combines by one index_add_ up to this many output elements
+_PYTHON_GROUPING = 32  # group_tokens groups calls of up to this many tokens with Python lists
 
 
-def group_tokens(onehot: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor, torch.Tensor]:
+def group_tokens(onehot: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor, list[int]]:
     """HF's routing mask -> the groups HF's expert loop forms, in as few ops as we can.
 
     onehot [N, E]: a token's row is one-hot at its expert, or all zero when it was dropped
@@ -521,18 +523,32 @@ def group_tokens(onehot: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], 
       token_lists [(expert, token indices [n_e])]: experts ascending, n_e > 0, each
         expert's tokens ascending (HF's torch.where order), dropped tokens left out;
       kept [n]: the concatenation of those token indices;
-      counts [E]: tokens per expert (int64).
+      counts [E]: tokens per expert.
+    A decode step routes one token per row: up to _PYTHON_GROUPING tokens, grouping
+    Python lists costs a third of the tensor ops' fixed cost (8 against 27 us for one
+    token, benchmarks/dispatch_ops.py); beyond it the tensor ops win.
     """
     num_experts = onehot.shape[1]
+    if onehot.shape[0] <= _PYTHON_GROUPING:
+        by_expert: dict[int, list[int]] = {}
+        for token, row in enumerate(onehot.tolist()):
+            top = max(row)
+            if top > 0:
+                by_expert.setdefault(row.index(top), []).append(token)
+        experts = sorted(by_expert)
+        kept = torch.tensor([t for e in experts for t in by_expert[e]], dtype=torch.long, device=onehot.device)
+        counts = [0] * num_experts
+        for e in experts:
+            counts[e] = len(by_expert[e])
+        return list(zip(experts, kept.split([counts[e] for e in experts]))), kept, counts
     # Dropped tokens get key E, after every expert; one stable sort then orders the rest
     # by expert, and by token within an expert.
     key = torch.where(onehot.amax(-1) > 0, onehot.argmax(-1), num_experts)  # [N]
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)  # [E + 1]
-    n = counts.tolist()
+    n = torch.bincount(key, minlength=num_experts + 1).tolist()  # [E + 1]
     kept = order[:len(key) - n[num_experts]]
     token_lists = [(e, tokens) for e, tokens in enumerate(kept.split(n[:num_experts])) if n[e]]
-    return token_lists, kept, counts[:num_experts]
+    return token_lists, kept, n[:num_experts]
 
 
 class RemoteExperts(nn.Module):
@@ -542,6 +558,7 @@ class RemoteExperts(nn.Module):
         super().__init__()
         self.layer = layer
         self.clients = clients
+        self.on_call: Callable[[int], None] | None = None  # hears each call's routed tokens (Engine: decoder's)
 
     def forward(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, d_model]; selected_experts [N, 1, E] one-hot, all-zero for
@@ -571,4 +588,6 @@ class RemoteExperts(nn.Module):
                     final.index_add_(0, top_x, (outputs[expert] * routing_weights[top_x]).to(hidden_states.dtype))
         self.clients.add_dispatch_time(time.perf_counter_ns() - t0)
         METRICS.layer_done(self.layer, counts, time.perf_counter_ns() - t0)
+        if self.on_call is not None:
+            self.on_call(len(kept))
         return final

@@ -142,12 +142,13 @@ class DispatchStats:
 @dataclass
 class DecodeLayerCalls:
     """Sparse-layer calls of the decoder and the tokens they routed: their ratio is the
-    batch expert servers see per decode step. Counted by a forward hook on the decoder's
-    RemoteExperts (Engine), on the one thread that runs the model."""
+    batch expert servers see per decode step. Counted by the decoder's RemoteExperts
+    (their on_call, set by the Engine), on the one thread that runs the model."""
 
     calls: int = 0
     tokens: int = 0
 
-    def hook(self, module, args, output) -> None:
+    def add(self, tokens: int) -> None:
+        """One decoder sparse-layer call that routed `tokens` tokens (dropped ones not counted)."""
         self.calls += 1
-        self.tokens += int(args[1].sum())  # selected_experts [N, 1, E]: one-hot per routed token
+        self.tokens += tokens

@@ -147,7 +147,8 @@ class Engine:
             module.clients = self.clients
         self.decode_calls = DecodeLayerCalls()  # GetStatus expert_path.decode_layer_calls / decode_tokens
         for module in remote_experts(self.model.decoder):
-            module.register_forward_hook(self.decode_calls.hook)
+            # Not a forward hook: any hook sends every call of the module through torch's slow path.
+            module.on_call = self.decode_calls.add
         self.compute: dict[str, tuple[str, float]] = {}  # address -> (compute domain, share): check_server
         self.forward_ns = 0  # wall time of generate_batch, summed (GetStatus expert_path.forward_ns)
         self.observer: PassObserver | None = None

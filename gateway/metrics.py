@@ -91,7 +91,7 @@ class GatewayMetrics:
                 self.tpot.observe((timings["total_ns"] - first) / 1e9 / (steps - 1))
 
     def layer_done(self, layer: int, counts, ns: int) -> None:
-        """A sparse layer's dispatch ended: tokens per expert counts [E] (a tensor), its wall time."""
+        """A sparse layer's dispatch ended: tokens per expert counts [E] (a tensor or a list), its wall time."""
         child = self._layer_children.get(layer)
         if child is None:
             child = self._layer_children[layer] = self.layer_dispatch.labels(str(layer))

@@ -38,10 +38,16 @@ def test_group_tokens_forms_hf_groups(num_experts, choices):
     for token, expert in enumerate(choices):
         if 0 <= expert < num_experts:
             onehot[token, expert] = 1
-    token_lists, kept, counts = group_tokens(onehot)
-    assert [(e, t.tolist()) for e, t in token_lists] == hf_groups(onehot)
-    assert kept.tolist() == [i for _, t in token_lists for i in t.tolist()]
-    assert counts.tolist() == onehot.sum(0).tolist()
+    default = dispatch._PYTHON_GROUPING
+    try:
+        for limit in (0, len(choices)):  # the tensor ops, then Python lists
+            dispatch._PYTHON_GROUPING = limit
+            token_lists, kept, counts = group_tokens(onehot)
+            assert [(e, t.tolist()) for e, t in token_lists] == hf_groups(onehot), limit
+            assert kept.tolist() == [i for _, t in token_lists for i in t.tolist()]
+            assert list(counts) == onehot.sum(0).tolist()
+    finally:
+        dispatch._PYTHON_GROUPING = default
 
 
 class StoreClients:
@@ -61,6 +67,7 @@ class StoreClients:
 
 @pytest.mark.parametrize("num_tokens,concat_elements", [
     (1, dispatch._CONCAT_ELEMENTS),  # one expert
+    (16, dispatch._CONCAT_ELEMENTS),  # grouped with Python lists
     (64, dispatch._CONCAT_ELEMENTS),  # several, concatenated
     (64, 0),  # several, per expert
 ])
