@@ -3,10 +3,11 @@
 Both sides get the same routed tokens (HF's routing mask, ~5% dropped) and identity
 experts, so only the bookkeeping is timed: HF's SwitchTransformersExperts.forward (a
 torch.where, a gather and an index_add per hit expert) against RemoteExperts.forward
-(gateway/dispatch.py: one sort for the groups, then one index_add over all rows, or one
-per expert above its concatenation threshold) with a layer call that returns the rows
-unchanged. Outputs are checked bit for bit. Also times RemoteExperts forced to each way
-of combining, which is where the threshold comes from.
+(gateway/dispatch.py: Python lists or one sort for the groups, then one index_add over
+all rows, or one per expert above its concatenation threshold) with a layer call that
+returns the rows unchanged. Outputs are checked bit for bit. Also times RemoteExperts forced to each way
+of combining, and group_tokens forced to each way of grouping (Python lists, tensor ops),
+which is where their thresholds come from.
 
     python benchmarks/dispatch_ops.py                       # d_model 64, 8 experts
     python benchmarks/dispatch_ops.py --d-model 768 --experts 32 --tokens 64,1024,4096
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     remote = dispatch.RemoteExperts(0, _IdentityCall())
     g = torch.Generator().manual_seed(0)
     rows = []
-    print(f"{'tokens':>6} {'HF loop us':>10} {'gateway us':>10} {'x':>6} {'concat us':>10} {'per-expert us':>13}")
+    print(f"{'tokens':>6} {'HF loop us':>10} {'gateway us':>10} {'x':>6} {'concat us':>10} {'per-expert us':>13} "
+          f"{'grouping: python us':>19} {'tensor us':>9}")
     for n in (int(t) for t in a.tokens.split(",")):
         hidden = torch.randn(n, a.d_model, generator=g)
         selected = nn.functional.one_hot(torch.randint(0, a.experts, (n,), generator=g), a.experts)
@@ -87,12 +89,22 @@ def main(argv=None) -> int:
                     row[name] = per_call_us(lambda: remote(hidden, selected, probs), a.repeats)
             finally:
                 dispatch._CONCAT_ELEMENTS = default
+            default = dispatch._PYTHON_GROUPING
+            onehot = selected[:, 0, :]
+            try:
+                for name, limit in (("grouping_python_us", 1 << 62), ("grouping_tensor_us", -1)):
+                    dispatch._PYTHON_GROUPING = limit
+                    row[name] = per_call_us(lambda: dispatch.group_tokens(onehot), a.repeats)
+            finally:
+                dispatch._PYTHON_GROUPING = default
         rows.append(row)
         print(f"{n:6} {row['hf_us']:10.1f} {row['gateway_us']:10.1f} {row['hf_us'] / row['gateway_us']:5.2f}x "
-              f"{row['concat_us']:10.1f} {row['per_expert_us']:13.1f}", flush=True)
+              f"{row['concat_us']:10.1f} {row['per_expert_us']:13.1f} {row['grouping_python_us']:19.1f} "
+              f"{row['grouping_tensor_us']:9.1f}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(dict(date=time.strftime("%Y-%m-%d"), d_model=a.d_model, experts=a.experts,
-                                     concat_elements=dispatch._CONCAT_ELEMENTS, results=rows), indent=1))
+                                     concat_elements=dispatch._CONCAT_ELEMENTS,
+                                     python_grouping=dispatch._PYTHON_GROUPING, results=rows), indent=1))
     print(f"wrote {a.out}")
     return 0
 

@@ -512,7 +512,7 @@ class _LayerAccumulator:
 
 
 _CONCAT_ELEMENTS = 1 << 18  # RemoteExperts combines by one index_add_ up to this many output elements
-_PYTHON_GROUPING = 32  # group_tokens groups calls of up to this many tokens with Python lists
+_PYTHON_GROUPING = 16  # group_tokens groups calls of up to this many tokens with Python lists
 
 
 def group_tokens(onehot: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor, list[int]]:
@@ -525,9 +525,8 @@ def group_tokens(onehot: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], 
       kept [n]: the concatenation of those token indices;
       counts [E]: tokens per expert.
     A decode step routes one token per row: up to _PYTHON_GROUPING tokens, grouping
-    Python lists costs a third of the tensor ops' fixed cost (8 against 27 us for one
-    token; all of RemoteExperts' own work for it fell from 50 to 25 us,
-    benchmarks/dispatch_ops.py); at 128 tokens the tensor ops take 34 us, Python 87.
+    Python lists beats the tensor ops' fixed cost (7 against 19 us for one token, 12
+    against 19 for 8; at 32 the tensor ops win, 19 against 22: benchmarks/dispatch_ops.py).
     """
     num_experts = onehot.shape[1]
     if onehot.shape[0] <= _PYTHON_GROUPING:
