@@ -30,9 +30,8 @@ from expert_server.experts import ExpertStore  # noqa: E402
 from gateway import dispatch  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.engine import Engine, Sampling  # noqa: E402
-from gateway.launcher import spawn_expert_server, wait_ready  # noqa: E402
+from gateway.launcher import expert_servers  # noqa: E402
 from moe_common import model_source  # noqa: E402
-from moe_common.serving import pick_free_port  # noqa: E402
 
 
 def store_run_us(source, repeats: int) -> dict[str, float]:
@@ -55,6 +54,30 @@ def store_run_us(source, repeats: int) -> dict[str, float]:
     return out
 
 
+def in_generation_us(engine: Engine, a) -> tuple[float, float]:
+    """(median us of ExpertClients.run_layer inside generations of one prompt each, calls a request)."""
+    calls: list[int] = []
+    run_layer = dispatch.ExpertClients.run_layer
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter_ns()
+        try:
+            return run_layer(self, *args, **kwargs)
+        finally:
+            calls.append(time.perf_counter_ns() - t0)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 250, (a.requests, a.prompt_tokens), generator=g).tolist()
+    engine.generate_batch([prompts[0]], [a.new_tokens], Sampling())  # warm-up
+    dispatch.ExpertClients.run_layer = timed
+    try:
+        for prompt in prompts:
+            engine.generate_batch([prompt], [a.new_tokens], Sampling())
+    finally:
+        dispatch.ExpertClients.run_layer = run_layer
+    return statistics.median(calls) / 1e3, len(calls) / len(prompts)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
@@ -74,53 +97,20 @@ def main(argv=None) -> int:
     for name, us in store_us.items():
         print(f"  {name:24} {us:7.1f}")
 
-    servers, addresses, engine = [], [], None
-    try:
-        for _ in range(a.expert_servers):
-            port = pick_free_port()
-            servers.append(spawn_expert_server(source.path, "127.0.0.1", port,
-                                               ["--threads", "1", "--log-level", "WARNING"]))
-            addresses.append(f"127.0.0.1:{port}")
-        for proc, address in zip(servers, addresses):
-            wait_ready(proc, address, 600)
+    with expert_servers(source.path, a.expert_servers, ["--threads", "1", "--log-level", "WARNING"]) as addresses:
         engine = Engine(GatewayConfig(model=a.model, cache_dir=a.cache_dir, expert_servers=addresses))
-        engine.connect()
-        calls: list[int] = []
-        run_layer = dispatch.ExpertClients.run_layer
-
-        def timed(self, *args, **kwargs):
-            t0 = time.perf_counter_ns()
-            try:
-                return run_layer(self, *args, **kwargs)
-            finally:
-                calls.append(time.perf_counter_ns() - t0)
-
-        g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, 250, (a.requests, a.prompt_tokens), generator=g).tolist()
-        engine.generate_batch([prompts[0]], [a.new_tokens], Sampling())  # warm-up
-        dispatch.ExpertClients.run_layer = timed
         try:
-            for prompt in prompts:
-                engine.generate_batch([prompt], [a.new_tokens], Sampling())
+            engine.connect()
+            in_generation, per_request = in_generation_us(engine, a)
+            hidden = torch.randn(1, engine.model.config.d_model)
+            back = []
+            for i in range(a.repeats):
+                t0 = time.perf_counter_ns()
+                engine.clients.run_layer(0, hidden, [(i % engine.num_experts, torch.tensor([0]))])
+                back.append(time.perf_counter_ns() - t0)
+            back_to_back = statistics.median(back) / 1e3
         finally:
-            dispatch.ExpertClients.run_layer = run_layer
-        in_generation = statistics.median(calls) / 1e3
-        per_request = len(calls) / len(prompts)
-        hidden = torch.randn(1, engine.model.config.d_model)
-        back = []
-        for i in range(a.repeats):
-            expert = i % engine.num_experts
-            t0 = time.perf_counter_ns()
-            engine.clients.run_layer(0, hidden, [(expert, torch.tensor([0]))])
-            back.append(time.perf_counter_ns() - t0)
-        back_to_back = statistics.median(back) / 1e3
-    finally:
-        if engine is not None:
             engine.close()
-        for proc in servers:
-            proc.terminate()
-        for proc in servers:
-            proc.wait(timeout=60)
 
     print(f"\nExpertClients.run_layer with {a.expert_servers} expert servers, median us per call:")
     print(f"  inside generations ({per_request:.0f} calls a request) {in_generation:7.1f}")

@@ -33,9 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.engine import Engine, Sampling  # noqa: E402
-from gateway.launcher import spawn_expert_server, wait_ready  # noqa: E402
+from gateway.launcher import expert_servers  # noqa: E402
 from moe_common import model_source  # noqa: E402
-from moe_common.serving import pick_free_port  # noqa: E402
 
 
 def run_halves(engine: Engine, batch: list[list[int]], limits: list[int], streams) -> list[list[int]]:
@@ -61,6 +60,31 @@ def run_halves(engine: Engine, batch: list[list[int]], limits: list[int], stream
     if errors:
         raise errors[0]
     return [r.token_ids for r in results[0] + results[1]]
+
+
+def measure(engine: Engine, batches, limits, streams, a) -> tuple[dict[str, list[float]], int]:
+    """Seconds per round of each variant (ABBA) and the ping-pong rows whose tokens differ."""
+    def whole(batch):
+        return [r.token_ids for r in engine.generate_batch(batch, limits, Sampling())]
+
+    variants = {"one thread": whole, "ping-pong": lambda batch: run_halves(engine, batch, limits, streams)}
+    for fn in variants.values():  # warm-up: channels, segments, lanes, kernels
+        fn(batches[0])
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    mismatched = 0
+    for r in range(a.rounds * 2):
+        name = list(variants)[(0, 1, 1, 0)[r % 4]]  # ABBA
+        outputs = []
+        t0 = time.perf_counter()
+        for batch in batches:
+            outputs.append(variants[name](batch))
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds[name].append(time.perf_counter() - t0)
+        if name == "ping-pong":
+            mismatched += sum(x != y for batch, out in zip(batches, outputs) for x, y in zip(whole(batch), out))
+        print(f"round {r + 1}: {name:10} {seconds[name][-1]:.2f} s", flush=True)
+    return seconds, mismatched
 
 
 def main(argv=None) -> int:
@@ -89,48 +113,15 @@ def main(argv=None) -> int:
     limits = [a.new_tokens] * a.batch_size
     streams = [torch.cuda.Stream(), torch.cuda.Stream()] if a.device.startswith("cuda") else None
 
-    servers, addresses = [], []
     threads = max(1, (torch.get_num_threads() if a.expert_device == "cpu" else 1) // a.expert_servers)
-    engine = None
-    try:
-        for _ in range(a.expert_servers):
-            port = pick_free_port()
-            servers.append(spawn_expert_server(source.path, "127.0.0.1", port,
-                                               ["--threads", str(threads), "--device", a.expert_device,
-                                                "--log-level", "WARNING"]))
-            addresses.append(f"127.0.0.1:{port}")
-        for proc, address in zip(servers, addresses):
-            wait_ready(proc, address, 600)
+    server_args = ["--threads", str(threads), "--device", a.expert_device, "--log-level", "WARNING"]
+    with expert_servers(source.path, a.expert_servers, server_args) as addresses:
         engine = Engine(GatewayConfig(model=a.model, cache_dir=a.cache_dir, expert_servers=addresses, device=a.device))
-        engine.connect()
-
-        def whole(batch):
-            return [r.token_ids for r in engine.generate_batch(batch, limits, Sampling())]
-
-        variants = {"one thread": whole, "ping-pong": lambda batch: run_halves(engine, batch, limits, streams)}
-        for fn in variants.values():  # warm-up: channels, segments, lanes, kernels
-            fn(batches[0])
-        seconds = {name: [] for name in variants}
-        mismatched = 0
-        for r in range(a.rounds * 2):
-            name = list(variants)[(0, 1, 1, 0)[r % 4]]  # ABBA
-            outputs = []
-            t0 = time.perf_counter()
-            for batch in batches:
-                outputs.append(variants[name](batch))
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - t0)
-            if name == "ping-pong":
-                mismatched += sum(x != y for batch, out in zip(batches, outputs) for x, y in zip(whole(batch), out))
-            print(f"round {r + 1}: {name:10} {seconds[name][-1]:.2f} s", flush=True)
-    finally:
-        if engine is not None:
+        try:
+            engine.connect()
+            seconds, mismatched = measure(engine, batches, limits, streams, a)
+        finally:
             engine.close()
-        for proc in servers:
-            proc.terminate()
-        for proc in servers:
-            proc.wait(timeout=60)
 
     tokens = a.batches * a.batch_size * a.new_tokens
     base = statistics.median(seconds["one thread"])

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,32 @@ def spawn_expert_server(model_path: Path, host: str, port: int, args: list[str] 
     """Start one expert server process (it serves once its health says SERVING)."""
     return _spawn(["expert_server", "--model", str(model_path), "--host", host, "--port", str(port), *(args or [])], log_file,
                   EXPERT_ENV_DEFAULTS)
+
+
+@contextmanager
+def expert_servers(model_path: Path, count: int, args: list[str] | None = None, host: str = "127.0.0.1",
+                   timeout_s: float = 600.0):
+    """Start `count` expert servers on free ports of `host` and wait until each is SERVING;
+    yields their addresses, and stops them when the block ends (for benchmarks that run
+    the gateway's Engine in their own process)."""
+    procs, addresses = [], []
+    try:
+        for _ in range(count):
+            port = serving.pick_free_port(host)
+            procs.append(spawn_expert_server(model_path, host, port, args))
+            addresses.append(f"{host}:{port}")
+        for proc, address in zip(procs, addresses):
+            wait_ready(proc, address, timeout_s)
+        yield addresses
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def spawn_gateway(model_path: Path, host: str, port: int, expert_addresses: list[str], args: list[str] | None = None,
